@@ -1,0 +1,103 @@
+"""The Python driver API: build a pipeline once, generate many times.
+
+    from actors.pipeline import Pipeline
+    from ppsd_ray import GenerationConfig, PipelineConfig
+
+    with Pipeline(PipelineConfig(model_dir=..., stages=2)) as pipe:
+        result = pipe.generate(prompt_ids, GenerationConfig(max_new_tokens=64))
+        for token in pipe.stream(prompt_ids):   # tokens as soon as they are verified
+            ...
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Iterator
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from ppsd_ray.config import GenerationConfig, PipelineConfig
+
+from .coordinator import Coordinator
+from .stage import StageActor
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    stats: dict
+
+
+class GenerationError(RuntimeError):
+    """A request failed; `token_ids` holds what was committed before it did."""
+
+    def __init__(self, token_ids: list[int], cause: BaseException):
+        super().__init__(f"generation failed after {len(token_ids)} committed tokens: {cause}")
+        self.token_ids = token_ids
+
+
+class Pipeline:
+    def __init__(self, config: PipelineConfig):
+        self.config = config
+        self._started_ray = not ray.is_initialized()
+        if self._started_ray:
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        k = config.stages
+        gpus = config.use_gpus
+        if gpus is None:
+            gpus = ray.cluster_resources().get("GPU", 0) >= k
+        self._pg = None
+        if gpus:  # one bundle per stage, reserved together
+            self._pg = placement_group([{"GPU": 1, "CPU": 1}] * k, strategy="PACK")
+            ray.get(self._pg.ready(), timeout=600)
+        threads = config.threads_per_stage or max(1, int(ray.cluster_resources().get("CPU", 1)) // k)
+        self.stages = []
+        for i, (start, stop) in enumerate(config.layer_ranges()):
+            if self._pg:
+                opts = {"num_gpus": 1, "num_cpus": 1, "scheduling_strategy":
+                        PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i)}
+            else:
+                opts = {"num_cpus": config.cpus_per_stage}
+            self.stages.append(StageActor.options(**opts).remote(
+                str(config.model_dir), start, stop, i, k, config.head, config.exit_layer_or_default,
+                config.dtype, None if gpus else threads))
+        self.layout = ray.get([s.ready.remote() for s in self.stages])
+        self.coordinator = Coordinator.remote(self.stages, list(config.info.eos_token_ids), config.window)
+
+    def stream(self, prompt_ids: list[int], gen: GenerationConfig | None = None) -> Iterator[int | dict]:
+        """Yields each token id as soon as it is verified, then the stats dict."""
+        gen = gen or GenerationConfig()
+        limit = self.config.info.max_positions
+        if len(prompt_ids) + gen.max_new_tokens > limit:
+            raise ValueError(f"max_new_tokens: prompt ({len(prompt_ids)}) + max_new_tokens "
+                             f"({gen.max_new_tokens}) exceeds the model's {limit} positions")
+        refs = self.coordinator.generate.remote(uuid.uuid4().hex, list(prompt_ids), gen.model_dump())
+        for ref in refs:
+            yield ray.get(ref)
+
+    def generate(self, prompt_ids: list[int], gen: GenerationConfig | None = None) -> Generation:
+        tokens: list[int] = []
+        try:
+            for item in self.stream(prompt_ids, gen):
+                if isinstance(item, dict):
+                    return Generation(tokens, item)
+                tokens.append(item)
+        except Exception as e:
+            raise GenerationError(tokens, e) from e
+        raise GenerationError(tokens, RuntimeError("stream ended without stats"))
+
+    def shutdown(self) -> None:
+        for actor in [self.coordinator, *self.stages]:
+            ray.kill(actor)
+        if self._pg:
+            remove_placement_group(self._pg)
+        if self._started_ray:
+            ray.shutdown()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -1,0 +1,182 @@
+"""One pipeline stage: a contiguous range of decoder layers and their KV caches.
+
+A Stage is plain PyTorch, no Ray: the schedule drives it in-process in tests,
+and actors.stage.StageActor wraps it unchanged. The layers are transformers'
+own model class, built for just this range (config.num_hidden_layers = stop -
+start) and given only this range's weights from the safetensors files.
+
+Hidden states flow: stage 1 embeds token ids and runs layers [0, E); its exit
+head turns the result into draft tokens. Every later stage takes the hidden
+state of the stage before. The last stage applies the final norm and LM head
+and returns the verified (argmax) tokens.
+
+KV caches are per sequence id and always hold exactly the positions before the
+call's `pos`: a call at `pos` first drops entries >= pos. That drop is the
+rollback; `rollback()` only raises the sequence's epoch, so that calls queued
+before the rollback are skipped without computing.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, DynamicCache
+
+from .heads import ExitHead, load_exit_head
+from .model import load_tensors, tensor_names
+
+
+@dataclass
+class StageStats:
+    """Per sequence: seconds computing, seconds on positions later rolled back, calls."""
+    compute_s: float = 0.0
+    stale_s: float = 0.0
+    calls: int = 0
+    skipped: int = 0
+    spent: list[float] = field(default_factory=list)  # seconds per cached position
+
+    def summary(self) -> dict:
+        return {"compute_s": self.compute_s, "stale_s": self.stale_s, "calls": self.calls, "skipped": self.skipped}
+
+
+class Stage:
+    def __init__(self, model_dir: Path, start: int, stop: int, *, index: int = 0, num_stages: int = 1,
+                 head: str = "lm", exit_layer: int | None = None, dtype: str = "float32",
+                 device: str = "cpu"):
+        self.index, self.start, self.stop = index, start, stop
+        self.first, self.last = index == 0, index == num_stages - 1
+        self.device = torch.device(device)
+        config = AutoConfig.from_pretrained(model_dir)
+        self.config = _shard_config(config, start, stop)
+        self.body, final_norm, lm_head = self._build(Path(model_dir), config, getattr(torch, dtype))
+        # transformers 5.24 renamed past_key_values to cache
+        params = inspect.signature(self.body.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.lm_head = lm_head if self.last else None
+        self.exit_head: ExitHead | None = None
+        if self.first and not self.last:
+            self.exit_head = load_exit_head(head, exit_layer or stop, final_norm, lm_head).to(self.device)
+        self._caches: dict[str, DynamicCache] = {}
+        self._epochs: dict[str, int] = {}
+        self._stats: dict[str, StageStats] = {}
+        self._lock = threading.Lock()
+
+    def _build(self, model_dir: Path, config, dtype):
+        """The model class on the meta device, then only this stage's tensors, assigned."""
+        needs_lm = self.first or self.last  # stage 1 applies the exit head, which may share them
+        wanted = {f"model.layers.{self.start + i}.": f"layers.{i}." for i in range(self.stop - self.start)}
+        names = tensor_names(model_dir)
+        pick = {n: wanted[p] + n[len(p):] for n in names for p in wanted if n.startswith(p)}
+        if self.first or (self.last and config.tie_word_embeddings):
+            pick["model.embed_tokens.weight"] = "embed_tokens.weight"
+        if needs_lm:
+            pick["model.norm.weight"] = "norm.weight"
+            if "lm_head.weight" in names and not config.tie_word_embeddings:
+                pick["lm_head.weight"] = "lm_head.weight"
+        tensors = load_tensors(model_dir, list(pick))
+        state = {pick[n]: t.to(dtype) for n, t in tensors.items()}
+
+        with torch.device("meta"):
+            body = AutoModel.from_config(self.config, dtype=dtype)
+        lm_weight = state.pop("lm_head.weight", state.get("embed_tokens.weight"))
+        if not self.first:
+            state.pop("embed_tokens.weight", None)
+            body.embed_tokens = None
+        body.load_state_dict(state, strict=False, assign=True)
+        # rotary inv_freq is a non-persistent buffer: rebuild it off the meta device
+        body.rotary_emb = type(body.rotary_emb)(config=self.config)
+
+        final_norm = lm_head = None
+        if needs_lm:
+            final_norm = body.norm
+            lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+            lm_head.weight = nn.Parameter(lm_weight, requires_grad=False)
+            lm_head.to(self.device)
+        if not self.last:
+            body.norm = nn.Identity()  # the final norm belongs after the last layer only
+        missing = [n for n, p in body.named_parameters() if p.is_meta]
+        if missing:
+            raise ValueError(f"model_dir: {model_dir} lacks weights for {missing[:3]}")
+        return body.to(self.device).eval(), final_norm, lm_head
+
+    # The three calls the schedule makes.
+
+    @torch.inference_mode()
+    def forward(self, seq_id: str, epoch: int, pos: int, *inputs, heads: int = 1):
+        """Runs positions pos.. of one sequence. Stage 1 takes token ids (lists of
+        ints), later stages hidden states [1, n, H]. Returns (hidden for the next
+        stage or None, argmax tokens of the last `heads` positions or None).
+        Stale calls (older epoch, skipped input, released sequence) return (None, None)."""
+        with self._lock:
+            stale = (epoch < self._epochs.get(seq_id, 0) or any(x is None for x in inputs)
+                     or (pos > 0 and seq_id not in self._caches))
+            if not stale:
+                self._epochs[seq_id] = epoch
+        if stale:
+            if seq_id in self._stats:
+                self._stats[seq_id].skipped += 1
+            return None, None
+        stats = self._stats.setdefault(seq_id, StageStats())
+        t0 = time.perf_counter()
+        cache = self._cache_at(seq_id, pos, stats)
+        if self.first:
+            ids = [t for x in inputs for t in ([x] if isinstance(x, int) else x)]
+            x = self.body.embed_tokens(torch.tensor([ids], device=self.device))
+        else:
+            x = torch.cat([h.to(self.device) for h in inputs], dim=1)
+        n = x.shape[1]
+        position_ids = torch.arange(pos, pos + n, device=self.device)[None]
+        out = self.body(inputs_embeds=x, position_ids=position_ids, use_cache=True,
+                        **{self._cache_kw: cache}).last_hidden_state
+        tokens = None
+        if heads:
+            head = self.lm_head if self.last else self.exit_head
+            if head is not None:
+                tokens = head(out[:, -heads:]).argmax(-1)[0].tolist()
+        hidden = None if self.last else out.cpu()
+        dt = time.perf_counter() - t0
+        stats.compute_s += dt
+        stats.calls += 1
+        stats.spent.extend([dt / n] * n)
+        return hidden, tokens
+
+    def rollback(self, seq_id: str, epoch: int) -> None:
+        """Calls of this sequence with an older epoch are stale from now on."""
+        with self._lock:
+            self._epochs[seq_id] = max(epoch, self._epochs.get(seq_id, 0))
+
+    def release(self, seq_id: str, keep: int) -> dict:
+        """Ends a sequence; positions >= keep count as stale work. Returns its stats."""
+        stats = self._stats.pop(seq_id, StageStats())
+        with self._lock:
+            self._caches.pop(seq_id, None)
+            self._epochs.pop(seq_id, None)
+        stats.stale_s += sum(stats.spent[keep:])
+        return stats.summary()
+
+    def _cache_at(self, seq_id: str, pos: int, stats: StageStats) -> DynamicCache:
+        cache = self._caches.get(seq_id)
+        if cache is None:
+            cache = self._caches[seq_id] = DynamicCache(config=self.config)
+        held = cache.get_seq_length()
+        if held > pos:
+            cache.crop(pos - held)  # negative: drop that many from the end
+            stats.stale_s += sum(stats.spent[pos:])
+            del stats.spent[pos:]
+        elif held < pos:
+            raise RuntimeError(f"stage {self.index}: call at position {pos} but only {held} positions cached")
+        return cache
+
+
+def _shard_config(config, start: int, stop: int):
+    shard = copy.deepcopy(config)
+    shard.num_hidden_layers = stop - start
+    if getattr(config, "layer_types", None):
+        shard.layer_types = config.layer_types[start:stop]
+    return shard
