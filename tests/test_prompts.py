@@ -1,0 +1,62 @@
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "ppsd_ray" / "data"
+FILES = ["heads_train.jsonl", "heads_val.jsonl", "bench.jsonl"]
+HEAD_CATEGORIES = {"code", "math", "chat", "summary", "translation", "list"}
+
+
+def load(name):
+    with open(DATA / name, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_every_line_has_prompt_and_category(name):
+    rows = load(name)
+    assert rows
+    for row in rows:
+        assert set(row) == {"prompt", "category"}
+        assert isinstance(row["prompt"], str) and row["prompt"].strip()
+        assert isinstance(row["category"], str) and row["category"]
+    assert len({row["prompt"] for row in rows}) == len(rows), "duplicate prompts"
+
+
+def test_head_sets_counts_and_categories():
+    train, val = load("heads_train.jsonl"), load("heads_val.jsonl")
+    assert len(train) >= 800 and len(val) >= 150
+    train_counts = Counter(row["category"] for row in train)
+    val_counts = Counter(row["category"] for row in val)
+    assert HEAD_CATEGORIES <= set(train_counts)
+    assert set(train_counts) == set(val_counts)
+    # same distribution of categories: the val share of every category is the same
+    for category in train_counts:
+        assert train_counts[category] * len(val) == val_counts[category] * len(train)
+
+
+def test_bench_counts_and_categories():
+    counts = Counter(row["category"] for row in load("bench.jsonl"))
+    assert counts == {"code": 12, "math": 12, "chat": 12}
+
+
+def test_no_overlap_between_sets():
+    train, val, bench = ({row["prompt"] for row in load(name)} for name in FILES)
+    assert not train & val
+    assert not bench & train
+    assert not bench & val
+
+
+def test_builder_reproduces_committed_files(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "ppsd_ray.data.build_prompts", "--out", str(tmp_path)],
+        cwd=ROOT,
+        check=True,
+    )
+    for name in FILES:
+        assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
