@@ -1,0 +1,124 @@
+"""`ppsd` command line: model-path, generate."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .config import GenerationConfig, Mode, PipelineConfig, describe
+from .model import encode_prompt, load_tokenizer, resolve_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ppsd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("model-path", help="prepare the default model if needed; print its directory last")
+    p.set_defaults(run=_model_path)
+
+    p = sub.add_parser("generate", help="generate text with a PPSD pipeline on Ray")
+    p.add_argument("prompt", nargs="?")
+    p.add_argument("--prompts-file", type=Path, help="one JSON object per line with key 'prompt'")
+    add_pipeline_args(p)
+    p.add_argument("--mode", default="ppsd", choices=[m.value for m in Mode])
+    p.add_argument("--gamma", type=int, default=4, help="eesd: drafts per verification")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--raw", action="store_true", help="no chat template: tokenizer(prompt).input_ids")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout, nothing else")
+    p.set_defaults(run=_generate)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except UsageError as e:
+        print(f"ppsd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+class UsageError(Exception):
+    pass
+
+
+def add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a model directory")
+    p.add_argument("--stages", type=int, help="K; default: one per GPU, or 2 without GPUs (1 for --mode ar)")
+    p.add_argument("--exit-layer", type=int, help="E, the end of stage 1; default L/K")
+    p.add_argument("--head", default="lm", help="exit head: 'lm' or a trained head file")
+
+
+def pipeline_config(args, mode: str = "ppsd") -> PipelineConfig:
+    """Validated before anything starts; a bad value is a UsageError naming the field."""
+    stages = args.stages
+    if stages is None:
+        stages = 1 if mode == "ar" else _default_stages()
+    try:
+        return PipelineConfig(model_dir=resolve_model(args.model), stages=stages,
+                              exit_layer=args.exit_layer, head=args.head)
+    except ValidationError as e:
+        raise UsageError(describe(e)) from None
+
+
+def _default_stages() -> int:
+    import torch
+
+    return max(2, torch.cuda.device_count())
+
+
+def _model_path(args) -> int:
+    print(resolve_model("default"))
+    return 0
+
+
+def _read_prompts(args) -> list[str]:
+    if args.prompts_file:
+        if args.prompt:
+            raise UsageError("give a prompt or --prompts-file, not both")
+        lines = args.prompts_file.read_text().splitlines()
+        return [json.loads(line)["prompt"] for line in lines if line.strip()]
+    if args.prompt is None:
+        raise UsageError("give a prompt or --prompts-file")
+    return [args.prompt]
+
+
+def _generate(args) -> int:
+    prompts = _read_prompts(args)
+    try:
+        gen = GenerationConfig(mode=args.mode, gamma=args.gamma, max_new_tokens=args.max_new_tokens)
+    except ValidationError as e:
+        raise UsageError(describe(e)) from None
+    config = pipeline_config(args, args.mode)
+    if args.mode == "ar" and config.stages != 1:
+        raise UsageError("stages: --mode ar runs on one stage")
+    tokenizer = load_tokenizer(config.model_dir)
+
+    from actors.pipeline import Pipeline
+
+    with Pipeline(config) as pipe:
+        for prompt in prompts:
+            ids = encode_prompt(tokenizer, prompt, raw=args.raw)
+            tokens, stats, shown = [], {}, ""
+            for item in pipe.stream(ids, gen):
+                if isinstance(item, dict):
+                    stats = item
+                    break
+                tokens.append(item)
+                if not args.json:  # stream text as it is verified
+                    text = tokenizer.decode(tokens, skip_special_tokens=True)
+                    print(text[len(shown):], end="", flush=True)
+                    shown = text
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            if args.json:
+                print(json.dumps({"prompt": prompt, "text": text, "token_ids": tokens, "stats": stats}), flush=True)
+            else:
+                print()
+                print(f"[{stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tokens/s, "
+                      f"acceptance {stats['acceptance_rate']:.2f}, rollbacks {stats['rollbacks']}]",
+                      file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
