@@ -31,7 +31,7 @@ from .config import GenerationConfig, Mode
 class StagePort(Protocol):
     def forward(self, seq_id: str, epoch: int, pos: int, *inputs, heads: int = 1) -> tuple[Any, Any]: ...
     def rollback(self, seq_id: str, epoch: int) -> Any: ...
-    def release(self, seq_id: str, keep: int) -> Any: ...
+    def release(self, seq_id: str, keep: int, events: bool = False) -> Any: ...
 
 
 @dataclass
@@ -42,7 +42,8 @@ class RequestStats:
     drafted: int = 0
     accepted: int = 0
     rollbacks: int = 0
-    stages: list[dict] = field(default_factory=list)  # per stage: compute_s, stale_s, calls, skipped
+    trace: list[bool] = field(default_factory=list)  # per verified draft, in order: accepted?
+    stages: list[dict] = field(default_factory=list)  # per stage: compute_s, prefill_s, stale_s, calls, ...
 
     @property
     def tokens_per_s(self) -> float:
@@ -59,7 +60,8 @@ class RequestStats:
             "rollbacks": self.rollbacks, "prefill_s": self.prefill_s,
             "stage_compute_s": [s["compute_s"] for s in self.stages],
             "stale_s": sum(s["stale_s"] for s in self.stages),
-            "stage_stale_s": [s["stale_s"] for s in self.stages],
+            "stages": self.stages,
+            "trace": "".join("1" if a else "0" for a in self.trace),
         }
 
 
@@ -102,7 +104,7 @@ class Decoder:
             # KV is valid for the prompt and every committed token but the newest;
             # calls still queued find the sequence released and are skipped.
             keep = len(prompt) + committed - 1
-            answers = [s.release(seq_id, keep) for s in self.stages]
+            answers = [s.release(seq_id, keep, gen.timeline) for s in self.stages]
             try:
                 stats.stages = [self.get(a) for a in answers]
             except Exception:  # a dead stage must not hide the error that ended the request
@@ -145,7 +147,9 @@ class Decoder:
             yield token
             if in_flight:  # the draft for pos + 1 is already in the pipe behind it
                 stats.drafted += 1
-                if self.get(drafts)[0] == token:
+                accepted = self.get(drafts)[0] == token
+                stats.trace.append(accepted)
+                if accepted:
                     stats.accepted += 1
                     continue
                 stats.rollbacks += 1
@@ -182,6 +186,7 @@ class Decoder:
             stats.drafted += gamma
             stats.accepted += n
             stats.rollbacks += n < gamma
+            stats.trace += [True] * n + [False] * (n < gamma)
             for t in verified[: n + 1]:
                 yield t
             token, pos, remaining = verified[n], pos + n + 1, remaining - (n + 1)

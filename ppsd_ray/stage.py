@@ -34,15 +34,22 @@ from .model import load_tensors, tensor_names
 
 @dataclass
 class StageStats:
-    """Per sequence: seconds computing, seconds on positions later rolled back, calls."""
+    """Per sequence: seconds computing (the first call, the prefill, also alone), seconds
+    on positions later rolled back, calls, and each computed call's (start, end, pos, n)."""
     compute_s: float = 0.0
+    prefill_s: float = 0.0
     stale_s: float = 0.0
     calls: int = 0
     skipped: int = 0
     spent: list[float] = field(default_factory=list)  # seconds per cached position
+    events: list[tuple[float, float, int, int]] = field(default_factory=list)
 
-    def summary(self) -> dict:
-        return {"compute_s": self.compute_s, "stale_s": self.stale_s, "calls": self.calls, "skipped": self.skipped}
+    def summary(self, events: bool) -> dict:
+        out = {"compute_s": self.compute_s, "prefill_s": self.prefill_s, "stale_s": self.stale_s,
+               "calls": self.calls, "skipped": self.skipped}
+        if events:
+            out["events"] = self.events
+        return out
 
 
 class Stage:
@@ -123,7 +130,7 @@ class Stage:
                 self._stats[seq_id].skipped += 1
             return None, None
         stats = self._stats.setdefault(seq_id, StageStats())
-        t0 = time.perf_counter()
+        t0, wall0 = time.perf_counter(), time.time()
         cache = self._cache_at(seq_id, pos, stats)
         if self.first:
             ids = [t for x in inputs for t in ([x] if isinstance(x, int) else x)]
@@ -141,9 +148,12 @@ class Stage:
                 tokens = head(out[:, -heads:]).argmax(-1)[0].tolist()
         hidden = None if self.last else out.cpu()
         dt = time.perf_counter() - t0
+        if not stats.calls:
+            stats.prefill_s = dt
         stats.compute_s += dt
         stats.calls += 1
         stats.spent.extend([dt / n] * n)
+        stats.events.append((wall0, wall0 + dt, pos, n))
         return hidden, tokens
 
     def rollback(self, seq_id: str, epoch: int) -> None:
@@ -151,14 +161,15 @@ class Stage:
         with self._lock:
             self._epochs[seq_id] = max(epoch, self._epochs.get(seq_id, 0))
 
-    def release(self, seq_id: str, keep: int) -> dict:
-        """Ends a sequence; positions >= keep count as stale work. Returns its stats."""
+    def release(self, seq_id: str, keep: int, events: bool = False) -> dict:
+        """Ends a sequence; positions >= keep count as stale work. Returns its stats,
+        with the timeline of computed calls if `events`."""
         stats = self._stats.pop(seq_id, StageStats())
         with self._lock:
             self._caches.pop(seq_id, None)
             self._epochs.pop(seq_id, None)
         stats.stale_s += sum(stats.spent[keep:])
-        return stats.summary()
+        return stats.summary(events)
 
     def _cache_at(self, seq_id: str, pos: int, stats: StageStats) -> DynamicCache:
         cache = self._caches.get(seq_id)

@@ -75,7 +75,7 @@ class ScriptedStage:
     def rollback(self, seq_id, epoch):
         self.log.append(("rollback", self.index, epoch))
 
-    def release(self, seq_id, keep):
+    def release(self, seq_id, keep, events=False):
         self.log.append(("release", self.index, keep))
         return {"compute_s": 0.0, "stale_s": 0.0, "calls": 0, "skipped": 0}
 
