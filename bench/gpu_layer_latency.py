@@ -32,7 +32,7 @@ SHAPES = {
 }
 
 FWD_PARAMS = inspect.signature(LlamaForCausalLM.forward).parameters
-# transformers <= 5.x-early call it past_key_values; later releases renamed it to cache.
+# transformers 5.17 calls the cache argument past_key_values; 5.24 renamed it to cache.
 CACHE_KW = "past_key_values" if "past_key_values" in FWD_PARAMS else "cache"
 
 
