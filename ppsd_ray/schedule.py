@@ -157,21 +157,26 @@ class Decoder:
                 in_flight.append((next_pos, drafts, verified))
                 next_in, next_pos = OWN_DRAFT, next_pos + 1
             pos, drafts, verified = in_flight.popleft()
-            token = get(verified)[0]
-            yield token
-            if in_flight:  # the draft for pos + 1 is already in the pipe behind it
-                stats.drafted += 1
-                accepted = get(drafts)[0] == token
-                stats.trace.append(accepted)
-                if accepted:
-                    stats.accepted += 1
-                    continue
+            if not in_flight:
+                token = get(verified)[0]
+                yield token
+                next_in, next_pos = [token], pos + 1
+                continue
+            # the draft for pos + 1 is already in the pipe behind this token
+            verified_tokens, drafted = get([verified, drafts])
+            token = verified_tokens[0]
+            accepted = drafted[0] == token
+            stats.drafted += 1
+            stats.accepted += accepted
+            stats.trace.append(accepted)
+            if not accepted:  # tell the stages before anything else
                 stats.rollbacks += 1
                 epoch += 1
                 for s in self.stages:
                     s.rollback(seq_id, epoch)
                 in_flight.clear()
-            next_in, next_pos = [token], pos + 1
+                next_in, next_pos = [token], pos + 1
+            yield token
 
     def _eesd(self, seq_id, prompt, gen, stats, t0, get) -> Iterator[int]:
         token = self._prefill(seq_id, prompt, stats, t0, get)
