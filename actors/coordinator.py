@@ -13,7 +13,7 @@ from .metrics import PipelineMetrics
 from .stage import RemoteStage
 
 
-@ray.remote(num_cpus=0, max_concurrency=8)
+@ray.remote(num_cpus=0, max_concurrency=8, concurrency_groups={"control": 1})
 class Coordinator:
     """Each request runs on its own thread with its own sequence id, so requests can
     share the stages; their calls interleave in the stages' queues."""
@@ -22,28 +22,38 @@ class Coordinator:
         self.decoder = Decoder([RemoteStage(s) for s in stages], get=ray.get,
                                eos_token_ids=eos_token_ids, window=window)
         self.metrics = PipelineMetrics()
+        self._running: set[str] = set()
+        self._cancelled: set[str] = set()
 
     @ray.method(num_returns="streaming")
     def generate(self, seq_id: str, prompt_ids: list[int], gen: dict):
         """Yields token ids, then one final dict: the request's stats. Stops early, between
-        tokens, when the caller cancels (ray.cancel) the generator."""
+        tokens, after cancel(seq_id)."""
         stats = RequestStats()
         gen = GenerationConfig(**gen)
         mode, status, t0, first = gen.mode.value, "error", time.perf_counter(), True
-        context = ray.get_runtime_context()
         tokens = self.decoder.decode(seq_id, prompt_ids, gen, stats)
         self.metrics.started()
+        self._running.add(seq_id)
         try:
             for token in tokens:
                 if first:
                     self.metrics.first_token(mode, time.perf_counter() - t0)
                     first = False
                 yield token
-                if context.is_canceled():  # a local flag: ray.cancel(generator, recursive=False)
+                if seq_id in self._cancelled:
                     status = "cancelled"
                     return
             status = "ok"
         finally:
+            self._running.discard(seq_id)
+            self._cancelled.discard(seq_id)
             tokens.close()  # releases the sequence on every stage, fills stats.stages
             self.metrics.finished(mode, status, len(prompt_ids), stats.to_dict(), time.perf_counter() - t0)
         yield stats.to_dict()
+
+    @ray.method(concurrency_group="control")
+    def cancel(self, seq_id: str) -> None:
+        """Stops a running request after its next token (its caller went away)."""
+        if seq_id in self._running:
+            self._cancelled.add(seq_id)

@@ -24,6 +24,7 @@ import signal
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal
 
@@ -211,15 +212,16 @@ class APIError(Exception):
 
 
 def _param(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p != "body"]
-    # pydantic names union members ('str', 'list[int]', ...) in loc; keep the field path
+    # pydantic names the union member tried ('str', 'list[int]', 'ChatMessage') after the field
     keep = []
-    for p in parts:
-        if p.isdigit() or p.isidentifier():
-            keep.append(p)
-        else:
+    for p in (str(p) for p in loc if p != "body"):
+        if not (p.isdigit() or p.isidentifier()) or p in _TYPE_TAGS or p[:1].isupper():
             break
+        keep.append(p)
     return ".".join(keep) or None
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal"}
 
 
 app = FastAPI(title="ppsd-ray", description="OpenAI-compatible API over a PPSD pipeline",
@@ -289,6 +291,7 @@ class PPSDServer:
         app.state.api_key = self.settings.api_key or os.environ.get(API_KEY_ENV) or None
         pg = ray.util.get_current_placement_group()  # the replica's own: bundle 0 is this actor
         self.pipe = Pipeline(config, pg=pg, first_bundle=1 if pg is not None else 0)
+        self._submitter = ThreadPoolExecutor(1, thread_name_prefix="ppsd-submit")
 
     def __del__(self):  # Serve calls this when the replica shuts down
         pipe = getattr(self, "pipe", None)
@@ -404,7 +407,9 @@ class PPSDServer:
         """Token ids as the coordinator commits them, then its stats dict. Cancels the
         request in the coordinator when the caller stops early (a client disconnected)."""
         gen = GenerationConfig(mode=self.mode, max_new_tokens=max_tokens).model_dump(mode="json")
-        refs = self.pipe.coordinator.generate.remote(uuid.uuid4().hex, ids, gen)
+        seq_id = uuid.uuid4().hex
+        coordinator = self.pipe.coordinator
+        refs = await self._submit(coordinator.generate.remote, seq_id, ids, gen)
         done = False
         try:
             async for ref in refs:
@@ -413,8 +418,16 @@ class PPSDServer:
                     done = True
                 yield item
         finally:
-            if not done:
-                ray.cancel(refs, recursive=False)
+            if not done:  # the client went away: stop decoding after the next token
+                await self._submit(coordinator.cancel.remote, seq_id)
+
+    async def _submit(self, method, *args):
+        """Calls method.remote(*args) from a thread of our own, so that the call is not a
+        child of the request's Ray task. When a client disconnects, Serve cancels that task
+        with ray.cancel(recursive=True), which would also cancel the coordinator's queued
+        calls to the stages; Ray 2.60 then leaves a gap in the stage actor's call sequence
+        and the next request on that stage stalls for 30 s and fails."""
+        return await asyncio.get_running_loop().run_in_executor(self._submitter, method, *args)
 
     def _finish(self, tokens: list[int]) -> str:
         """OpenAI's finish_reason: "stop" at EOS, else the max_tokens limit ended it."""
