@@ -528,12 +528,16 @@ class _Stop(BaseException):
 
 
 def serve_forever(settings: dict, host: str = "127.0.0.1", port: int = 8000,
-                  metrics_port: int | None = None) -> int:
-    """Starts a local Ray, deploys the application, blocks until SIGTERM or Ctrl-C,
-    then shuts Serve and the Ray processes it started down. Returns the exit code."""
-    init = {"include_dashboard": False, "configure_logging": False}
-    if metrics_port:
-        init["_metrics_export_port"] = metrics_port
+                  metrics_port: int | None = None, address: str | None = None) -> int:
+    """Starts a new local Ray (or joins `address`), deploys the application, blocks until
+    SIGTERM or Ctrl-C, then shuts down Serve and the Ray processes it started (on a
+    joined cluster: deletes only this application). Returns the exit code."""
+    own = address is None
+    init: dict[str, Any] = {"address": "local" if own else address, "configure_logging": False}
+    if own:  # never join a cluster some other `ray start` left on this machine by accident
+        init["include_dashboard"] = False
+        if metrics_port:
+            init["_metrics_export_port"] = metrics_port
     ray.init(**init)
 
     def stop(signum, frame):
@@ -557,7 +561,10 @@ def serve_forever(settings: dict, host: str = "127.0.0.1", port: int = 8000,
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the cleanup short
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            serve.shutdown()
+            if own:
+                serve.shutdown()
+            else:
+                serve.delete("ppsd")
         finally:
             ray.shutdown()
     return 0

@@ -134,6 +134,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-ongoing-requests", type=int, default=8, help="requests decoded at once; more wait")
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="the largest max_tokens a request may ask")
     p.add_argument("--metrics-port", type=int, help="Ray's Prometheus metrics port (default: Ray picks one)")
+    p.add_argument("--address", help="join this running Ray cluster (host:port) instead of starting a new "
+                                     "local one; on exit only this application is deleted")
     p.set_defaults(run=_serve)
 
 
@@ -151,7 +153,8 @@ def _serve(args) -> int:
         ServeSettings(**settings)
     except ValidationError as e:
         raise UsageError(describe(e)) from None
-    return serve_forever(settings, host=args.host, port=args.port, metrics_port=args.metrics_port)
+    return serve_forever(settings, host=args.host, port=args.port, metrics_port=args.metrics_port,
+                         address=args.address)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ import json
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -44,13 +46,16 @@ def ray_head(tmp_path_factory):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     log = tmp_path_factory.mktemp("ray-head") / "ray-start.log"
+    # its own temp dir (short: Ray's socket paths): other ray.init() calls on this machine
+    # look for a `ray start` cluster in /tmp/ray and must not find and join this one
+    temp_dir = tempfile.mkdtemp(prefix="ppsd-ray-")
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
              "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard", "true",
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
              "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
-             "--metrics-export-port", str(metrics), "--disable-usage-stats"],
+             "--metrics-export-port", str(metrics), "--disable-usage-stats", "--temp-dir", temp_dir],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     pids: set[int] = set()
@@ -84,6 +89,7 @@ def ray_head(tmp_path_factory):
                 psutil.Process(pid).kill()
             except psutil.NoSuchProcess:
                 pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.slow
