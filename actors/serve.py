@@ -53,6 +53,7 @@ class ServeSettings(BaseModel):
     stages: int = Field(2, ge=1, description="K, pipeline stages per replica")
     exit_layer: int | None = Field(None, description="E, the end of stage 1; default L/K")
     head: str = Field("lm", description="exit head: 'lm' or a trained head file")
+    dtype: str = Field("auto", description="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
     mode: Mode | None = Field(None, description="default: ppsd, or ar for one stage")
     model_name: str | None = Field(None, description="the id clients send as `model`; default: the directory name")
     api_key: str | None = Field(None, description=f"bearer token required on every endpoint; default: ${API_KEY_ENV}")
@@ -64,7 +65,8 @@ class ServeSettings(BaseModel):
 
     def pipeline_config(self) -> PipelineConfig:
         return PipelineConfig(model_dir=resolve_model(self.model), stages=self.stages,
-                              exit_layer=self.exit_layer, head=self.head, cpus_per_stage=self.cpus_per_stage)
+                              exit_layer=self.exit_layer, head=self.head, dtype=self.dtype,
+                              cpus_per_stage=self.cpus_per_stage)
 
     def decoding_mode(self) -> Mode:
         return self.mode or (Mode.ppsd if self.stages > 1 else Mode.ar)
