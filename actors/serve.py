@@ -77,8 +77,8 @@ class ServeSettings(BaseModel):
         return [{"CPU": self.replica_cpus}] + [dict(stage) for _ in range(self.stages)]
 
 
-def build_app(args: dict) -> serve.Application:
-    """Application builder: `import_path: actors.serve:build_app` with `args:` (ServeSettings)."""
+def check_settings(args: dict) -> ServeSettings:
+    """The settings, checked against the model before anything starts; a ValueError names the field."""
     try:
         settings = ServeSettings(**(args or {}))
         settings.pipeline_config()  # a bad model, head or stage count fails here, before any replica
@@ -88,6 +88,12 @@ def build_app(args: dict) -> serve.Application:
             raise ValueError("mode: ar runs on one stage")
     except ValidationError as e:
         raise ValueError(describe(e)) from None
+    return settings
+
+
+def build_app(args: dict) -> serve.Application:
+    """Application builder: `import_path: actors.serve:build_app` with `args:` (ServeSettings)."""
+    settings = check_settings(args)
     gpus = settings.use_gpus
     if gpus is None:
         gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= settings.stages

@@ -147,12 +147,12 @@ def _serve(args) -> int:
                 "head": args.head, "mode": args.mode, "model_name": args.model_name,
                 "api_key": args.api_key or os.environ.get("PPSD_API_KEY") or None,
                 "max_ongoing_requests": args.max_ongoing_requests, "max_tokens_limit": args.max_tokens_limit}
-    from actors.serve import ServeSettings, serve_forever
+    from actors.serve import check_settings, serve_forever
 
     try:
-        ServeSettings(**settings)
-    except ValidationError as e:
-        raise UsageError(describe(e)) from None
+        check_settings(settings)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     return serve_forever(settings, host=args.host, port=args.port, metrics_port=args.metrics_port,
                          address=args.address)
 
