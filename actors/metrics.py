@@ -57,9 +57,8 @@ class PipelineMetrics:
                              (self.accepted, "accepted"), (self.rollbacks, "rollbacks")):
             if stats.get(key):
                 counter.inc(stats[key], tags=tags)
-        for i, s in enumerate(stats.get("stage_compute_s", [])):
-            if s > 0:
-                self.busy.inc(s, tags={"stage": str(i)})
-        for i, s in enumerate(stats.get("stage_stale_s", [])):
-            if s > 0:
-                self.stale.inc(s, tags={"stage": str(i)})
+        for i, stage in enumerate(stats.get("stages", [])):  # per stage: compute_s, stale_s, ...
+            if stage.get("compute_s", 0) > 0:
+                self.busy.inc(stage["compute_s"], tags={"stage": str(i)})
+            if stage.get("stale_s", 0) > 0:
+                self.stale.inc(stage["stale_s"], tags={"stage": str(i)})

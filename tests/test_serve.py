@@ -325,7 +325,8 @@ def test_metrics_exported(server, client, ray_cluster):
     node = ray._private.worker.global_worker.node
     url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
     wanted = ["ray_ppsd_tokens_total", "ray_ppsd_drafted_tokens_total", "ray_ppsd_accepted_tokens_total",
-              "ray_ppsd_rollbacks_total", "ray_ppsd_stage_busy_seconds_total",
+              "ray_ppsd_rollbacks_total", "ray_ppsd_stage_busy_seconds_total", "ray_ppsd_stage_stale_seconds_total",
+              "ray_ppsd_prompt_tokens_total", "ray_ppsd_requests_running",
               "ray_ppsd_request_latency_seconds_bucket", "ray_ppsd_time_to_first_token_seconds_bucket",
               'status="cancelled"']
     deadline, text = time.time() + 40, ""
