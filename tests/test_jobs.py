@@ -18,11 +18,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import hf_greedy
 
-psutil = pytest.importorskip("psutil")
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))

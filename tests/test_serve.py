@@ -10,11 +10,11 @@ import time
 import urllib.error
 import urllib.request
 
+import openai
 import pytest
 
 from conftest import TINY_EOS, hf_greedy
 
-openai = pytest.importorskip("openai")
 
 MODEL = "tiny"
 LIMIT = 400  # the server's max_tokens limit; a LIMIT-token stream outlives a client disconnect

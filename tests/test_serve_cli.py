@@ -13,10 +13,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import openai
+import psutil
 import pytest
 
-openai = pytest.importorskip("openai")
-psutil = pytest.importorskip("psutil")
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "test-secret-key"
