@@ -1,4 +1,4 @@
-"""`ppsd` command line: model-path, generate, bench."""
+"""`ppsd` command line: model-path, generate, bench, serve."""
 from __future__ import annotations
 
 import argparse
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
     p.set_defaults(run=_bench)
+
+    add_serve_parser(sub)
 
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
@@ -190,6 +192,39 @@ def _bench(args) -> int:
     report.write_markdown(args.markdown, result, summary, projections, command, images)
     print(f"wrote {args.markdown}, {args.out}/bench.json and plots", file=sys.stderr)
     return 0
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve an OpenAI-compatible API (Ray Serve) on a local Ray; blocks")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    add_pipeline_args(p)
+    p.add_argument("--mode", choices=[m.value for m in Mode], help="default: ppsd, or ar with --stages 1")
+    p.add_argument("--model-name", help="the model id clients send; default: the model directory's name")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint "
+                                     "(default: $PPSD_API_KEY; unset: no key)")
+    p.add_argument("--max-ongoing-requests", type=int, default=8, help="requests decoded at once; more wait")
+    p.add_argument("--max-tokens-limit", type=int, default=2048, help="the largest max_tokens a request may ask")
+    p.add_argument("--metrics-port", type=int, help="Ray's Prometheus metrics port (default: Ray picks one)")
+    p.add_argument("--address", help="join this running Ray cluster (host:port) instead of starting a new "
+                                     "local one; on exit only this application is deleted")
+    p.set_defaults(run=_serve)
+
+
+def _serve(args) -> int:
+    config = pipeline_config(args, args.mode or "ppsd")  # checked before Ray starts
+    settings = {"model": str(config.model_dir), "stages": config.stages, "exit_layer": args.exit_layer,
+                "head": args.head, "mode": args.mode, "model_name": args.model_name,
+                "api_key": args.api_key or os.environ.get("PPSD_API_KEY") or None,
+                "max_ongoing_requests": args.max_ongoing_requests, "max_tokens_limit": args.max_tokens_limit}
+    from actors.serve import check_settings, serve_forever
+
+    try:
+        check_settings(settings)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return serve_forever(settings, host=args.host, port=args.port, metrics_port=args.metrics_port,
+                         address=args.address)
 
 
 if __name__ == "__main__":
