@@ -21,7 +21,8 @@ from .simulate import Timing, calibrate_hop, decode_step_times, simulate
 from .theory import eesd_speedup, ppsd_speedup
 
 SUITE = Path(__file__).parent / "data" / "bench.jsonl"
-DEFAULT_SYSTEMS = "hf,hf-ee,ar,pp-K2,eesd-K2-g2,eesd-K2-g4,eesd-K2-g6,ppsd-K2,pp-K3,ppsd-K3,pp-K4,ppsd-K4"
+DEFAULT_SYSTEMS = ("hf,hf-ee,ar,pp-K2,eesd-K2-g2,eesd-K2-g4,ppsd-K2,eesd-K2-g2@lm,ppsd-K2@lm,"
+                   "pp-K3,ppsd-K3,pp-K4,ppsd-K4")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class System:
     stages: int = 1
     mode: str = "ar"
     gamma: int = 4
+    head: str | None = None  # None: the run's head for this K; "lm" for a "...@lm" system
 
 
 def parse_systems(spec: str) -> list[System]:
@@ -40,13 +42,14 @@ def parse_systems(spec: str) -> list[System]:
             out.append(System(name, name))
         elif name == "ar":
             out.append(System(name, "pipeline", 1, "ar"))
-        elif m := re.fullmatch(r"(pp|ppsd|eesd)-K(\d+)(?:-g(\d+))?", name):
+        elif m := re.fullmatch(r"(pp|ppsd|eesd)-K(\d+)(?:-g(\d+))?(@lm)?", name):
             mode, k, gamma = m.group(1), int(m.group(2)), int(m.group(3) or 4)
             if (mode == "eesd") != (m.group(3) is not None):
                 raise ValueError(f"systems: {name}: a gamma (-gN) goes with eesd only")
-            out.append(System(name, "pipeline", k, mode, gamma))
+            out.append(System(name, "pipeline", k, mode, gamma, "lm" if m.group(4) else None))
         else:
-            raise ValueError(f"systems: unknown system {name!r} (e.g. hf, hf-ee, ar, pp-K2, eesd-K2-g4, ppsd-K3)")
+            raise ValueError(f"systems: unknown system {name!r} (e.g. hf, hf-ee, ar, pp-K2, eesd-K2-g4, ppsd-K3, "
+                             "ppsd-K2@lm for the untrained head)")
     return out
 
 
@@ -91,17 +94,20 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[dict], max_n
     started_ray = not ray.is_initialized()
     if started_ray:  # one Ray for all pipelines
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    pipelines = {}
-    for k in sorted({s.stages for s in systems if s.kind == "pipeline"}):
-        pipelines[k] = Pipeline(PipelineConfig(model_dir=model_dir, stages=k, exit_layer=exit_layers.get(k),
-                                               head=heads.get(k, "lm")))
+    def head_of(s: System) -> str:
+        return s.head or heads.get(s.stages, "lm")
+
+    pipelines = {}  # one per (K, head); modes share it
+    for k, head in sorted({(s.stages, head_of(s)) for s in systems if s.kind == "pipeline"}):
+        pipelines[k, head] = Pipeline(PipelineConfig(model_dir=model_dir, stages=k, exit_layer=exit_layers.get(k),
+                                                     head=head))
 
     def run_one(system: System, prompt_ids: list[int], n: int, timeline: bool = False):
         if system.kind != "pipeline":
             return hf.run(system.kind, prompt_ids, n)
         gen = GenerationConfig(mode=system.mode, gamma=system.gamma, max_new_tokens=n, stop_on_eos=False,
                                timeline=timeline)
-        result = pipelines[system.stages].generate(prompt_ids, gen)
+        result = pipelines[system.stages, head_of(system)].generate(prompt_ids, gen)
         return result.token_ids, result.stats
 
     try:
@@ -204,7 +210,7 @@ def summarize(result: dict, num_layers: int) -> dict:
             if s.kind == "pipeline" and s.mode in ("ppsd", "eesd"):
                 drafted = sum(r["stats"]["drafted"] for r in rs)
                 alpha = sum(r["stats"]["accepted"] for r in rs) / drafted if drafted else 0.0
-                base = f"pp-K{s.stages}"
+                base = f"pp-K{s.stages}"  # the same stages without speculation
                 measured = t / tps(base, cat) if rows(base) else None
                 ideal = (ppsd_speedup(alpha, s.stages) if s.mode == "ppsd"
                          else eesd_speedup(alpha, s.gamma, exit_layers[s.stages] / num_layers))
