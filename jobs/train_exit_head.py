@@ -49,11 +49,15 @@ def parse(argv):
     p.add_argument("--data-layers", default="8,10,15",
                    help="exit layers recorded in the dataset (one dataset serves several heads)")
     p.add_argument("--gen-batch", type=int, default=16)
+    p.add_argument("--greedy-batches", type=int, help="use only the first N greedy batches (shortest prompts)")
+    p.add_argument("--sampled-batches", type=int, help="use only the first N sampled batches")
     p.add_argument("--workers", type=int, default=2, help="generation actors (0: in-process)")
     p.add_argument("--threads-per-worker", type=int, default=1)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--lr", type=float)
-    p.add_argument("--batch-seqs", type=int, default=8)
+    p.add_argument("--batch-seqs", type=int, default=4)
+    p.add_argument("--prompt-positions", action="store_true",
+                   help="the loss also counts the prompts' positions (about twice the tokens)")
     p.add_argument("--max-records", type=int, help="train on the first N sequences only (data-size studies)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads for training")
@@ -76,21 +80,22 @@ def main(argv=None) -> int:
 
     train_spec = D.DataSpec(prompts_file=str(args.train_prompts), exit_layers=layers, max_prompts=args.max_prompts,
                             max_new_tokens=args.max_new_tokens, sampled_every=args.sampled_every,
-                            batch_size=args.gen_batch, seed=args.seed)
+                            batch_size=args.gen_batch, seed=args.seed,
+                            greedy_batches=args.greedy_batches, sampled_batches=args.sampled_batches)
     val_spec = D.DataSpec(prompts_file=str(args.val_prompts), exit_layers=layers,
                           max_new_tokens=args.val_max_new_tokens, sampled_every=0,
                           batch_size=args.gen_batch, seed=args.seed)
     train_dir = D.build_dataset(model_dir, train_spec, args.workers, args.threads_per_worker, progress)
     val_dir = D.build_dataset(model_dir, val_spec, args.workers, args.threads_per_worker, progress)
     gen_s = time.time() - t0
-    train = D.load_dataset(train_dir, args.exit_layer)
+    train = D.load_dataset(train_dir, args.exit_layer, train_spec)
     val = D.load_dataset(val_dir, args.exit_layer)
 
     spec = D.TrainSpec(head_type=args.head_type, epochs=args.epochs, lr=args.lr, batch_seqs=args.batch_seqs,
-                       seed=args.seed, max_records=args.max_records)
+                       seed=args.seed, max_records=args.max_records, prompt_positions=args.prompt_positions)
     torch.manual_seed(args.seed)
     head = D.new_head(args.head_type, model_dir, args.exit_layer)
-    run_key = hashlib.sha256(json.dumps([train_dir.name, args.exit_layer, asdict(spec)]).encode()).hexdigest()[:16]
+    run_key = hashlib.sha256(json.dumps([train_dir.name, args.greedy_batches, args.sampled_batches, args.exit_layer, asdict(spec)]).encode()).hexdigest()[:16]
     run_dir = cache_dir() / "runs" / f"exit{args.exit_layer}-{args.head_type}-{run_key}"
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"data: {train_dir} ({len(train)} sequences), {val_dir} ({len(val)}); checkpoints: {run_dir}",

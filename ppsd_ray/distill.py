@@ -54,12 +54,22 @@ class DataSpec:
     top_p: float = 0.9
     batch_size: int = 16
     seed: int = 0
+    # Use only the first n greedy / sampled batches of the plan (shortest prompts first).
+    # Not part of the key: a smaller selection shares the larger one's shards.
+    greedy_batches: int | None = None
+    sampled_batches: int | None = None
 
     def key(self, model_dir: Path) -> str:
         prompts = Path(self.prompts_file).read_bytes()
-        blob = json.dumps({**asdict(self), "prompts_file": hashlib.sha256(prompts).hexdigest(),
+        spec = {k: v for k, v in asdict(self).items() if k not in ("greedy_batches", "sampled_batches")}
+        blob = json.dumps({**spec, "prompts_file": hashlib.sha256(prompts).hexdigest(),
                            "model": model_fingerprint(model_dir), "v": 1}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def select(self, batches: list[dict]) -> list[dict]:
+        greedy = [b for b in batches if not b["sample"]][: self.greedy_batches]
+        sampled = [b for b in batches if b["sample"]][: self.sampled_batches]
+        return greedy + sampled
 
 
 def read_prompts(path: Path | str, limit: int | None = None) -> list[str]:
@@ -166,7 +176,7 @@ def build_dataset(model_dir: Path, spec: DataSpec, workers: int = 2, threads_per
     out = dataset_dir(model_dir, spec)
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps({**asdict(spec), "model_dir": str(model_dir)}, indent=1))
-    batches = plan_batches(AutoTokenizer.from_pretrained(model_dir), spec)
+    batches = spec.select(plan_batches(AutoTokenizer.from_pretrained(model_dir), spec))
     todo = [b for b in batches if not (out / _shard_name(b["index"])).exists()]
     bar = tqdm(total=len(batches), initial=len(batches) - len(todo), desc=f"generate {out.name}",
                unit="batch", disable=not progress)
@@ -212,7 +222,6 @@ def build_dataset(model_dir: Path, spec: DataSpec, workers: int = 2, threads_per
             for a in actors:
                 ray.kill(a)
     bar.close()
-    (out / "done").write_text(str(len(batches)))
     return out
 
 
@@ -220,10 +229,18 @@ def _shard_name(i: int) -> str:
     return f"shard-{i:05d}.pt"
 
 
-def load_dataset(path: Path, exit_layer: int) -> list[dict]:
-    """Records with 'exit' (the given exit layer), 'final', 'ids', 'prompt_len', in shard order."""
+def load_dataset(path: Path, exit_layer: int, spec: DataSpec | None = None) -> list[dict]:
+    """Records with 'exit' (the given exit layer), 'final', 'ids', 'prompt_len', in shard order;
+    with `spec`, only the shards of its selection (all of which must exist)."""
     records = []
-    for shard in sorted(Path(path).glob("shard-*.pt")):
+    shards = sorted(Path(path).glob("shard-*.pt"))
+    if spec is not None and (spec.greedy_batches is not None or spec.sampled_batches is not None):
+        from transformers import AutoTokenizer
+
+        model_dir = json.loads((Path(path) / "spec.json").read_text())["model_dir"]
+        picked = spec.select(plan_batches(AutoTokenizer.from_pretrained(model_dir), spec))
+        shards = [Path(path) / _shard_name(b["index"]) for b in sorted(picked, key=lambda b: b["index"])]
+    for shard in shards:
         for r in torch.load(shard, weights_only=True):
             key = f"exit{exit_layer}"
             if key not in r:
@@ -288,16 +305,17 @@ class TrainSpec:
     head_type: str = "linear"
     epochs: int = 4
     lr: float | None = None        # default by head type
-    batch_seqs: int = 8
+    batch_seqs: int = 4
     weight_decay: float = 0.0
     warmup: int = 20
     ckpt_every: int = 50
     seed: int = 0
     bf16: bool = True              # logits in bfloat16 autocast (CPU AMX/AVX512-bf16: ~4x faster)
     max_records: int | None = None
+    prompt_positions: bool = False  # the loss also counts the prompt's positions (more data, other text)
 
     def lr_or_default(self) -> float:
-        return self.lr if self.lr is not None else {"linear": 1e-3, "layer": 3e-4}.get(self.head_type, 1e-3)
+        return self.lr if self.lr is not None else {"linear": 1e-2, "layer": 2e-3}.get(self.head_type, 1e-3)
 
 
 def _batches(records: list[dict], size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -306,7 +324,7 @@ def _batches(records: list[dict], size: int, seed: int, epoch: int) -> list[list
     return [order[i: i + size] for i in range(0, len(order), size)]
 
 
-def _collate(records: list[dict], idx: list[int]):
+def _collate(records: list[dict], idx: list[int], prompt_positions: bool = False):
     """Right-padded batch: exit [B, T, H], final [B, T, H], loss mask [B, T], attention mask."""
     rs = [records[i] for i in idx]
     t = max(r["exit"].shape[0] for r in rs)
@@ -321,7 +339,7 @@ def _collate(records: list[dict], idx: list[int]):
         x[i, :n] = r["exit"].float()
         y[i, :n] = r["final"].float()
         att[i, :n] = 1
-        loss[i, r["prompt_len"] - 1: n] = True
+        loss[i, 0 if prompt_positions else r["prompt_len"] - 1: n] = True
         nxt[i, :n] = r["ids"][1: n + 1]
     return x, y, att, loss, nxt
 
@@ -401,7 +419,7 @@ def train_head(head: ExitHead, records: list[dict], spec: TrainSpec, ckpt: Path 
         epoch, k = divmod(step, per_epoch)
         idx = _batches(records, spec.batch_seqs, spec.seed, epoch)[k]
         t0 = time.perf_counter()
-        x, y, att, mask, _ = _collate(records, idx)
+        x, y, att, mask, _ = _collate(records, idx, spec.prompt_positions)
         loss = kl_loss(head, x, y, att, mask, spec.bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -424,12 +442,12 @@ def train_head(head: ExitHead, records: list[dict], spec: TrainSpec, ckpt: Path 
     head.eval()
     return {"steps": total, "epochs": spec.epochs, "train_wall_s": round(wall, 1),
             "final_kl": sum(losses[-per_epoch:]) / max(1, len(losses[-per_epoch:])), "history": history,
-            "training_tokens": training_tokens(records)}
+            "training_tokens": training_tokens(records, spec.prompt_positions)}
 
 
-def training_tokens(records: list[dict]) -> int:
-    """Positions the loss counts (response positions, one per predicted token)."""
-    return sum(r["exit"].shape[0] - r["prompt_len"] + 1 for r in records)
+def training_tokens(records: list[dict], prompt_positions: bool = False) -> int:
+    """Positions the loss counts (one per predicted token)."""
+    return sum(r["exit"].shape[0] - (0 if prompt_positions else r["prompt_len"] - 1) for r in records)
 
 
 # ---------------------------------------------------------------------------
