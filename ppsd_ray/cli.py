@@ -191,10 +191,10 @@ def _eval_acceptance(args) -> int:
         for r in rows:
             print(json.dumps(r))
         return 0
-    print(f"{'exit':>4}  {'head':<48} {'greedy':>7} {'top-2':>7} {'tokens':>7}")
+    print(f"{'exit':>4}  {'head':<56} {'greedy':>7} {'top-2':>7} {'tokens':>7}")
     for r in rows:
         name = r["head"] if r["head"] == "lm" else f"{r['head_type']}: {Path(r['head']).name}"
-        print(f"{r['exit_layer']:>4}  {name:<48} {r['greedy']:>7.3f} {r['top2']:>7.3f} {r['tokens']:>7}")
+        print(f"{r['exit_layer']:>4}  {name:<56} {r['greedy']:>7.3f} {r['top2']:>7.3f} {r['tokens']:>7}")
     return 0
 
 

@@ -83,7 +83,8 @@ def plan_batches(tokenizer, spec: DataSpec) -> list[dict]:
     items = []
     for i, p in enumerate(prompts):
         sample = bool(spec.sampled_every) and i % spec.sampled_every == spec.sampled_every - 1
-        items.append((sample, len(encode_prompt(tokenizer, p)), i, encode_prompt(tokenizer, p)))
+        ids = encode_prompt(tokenizer, p)
+        items.append((sample, len(ids), i, ids))
     items.sort(key=lambda x: (x[0], x[1], x[2]))
     batches = []
     for sample in (False, True):
