@@ -39,7 +39,10 @@ class GenerationError(RuntimeError):
 
 
 class Pipeline:
-    def __init__(self, config: PipelineConfig):
+    def __init__(self, config: PipelineConfig, pg=None, first_bundle: int = 0):
+        """pg: a ready placement group made by someone else (a Serve replica's own): stage i
+        runs in its bundle first_bundle + i with that bundle's resources, the coordinator in
+        bundle 0. Without one, GPU stages get a group of their own (one GPU each)."""
         self.config = config
         self._started_ray = not ray.is_initialized()
         if self._started_ray:
@@ -48,23 +51,34 @@ class Pipeline:
         gpus = config.use_gpus
         if gpus is None:
             gpus = ray.cluster_resources().get("GPU", 0) >= k
-        self._pg = None
-        if gpus:  # one bundle per stage, reserved together
-            self._pg = placement_group([{"GPU": 1, "CPU": 1}] * k, strategy="PACK")
+        self._pg, self._own_pg = pg, pg is None
+        if pg is not None:
+            specs = pg.bundle_specs[first_bundle:first_bundle + k]
+            if len(specs) < k:
+                raise ValueError(f"placement group: {k} stages from bundle {first_bundle} "
+                                 f"need {first_bundle + k} bundles, it has {pg.bundle_count}")
+            gpus = all(b.get("GPU", 0) >= 1 for b in specs)
+        elif gpus:  # one bundle per stage, reserved together
+            self._pg, first_bundle = placement_group([{"GPU": 1, "CPU": 1}] * k, strategy="PACK"), 0
             ray.get(self._pg.ready(), timeout=600)
         threads = config.threads_per_stage or max(1, int(ray.cluster_resources().get("CPU", 1)) // k)
         self.stages = []
         for i, (start, stop) in enumerate(config.layer_ranges()):
             if self._pg:
-                opts = {"num_gpus": 1, "num_cpus": 1, "scheduling_strategy":
-                        PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i)}
+                bundle = self._pg.bundle_specs[first_bundle + i]
+                opts = {"num_gpus": bundle.get("GPU", 0), "num_cpus": bundle.get("CPU", 0), "scheduling_strategy":
+                        PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=first_bundle + i)}
             else:
                 opts = {"num_cpus": config.cpus_per_stage}
             self.stages.append(StageActor.options(**opts).remote(
                 str(config.model_dir), start, stop, i, k, config.head, config.exit_layer_or_default,
                 config.dtype, None if gpus else threads))
         self.layout = ray.get([s.ready.remote() for s in self.stages])
-        self.coordinator = Coordinator.remote(self.stages, list(config.info.eos_token_ids), config.window)
+        coordinator = Coordinator
+        if pg is not None:
+            coordinator = Coordinator.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+                pg, placement_group_bundle_index=0))
+        self.coordinator = coordinator.remote(self.stages, list(config.info.eos_token_ids), config.window)
 
     def stream(self, prompt_ids: list[int], gen: GenerationConfig | None = None) -> Iterator[int | dict]:
         """Yields each token id as soon as it is verified, then the stats dict."""
@@ -91,7 +105,7 @@ class Pipeline:
     def shutdown(self) -> None:
         for actor in [self.coordinator, *self.stages]:
             ray.kill(actor)
-        if self._pg:
+        if self._pg and self._own_pg:
             remove_placement_group(self._pg)
         if self._started_ray:
             ray.shutdown()

@@ -37,8 +37,8 @@ class StageActor:
         self.stage.rollback(seq_id, epoch)
 
     @ray.method(concurrency_group="compute")
-    def release(self, seq_id: str, keep: int) -> dict:
-        return self.stage.release(seq_id, keep)
+    def release(self, seq_id: str, keep: int, events: bool = False) -> dict:
+        return self.stage.release(seq_id, keep, events)
 
 
 class RemoteStage:
@@ -53,5 +53,5 @@ class RemoteStage:
     def rollback(self, seq_id, epoch):
         return self.handle.rollback.remote(seq_id, epoch)
 
-    def release(self, seq_id, keep):
-        return self.handle.release.remote(seq_id, keep)
+    def release(self, seq_id, keep, events=False):
+        return self.handle.release.remote(seq_id, keep, events)

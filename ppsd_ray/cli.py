@@ -1,8 +1,10 @@
-"""`ppsd` command line: model-path, generate, eval-acceptance."""
+"""`ppsd` command line: model-path, generate, eval-acceptance, bench, serve."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -32,7 +34,25 @@ def main(argv: list[str] | None = None) -> int:
 
     add_eval_acceptance_parser(sub)
 
+    p = sub.add_parser("bench", help="all systems side by side; writes JSON, plots and BENCHMARKS.md")
+    p.add_argument("--model", default="default")
+    p.add_argument("--prompts-file", type=Path, help="default: the project's suite (code, math, chat)")
+    p.add_argument("--per-category", type=int, help="use only the first N prompts of each category")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--systems", default=None, help="comma-separated, e.g. hf,hf-ee,ar,pp-K2,eesd-K2-g4,ppsd-K2")
+    p.add_argument("--exit-layers", default="", help="per K, e.g. 2:15,3:10; default L/K")
+    p.add_argument("--heads", default="", help="per K, e.g. 2:lm,3:FILE; default lm")
+    p.add_argument("--gpu-layers", type=Path, default=Path("bench/results/gpu_layers_h100.json"),
+                   help="per-layer GPU decode times (bench/gpu_layer_latency.py) for projections")
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
+    p.set_defaults(run=_bench)
+
+    add_serve_parser(sub)
+
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
     try:
         return args.run(args)
     except UsageError as e:
@@ -196,6 +216,93 @@ def _eval_acceptance(args) -> int:
         name = r["head"] if r["head"] == "lm" else f"{r['head_type']}: {Path(r['head']).name}"
         print(f"{r['exit_layer']:>4}  {name:<56} {r['greedy']:>7.3f} {r['top2']:>7.3f} {r['tokens']:>7}")
     return 0
+
+
+def _per_k(spec: str, cast) -> dict:
+    try:
+        return {int(k): cast(v) for k, v in (item.split(":", 1) for item in spec.split(",") if item)}
+    except ValueError:
+        raise UsageError(f"expected K:VALUE pairs, got {spec!r}") from None
+
+
+def _bench(args) -> int:
+    from . import bench, report
+    from .config import ModelInfo
+
+    try:
+        systems = bench.parse_systems(args.systems or bench.DEFAULT_SYSTEMS)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    model_dir = resolve_model(args.model)
+    info = ModelInfo.read(model_dir)
+    stage_counts = sorted({s.stages for s in systems} | {2})
+    exit_layers = {k: round(info.num_layers / k) for k in stage_counts if k > 1} | _per_k(args.exit_layers, int)
+    heads = _per_k(args.heads, str)
+    for k in exit_layers:  # every pipeline config is checked before anything runs
+        try:
+            PipelineConfig(model_dir=model_dir, stages=k, exit_layer=exit_layers[k], head=heads.get(k, "lm"))
+        except ValidationError as e:
+            raise UsageError(f"K={k}: {describe(e)}") from None
+    lines = (args.prompts_file or bench.SUITE).read_text().splitlines()
+    prompts = [json.loads(line) for line in lines if line.strip()]
+    if args.per_category:
+        seen: dict = {}
+        prompts = [p for p in prompts if seen.setdefault(p.get("category"), []).append(p) or
+                   len(seen[p.get("category")]) <= args.per_category]
+    result = bench.run_bench(model_dir, systems, prompts, args.max_new_tokens, args.reps, exit_layers, heads)
+    summary = bench.summarize(result, info.num_layers)
+    projections = []
+    if args.gpu_layers.exists():
+        gpu = json.loads(args.gpu_layers.read_text())
+        measured_hop = statistics.median(summary["hop_s"].values()) if summary["hop_s"] else None
+        for hop in [h for h in (measured_hop, 1e-4) if h is not None]:  # Ray's hop here; a NCCL-class one
+            projections += bench.project_gpu(gpu, hop)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(result | {"summary": summary, "projections": projections}))
+    images = {}
+    rel = Path(os.path.relpath(args.out, args.markdown.parent))
+    report.plot_speedup(args.out / "speedup_vs_acceptance.png", summary, info.num_layers, exit_layers)
+    images["Speedup against acceptance"] = str(rel / "speedup_vs_acceptance.png")
+    if result["timeline"]:
+        report.plot_timeline(args.out / "timeline.png", result["timeline"])
+        images["Pipeline timeline of one request"] = str(rel / "timeline.png")
+    command = "ppsd " + " ".join(args.argv)
+    report.write_markdown(args.markdown, result, summary, projections, command, images)
+    print(f"wrote {args.markdown}, {args.out}/bench.json and plots", file=sys.stderr)
+    return 0
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve an OpenAI-compatible API (Ray Serve) on a local Ray; blocks")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    add_pipeline_args(p)
+    p.add_argument("--mode", choices=[m.value for m in Mode], help="default: ppsd, or ar with --stages 1")
+    p.add_argument("--model-name", help="the model id clients send; default: the model directory's name")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint "
+                                     "(default: $PPSD_API_KEY; unset: no key)")
+    p.add_argument("--max-ongoing-requests", type=int, default=8, help="requests decoded at once; more wait")
+    p.add_argument("--max-tokens-limit", type=int, default=2048, help="the largest max_tokens a request may ask")
+    p.add_argument("--metrics-port", type=int, help="Ray's Prometheus metrics port (default: Ray picks one)")
+    p.add_argument("--address", help="join this running Ray cluster (host:port) instead of starting a new "
+                                     "local one; on exit only this application is deleted")
+    p.set_defaults(run=_serve)
+
+
+def _serve(args) -> int:
+    config = pipeline_config(args, args.mode or "ppsd")  # checked before Ray starts
+    settings = {"model": str(config.model_dir), "stages": config.stages, "exit_layer": args.exit_layer,
+                "head": config.head,  # --head auto resolved by pipeline_config "mode": args.mode, "model_name": args.model_name,
+                "api_key": args.api_key or os.environ.get("PPSD_API_KEY") or None,
+                "max_ongoing_requests": args.max_ongoing_requests, "max_tokens_limit": args.max_tokens_limit}
+    from actors.serve import check_settings, serve_forever
+
+    try:
+        check_settings(settings)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return serve_forever(settings, host=args.host, port=args.port, metrics_port=args.metrics_port,
+                         address=args.address)
 
 
 if __name__ == "__main__":

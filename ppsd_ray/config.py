@@ -125,6 +125,7 @@ class GenerationConfig(BaseModel):
     max_new_tokens: int = Field(128, ge=1)
     gamma: int = Field(4, ge=1, le=64, description="eesd: drafts per verification")
     stop_on_eos: bool = True
+    timeline: bool = Field(False, description="return each stage's call timestamps in the stats")
 
 
 def _field_error(field: str, msg: str) -> ValueError:

@@ -10,7 +10,8 @@ Modes (see ../shared/PPSD.md):
 - ar / pp: one token in the pipe at a time; the verified token enters next.
 - ppsd: verify-while-draft. Stage 1's exit head drafts the token for p+1 while
   p moves on down the pipe; the draft enters stage 1 on the next step, up to
-  `window` tokens in flight. When the last stage's verified token for p+1
+  `window` tokens in flight; stage 1 feeds its own draft into its next call
+  (OWN_DRAFT), so drafting never waits on the coordinator. When the last stage's verified token for p+1
   differs from the draft that entered at p+1, the verified token is committed,
   every stage is told to skip the stale calls (rollback), and the corrected
   token enters stage 1 at p+1, which drops every stage's KV entries >= p+1.
@@ -28,10 +29,15 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 from .config import GenerationConfig, Mode
 
 
+# Stage 1's input "the token you drafted for this position yourself": the draft chain
+# stays inside stage 1 instead of travelling to the coordinator and back.
+OWN_DRAFT = "own-draft"
+
+
 class StagePort(Protocol):
     def forward(self, seq_id: str, epoch: int, pos: int, *inputs, heads: int = 1) -> tuple[Any, Any]: ...
     def rollback(self, seq_id: str, epoch: int) -> Any: ...
-    def release(self, seq_id: str, keep: int) -> Any: ...
+    def release(self, seq_id: str, keep: int, events: bool = False) -> Any: ...
 
 
 @dataclass
@@ -42,7 +48,9 @@ class RequestStats:
     drafted: int = 0
     accepted: int = 0
     rollbacks: int = 0
-    stages: list[dict] = field(default_factory=list)  # per stage: compute_s, stale_s, calls, skipped
+    wait_s: float = 0.0  # the coordinator blocked on answers; the rest of wall_s is its own work
+    trace: list[bool] = field(default_factory=list)  # per verified draft, in order: accepted?
+    stages: list[dict] = field(default_factory=list)  # per stage: compute_s, prefill_s, stale_s, calls, ...
 
     @property
     def tokens_per_s(self) -> float:
@@ -56,10 +64,11 @@ class RequestStats:
         return {
             "new_tokens": self.new_tokens, "wall_s": self.wall_s, "tokens_per_s": self.tokens_per_s,
             "drafted": self.drafted, "accepted": self.accepted, "acceptance_rate": self.acceptance_rate,
-            "rollbacks": self.rollbacks, "prefill_s": self.prefill_s,
+            "rollbacks": self.rollbacks, "prefill_s": self.prefill_s, "wait_s": self.wait_s,
             "stage_compute_s": [s["compute_s"] for s in self.stages],
             "stale_s": sum(s["stale_s"] for s in self.stages),
-            "stage_stale_s": [s["stale_s"] for s in self.stages],
+            "stages": self.stages,
+            "trace": "".join("1" if a else "0" for a in self.trace),
         }
 
 
@@ -89,9 +98,16 @@ class Decoder:
             raise ValueError(f"mode: {gen.mode.value} needs at least 2 stages")
         t0 = time.perf_counter()
         committed = 0
+
+        def get(answer):
+            t = time.perf_counter()
+            value = self.get(answer)
+            stats.wait_s += time.perf_counter() - t
+            return value
+
         try:
             loop = self._eesd if gen.mode == Mode.eesd else self._pipelined
-            for token in loop(seq_id, list(prompt), gen, stats, t0):
+            for token in loop(seq_id, list(prompt), gen, stats, t0, get):
                 committed += 1
                 stats.new_tokens = committed
                 yield token
@@ -102,7 +118,7 @@ class Decoder:
             # KV is valid for the prompt and every committed token but the newest;
             # calls still queued find the sequence released and are skipped.
             keep = len(prompt) + committed - 1
-            answers = [s.release(seq_id, keep) for s in self.stages]
+            answers = [s.release(seq_id, keep, gen.timeline) for s in self.stages]
             try:
                 stats.stages = [self.get(a) for a in answers]
             except Exception:  # a dead stage must not hide the error that ended the request
@@ -119,14 +135,14 @@ class Decoder:
                 drafts = tokens
         return drafts, tokens
 
-    def _prefill(self, seq_id, prompt, stats, t0) -> int:
+    def _prefill(self, seq_id, prompt, stats, t0, get) -> int:
         _, verified = self._through(seq_id, 0, 0, [prompt], heads=1)
-        token = self.get(verified)[-1]
+        token = get(verified)[-1]
         stats.prefill_s = time.perf_counter() - t0
         return token
 
-    def _pipelined(self, seq_id, prompt, gen, stats, t0) -> Iterator[int]:
-        token = self._prefill(seq_id, prompt, stats, t0)
+    def _pipelined(self, seq_id, prompt, gen, stats, t0, get) -> Iterator[int]:
+        token = self._prefill(seq_id, prompt, stats, t0, get)
         yield token
         speculate = gen.mode == Mode.ppsd
         window = self.window if speculate else 1
@@ -139,24 +155,31 @@ class Decoder:
                 drafts, verified = self._through(seq_id, epoch, next_pos, [next_in], heads=1,
                                                  draft_heads=int(speculate))
                 in_flight.append((next_pos, drafts, verified))
-                next_in, next_pos = drafts, next_pos + 1
+                next_in, next_pos = OWN_DRAFT, next_pos + 1
             pos, drafts, verified = in_flight.popleft()
-            token = self.get(verified)[0]
-            yield token
-            if in_flight:  # the draft for pos + 1 is already in the pipe behind it
-                stats.drafted += 1
-                if self.get(drafts)[0] == token:
-                    stats.accepted += 1
-                    continue
+            if not in_flight:
+                token = get(verified)[0]
+                yield token
+                next_in, next_pos = [token], pos + 1
+                continue
+            # the draft for pos + 1 is already in the pipe behind this token
+            verified_tokens, drafted = get([verified, drafts])
+            token = verified_tokens[0]
+            accepted = drafted[0] == token
+            stats.drafted += 1
+            stats.accepted += accepted
+            stats.trace.append(accepted)
+            if not accepted:  # tell the stages before anything else
                 stats.rollbacks += 1
                 epoch += 1
                 for s in self.stages:
                     s.rollback(seq_id, epoch)
                 in_flight.clear()
-            next_in, next_pos = [token], pos + 1
+                next_in, next_pos = [token], pos + 1
+            yield token
 
-    def _eesd(self, seq_id, prompt, gen, stats, t0) -> Iterator[int]:
-        token = self._prefill(seq_id, prompt, stats, t0)
+    def _eesd(self, seq_id, prompt, gen, stats, t0, get) -> Iterator[int]:
+        token = self._prefill(seq_id, prompt, stats, t0, get)
         yield token
         first, rest = self.stages[0], self.stages[1:]
         pos, remaining = len(prompt), gen.max_new_tokens - 1
@@ -168,7 +191,7 @@ class Decoder:
                 h, d = first.forward(seq_id, 0, pos + i, x, heads=1)
                 hidden.append(h)
                 drafts.append(d)
-                x = d
+                x = OWN_DRAFT
             h, _ = first.forward(seq_id, 0, pos + gamma, x, heads=0)
             hidden.append(h)
             # verify: the other stages take all gamma + 1 positions in one pass
@@ -176,12 +199,13 @@ class Decoder:
             for stage in rest:
                 h, verified = stage.forward(seq_id, 0, pos, *x, heads=gamma + 1)
                 x = [h]
-            verified = self.get(verified)
-            drafted = [self.get(d)[0] for d in drafts]
+            verified = get(verified)
+            drafted = [get(d)[0] for d in drafts]
             n = accepted_prefix(drafted, verified)
             stats.drafted += gamma
             stats.accepted += n
             stats.rollbacks += n < gamma
+            stats.trace += [True] * n + [False] * (n < gamma)
             for t in verified[: n + 1]:
                 yield t
             token, pos, remaining = verified[n], pos + n + 1, remaining - (n + 1)

@@ -31,19 +31,27 @@ from transformers import AutoConfig, AutoModel, DynamicCache
 
 from .heads import ExitHead, load_exit_head
 from .model import load_tensors, tensor_names
+from .schedule import OWN_DRAFT
 
 
 @dataclass
 class StageStats:
-    """Per sequence: seconds computing, seconds on positions later rolled back, calls."""
+    """Per sequence: seconds computing (the first call, the prefill, also alone), seconds
+    on positions later rolled back, calls, and each computed call's (start, end, pos, n)."""
     compute_s: float = 0.0
+    prefill_s: float = 0.0
     stale_s: float = 0.0
     calls: int = 0
     skipped: int = 0
     spent: list[float] = field(default_factory=list)  # seconds per cached position
+    events: list[tuple[float, float, int, int]] = field(default_factory=list)
 
-    def summary(self) -> dict:
-        return {"compute_s": self.compute_s, "stale_s": self.stale_s, "calls": self.calls, "skipped": self.skipped}
+    def summary(self, events: bool) -> dict:
+        out = {"compute_s": self.compute_s, "prefill_s": self.prefill_s, "stale_s": self.stale_s,
+               "calls": self.calls, "skipped": self.skipped}
+        if events:
+            out["events"] = self.events
+        return out
 
 
 class Stage:
@@ -67,6 +75,7 @@ class Stage:
         self._caches: dict[str, DynamicCache] = {}
         self._head_caches: dict[str, DynamicCache] = {}  # exit heads that attend (type 'layer')
         self._epochs: dict[str, int] = {}
+        self._drafts: dict[str, tuple[int, int]] = {}  # stage 1: (position, token) of its newest draft
         self._stats: dict[str, StageStats] = {}
         self._lock = threading.Lock()
 
@@ -112,8 +121,9 @@ class Stage:
 
     @torch.inference_mode()
     def forward(self, seq_id: str, epoch: int, pos: int, *inputs, heads: int = 1):
-        """Runs positions pos.. of one sequence. Stage 1 takes token ids (lists of
-        ints), later stages hidden states [1, n, H]. Returns (hidden for the next
+        """Runs positions pos.. of one sequence. Stage 1 takes token ids (ints, lists
+        of ints, or OWN_DRAFT: the draft it made itself in its previous call, so the
+        draft chain needs no round trip), later stages hidden states [1, n, H]. Returns (hidden for the next
         stage or None, argmax tokens of the last `heads` positions or None).
         Stale calls (older epoch, skipped input, released sequence) return (None, None)."""
         with self._lock:
@@ -126,10 +136,14 @@ class Stage:
                 self._stats[seq_id].skipped += 1
             return None, None
         stats = self._stats.setdefault(seq_id, StageStats())
-        t0 = time.perf_counter()
+        t0, wall0 = time.perf_counter(), time.time()
         cache = self._cache_at(seq_id, pos, stats)
         if self.first:
-            ids = [t for x in inputs for t in ([x] if isinstance(x, int) else x)]
+            ids = []
+            for x in inputs:
+                if isinstance(x, str) and x == OWN_DRAFT:
+                    x = self._own_draft(seq_id, pos + len(ids))
+                ids += [x] if isinstance(x, int) else x
             x = self.body.embed_tokens(torch.tensor([ids], device=self.device))
         else:
             x = torch.cat([h.to(self.device) for h in inputs], dim=1)
@@ -148,11 +162,16 @@ class Stage:
             head = self.lm_head if self.last else self.exit_head
             if head is not None:
                 tokens = head(out[:, -heads:]).argmax(-1)[0].tolist()
+                if not self.last:
+                    self._drafts[seq_id] = (pos + n, tokens[-1])
         hidden = None if self.last else out.cpu()
         dt = time.perf_counter() - t0
+        if not stats.calls:
+            stats.prefill_s = dt
         stats.compute_s += dt
         stats.calls += 1
         stats.spent.extend([dt / n] * n)
+        stats.events.append((wall0, wall0 + dt, pos, n))
         return hidden, tokens
 
     def rollback(self, seq_id: str, epoch: int) -> None:
@@ -160,15 +179,23 @@ class Stage:
         with self._lock:
             self._epochs[seq_id] = max(epoch, self._epochs.get(seq_id, 0))
 
-    def release(self, seq_id: str, keep: int) -> dict:
-        """Ends a sequence; positions >= keep count as stale work. Returns its stats."""
+    def release(self, seq_id: str, keep: int, events: bool = False) -> dict:
+        """Ends a sequence; positions >= keep count as stale work. Returns its stats,
+        with the timeline of computed calls if `events`."""
         stats = self._stats.pop(seq_id, StageStats())
         with self._lock:
             self._caches.pop(seq_id, None)
             self._head_caches.pop(seq_id, None)
             self._epochs.pop(seq_id, None)
+            self._drafts.pop(seq_id, None)
         stats.stale_s += sum(stats.spent[keep:])
-        return stats.summary()
+        return stats.summary(events)
+
+    def _own_draft(self, seq_id: str, pos: int) -> int:
+        drafted_at, token = self._drafts.get(seq_id, (None, None))
+        if drafted_at != pos:
+            raise RuntimeError(f"stage {self.index}: no draft of its own for position {pos} (has {drafted_at})")
+        return token
 
     def _cache_at(self, seq_id: str, pos: int, stats: StageStats) -> DynamicCache:
         cache = self._caches.get(seq_id)

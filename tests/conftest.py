@@ -82,7 +82,9 @@ _hf_models: dict = {}
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address="local": always a new cluster; never join one that `ray start` left in
+    # /tmp/ray/ray_current_cluster (that file outlives its cluster)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

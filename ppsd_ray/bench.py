@@ -1,0 +1,265 @@
+"""`ppsd bench`: every system side by side on one prompt suite, interleaved, medians.
+
+Systems: transformers greedy `generate` (what a user would pick instead),
+transformers assisted generation with `assistant_early_exit=E` (its own
+early-exit self-speculation), and this project's ar, pp, eesd and ppsd modes.
+Each prompt runs every system in turn (order rotated per prompt and repetition);
+every run is checked token for token against transformers' greedy output.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .simulate import Timing, calibrate_hop, decode_step_times, simulate
+from .theory import eesd_speedup, ppsd_speedup
+
+SUITE = Path(__file__).parent / "data" / "bench.jsonl"
+DEFAULT_SYSTEMS = "hf,hf-ee,ar,pp-K2,eesd-K2-g2,eesd-K2-g4,eesd-K2-g6,ppsd-K2,pp-K3,ppsd-K3,pp-K4,ppsd-K4"
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    kind: str          # "hf", "hf-ee" or "pipeline"
+    stages: int = 1
+    mode: str = "ar"
+    gamma: int = 4
+
+
+def parse_systems(spec: str) -> list[System]:
+    out = []
+    for name in spec.split(","):
+        if name in ("hf", "hf-ee"):
+            out.append(System(name, name))
+        elif name == "ar":
+            out.append(System(name, "pipeline", 1, "ar"))
+        elif m := re.fullmatch(r"(pp|ppsd|eesd)-K(\d+)(?:-g(\d+))?", name):
+            mode, k, gamma = m.group(1), int(m.group(2)), int(m.group(3) or 4)
+            if (mode == "eesd") != (m.group(3) is not None):
+                raise ValueError(f"systems: {name}: a gamma (-gN) goes with eesd only")
+            out.append(System(name, "pipeline", k, mode, gamma))
+        else:
+            raise ValueError(f"systems: unknown system {name!r} (e.g. hf, hf-ee, ar, pp-K2, eesd-K2-g4, ppsd-K3)")
+    return out
+
+
+class HFRunner:
+    """transformers' own generate, in this process, on all of its threads."""
+
+    def __init__(self, model_dir: Path, exit_layer: int):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.exit_layer = exit_layer
+
+    def run(self, kind: str, ids: list[int], max_new_tokens: int) -> tuple[list[int], dict]:
+        torch = self.torch
+        extra = {"assistant_early_exit": self.exit_layer} if kind == "hf-ee" else {}
+        x = torch.tensor([ids])
+        t0 = time.perf_counter()
+        out = self.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                  max_new_tokens=max_new_tokens, eos_token_id=None, **extra)
+        wall = time.perf_counter() - t0
+        tokens = out[0, len(ids):].tolist()
+        return tokens, {"new_tokens": len(tokens), "wall_s": wall, "tokens_per_s": len(tokens) / wall}
+
+
+def run_bench(model_dir: Path, systems: list[System], prompts: list[dict], max_new_tokens: int, reps: int,
+              exit_layers: dict[int, int], heads: dict[int, str], progress: bool = True) -> dict:
+    """Runs every (repetition, prompt, system); returns the raw records and the set-up."""
+    from tqdm import tqdm
+
+    from actors.pipeline import Pipeline
+
+    from .config import GenerationConfig, PipelineConfig
+    from .model import encode_prompt, load_tokenizer
+
+    import ray
+
+    tokenizer = load_tokenizer(model_dir)
+    ids = [encode_prompt(tokenizer, p["prompt"]) for p in prompts]
+    hf = HFRunner(model_dir, exit_layers.get(2, exit_layers[min(exit_layers)]))
+    started_ray = not ray.is_initialized()
+    if started_ray:  # one Ray for all pipelines
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    pipelines = {}
+    for k in sorted({s.stages for s in systems if s.kind == "pipeline"}):
+        pipelines[k] = Pipeline(PipelineConfig(model_dir=model_dir, stages=k, exit_layer=exit_layers.get(k),
+                                               head=heads.get(k, "lm")))
+
+    def run_one(system: System, prompt_ids: list[int], n: int, timeline: bool = False):
+        if system.kind != "pipeline":
+            return hf.run(system.kind, prompt_ids, n)
+        gen = GenerationConfig(mode=system.mode, gamma=system.gamma, max_new_tokens=n, stop_on_eos=False,
+                               timeline=timeline)
+        result = pipelines[system.stages].generate(prompt_ids, gen)
+        return result.token_ids, result.stats
+
+    try:
+        for s in systems:  # warm-up: first calls pay for lazy initialisation
+            run_one(s, ids[0], 8)
+        reference = {}
+        records = []
+        bar = tqdm(total=reps * len(prompts) * len(systems), desc="bench", disable=not progress)
+        for rep in range(reps):
+            for i, (prompt, prompt_ids) in enumerate(zip(prompts, ids)):
+                shift = (rep + i) % len(systems)
+                for system in systems[shift:] + systems[:shift]:
+                    tokens, stats = run_one(system, prompt_ids, max_new_tokens)
+                    if system.name == "hf":
+                        reference.setdefault(i, tokens)
+                    records.append({"system": system.name, "prompt": i, "category": prompt.get("category", "all"),
+                                    "rep": rep, "tokens": tokens, "stats": stats})
+                    bar.update()
+        bar.close()
+        timeline = None
+        ppsd = [s for s in systems if s.mode == "ppsd"]
+        if ppsd:  # one request with every stage call's timestamps, for the timeline plot
+            _, stats = run_one(ppsd[0], ids[0], min(max_new_tokens, 48), timeline=True)
+            timeline = {"system": ppsd[0].name, "stats": stats}
+    finally:
+        for p in pipelines.values():
+            p.shutdown()
+        if started_ray:
+            ray.shutdown()
+    for r in records:  # lossless check against transformers' greedy output
+        r["lossless"] = r["tokens"] == reference.get(r["prompt"], r["tokens"])
+    return {"setup": machine_info() | {"model_dir": str(model_dir), "max_new_tokens": max_new_tokens,
+                                       "reps": reps, "prompts": len(prompts),
+                                       "systems": [asdict(s) for s in systems],
+                                       "exit_layers": exit_layers, "heads": heads},
+            "records": records, "timeline": timeline}
+
+
+def machine_info() -> dict:
+    import os
+
+    import ray
+    import torch
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    mem = ""
+    if Path("/proc/meminfo").exists():
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kb / 2**20:.0f} GiB"
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,
+            "cores": os.cpu_count(), "memory": mem, "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "ray": ray.__version__}
+
+
+# ---- analysis -------------------------------------------------------------------------------
+
+def _median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def summarize(result: dict, num_layers: int) -> dict:
+    """Per system (and per category): median tokens/s, speedups, acceptance, ideal, efficiency,
+    time breakdown; and the simulator's prediction for each ppsd system."""
+    systems = [System(**s) for s in result["setup"]["systems"]]
+    records = result["records"]
+    categories = sorted({r["category"] for r in records})
+    exit_layers = {int(k): v for k, v in result["setup"]["exit_layers"].items()}
+
+    def rows(name, category=None):
+        return [r for r in records if r["system"] == name and (category is None or r["category"] == category)]
+
+    def tps(name, category=None):
+        # per prompt: median over repetitions; then the median over prompts
+        by_prompt = {}
+        for r in rows(name, category):
+            by_prompt.setdefault(r["prompt"], []).append(r["stats"]["tokens_per_s"])
+        return _median([_median(v) for v in by_prompt.values()])
+
+    hops = {}
+    for s in systems:
+        if s.mode == "pp":
+            rs = rows(s.name)
+            step = [_median(col) for col in zip(*(decode_step_times(r["stats"]["stages"]) for r in rs))]
+            per_token = _median([(r["stats"]["wall_s"] - r["stats"]["prefill_s"]) / (r["stats"]["new_tokens"] - 1)
+                                 for r in rs])
+            hops[s.stages] = calibrate_hop(step, per_token)
+    hop_any = _median(list(hops.values())) if hops else 0.0
+
+    out = {"systems": {}, "categories": categories, "hop_s": hops}
+    for s in systems:
+        entry = {"stages": s.stages, "mode": s.mode, "kind": s.kind, "lossless": all(r["lossless"] for r in rows(s.name))}
+        for cat in [None, *categories]:
+            key = cat or "all"
+            t = tps(s.name, cat)
+            c = {"tokens_per_s": t, "speedup_vs_hf": t / tps("hf", cat) if rows("hf") else None,
+                 "speedup_vs_ar": t / tps("ar", cat) if rows("ar") else None}
+            rs = rows(s.name, cat)
+            if s.kind == "pipeline" and s.mode in ("ppsd", "eesd"):
+                drafted = sum(r["stats"]["drafted"] for r in rs)
+                alpha = sum(r["stats"]["accepted"] for r in rs) / drafted if drafted else 0.0
+                base = f"pp-K{s.stages}"
+                measured = t / tps(base, cat) if rows(base) else None
+                ideal = (ppsd_speedup(alpha, s.stages) if s.mode == "ppsd"
+                         else eesd_speedup(alpha, s.gamma, exit_layers[s.stages] / num_layers))
+                c |= {"acceptance": alpha, "speedup_vs_pp": measured, "ideal": ideal,
+                      "efficiency": measured / ideal if measured else None}
+            entry[key] = c
+        rs = rows(s.name)
+        if s.kind == "pipeline":
+            tok = [r["stats"]["new_tokens"] for r in rs]
+            entry["breakdown_ms_per_token"] = {
+                "wall": 1e3 * _median([r["stats"]["wall_s"] / n for r, n in zip(rs, tok)]),
+                "stage_compute": [1e3 * _median([r["stats"]["stages"][j]["compute_s"] / n for r, n in zip(rs, tok)])
+                                  for j in range(s.stages)],
+                "stale": 1e3 * _median([r["stats"]["stale_s"] / n for r, n in zip(rs, tok)]),
+                "coordinator": 1e3 * _median([(r["stats"]["wall_s"] - r["stats"]["wait_s"]) / n for r, n in zip(rs, tok)]),
+                "hop": 1e3 * hops.get(s.stages, hop_any),
+            }
+        if s.mode == "ppsd" and (s.stages in hops or hops):
+            hop = hops.get(s.stages, hop_any)
+            predicted = []
+            for r in rs:
+                st = r["stats"]
+                sim = simulate(Timing(decode_step_times(st["stages"]), hop), [c == "1" for c in st["trace"]],
+                               st["new_tokens"] - 1, window=s.stages)
+                predicted.append(st["new_tokens"] / (sim.decode_s + st["prefill_s"]))
+            measured = _median([r["stats"]["tokens_per_s"] for r in rs])
+            entry["simulator"] = {"predicted_tokens_per_s": _median(predicted), "measured_tokens_per_s": measured,
+                                  "error": _median(predicted) / measured - 1}
+        out["systems"][s.name] = entry
+    return out
+
+
+def project_gpu(gpu: dict, hop_s: float, alphas=(0.6, 0.7, 0.8), tokens: int = 2000, seed: int = 0) -> list[dict]:
+    """PPSD on K GPUs for published shapes, from measured per-layer decode times: stage j
+    costs its layers, one per-call overhead, and the LM head on stage 1 (exit head) and K."""
+    import random
+
+    plans = [("llama2-7b", 4), ("llama2-13b", 4), ("llama2-70b", 8)]
+    out = []
+    for shape, k in plans:
+        g = gpu["shapes"].get(shape)
+        if not g:
+            continue
+        layers, per_layer, head = g["full_layers"], g["per_layer_ms"] / 1e3, g["lm_head_ms"] / 1e3
+        overhead = g["fixed_ms"] / 1e3 - head
+        e = round(layers / k)
+        bounds = [0, e] + [e + ((layers - e) * i) // (k - 1) for i in range(1, k)]
+        stage_s = [(b - a) * per_layer + overhead + head * (j in (0, k - 1))
+                   for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+        ar_s = layers * per_layer + overhead + head
+        for alpha in alphas:
+            rng = random.Random(seed)
+            trace = [rng.random() < alpha for _ in range(tokens)]
+            sim = simulate(Timing(stage_s, hop_s), trace, tokens, window=k)
+            out.append({"shape": shape, "stages": k, "exit_layer": e, "alpha": alpha, "hop_ms": hop_s * 1e3,
+                        "ar_ms_per_token": ar_s * 1e3, "ppsd_ms_per_token": sim.decode_s / tokens * 1e3,
+                        "speedup": ar_s * tokens / sim.decode_s, "ideal": ppsd_speedup(alpha, k)})
+    return out

@@ -1,0 +1,40 @@
+"""`ppsd bench` machinery on the tiny model: every output is written and every system is
+checked against transformers' greedy output. Nothing here is timed."""
+import json
+import subprocess
+import sys
+
+
+def test_bench_writes_json_markdown_and_plots(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "the people of the world", "category": "code"}\n'
+                       '{"prompt": "water is good for life", "category": "chat"}\n')
+    out, md = tmp_path / "out", tmp_path / "B.md"
+    gpu = tmp_path / "gpu.json"
+    gpu.write_text(json.dumps({"shapes": {"llama2-7b": {"full_layers": 32, "per_layer_ms": 0.5, "fixed_ms": 1.0,
+                                                        "lm_head_ms": 0.2}}}))
+    run = subprocess.run([sys.executable, "-m", "ppsd_ray.cli", "bench", "--model", str(tiny_model_dir),
+                          "--prompts-file", str(prompts), "--max-new-tokens", "10", "--reps", "2",
+                          "--systems", "hf,hf-ee,ar,pp-K2,eesd-K2-g2,ppsd-K2", "--out", str(out),
+                          "--markdown", str(md), "--gpu-layers", str(gpu)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((out / "bench.json").read_text())
+    assert len(result["records"]) == 2 * 2 * 6
+    assert all(r["lossless"] for r in result["records"])
+    summary = result["summary"]["systems"]
+    assert set(summary) == {"hf", "hf-ee", "ar", "pp-K2", "eesd-K2-g2", "ppsd-K2"}
+    assert {"acceptance", "ideal", "efficiency"} <= set(summary["ppsd-K2"]["all"])
+    assert "simulator" in summary["ppsd-K2"] and summary["ppsd-K2"]["code"]["tokens_per_s"] > 0
+    assert [p["shape"] for p in result["projections"]][0] == "llama2-7b"
+    text = md.read_text()
+    for needle in ["| ppsd-K2 |", "Simulator check", "Projected multi-GPU", "speedup_vs_acceptance.png", "timeline.png"]:
+        assert needle in text
+    assert (out / "speedup_vs_acceptance.png").stat().st_size > 10_000
+    assert (out / "timeline.png").stat().st_size > 10_000
+
+
+def test_bad_system_names_fail_early(tiny_model_dir):
+    run = subprocess.run([sys.executable, "-m", "ppsd_ray.cli", "bench", "--model", str(tiny_model_dir),
+                          "--systems", "hf,ppsd-K2-g4"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "systems" in run.stderr

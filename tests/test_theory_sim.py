@@ -1,0 +1,42 @@
+"""The theory formulas and the discrete-event simulator agree where they must."""
+import random
+
+import pytest
+
+from ppsd_ray.simulate import Timing, calibrate_hop, decode_step_times, simulate
+from ppsd_ray.theory import eesd_speedup, efficiency, ppsd_speedup
+
+
+def test_theory_matches_the_worked_examples():
+    assert ppsd_speedup(0.8, 4) == pytest.approx(2.5)
+    assert ppsd_speedup(0.0, 4) == pytest.approx(1.0) and ppsd_speedup(1.0, 4) == pytest.approx(4.0)
+    assert eesd_speedup(0.5, 8, 0.25) == pytest.approx(0.665, abs=1e-3)
+    assert efficiency(2.5, 0.8, 4) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("alpha", [0.3, 0.8])
+def test_simulator_without_overheads_reaches_the_ideal_speedup(k, alpha):
+    rng = random.Random(1)
+    trace = [rng.random() < alpha for _ in range(3000)]
+    timing = Timing([1.0] * k, hop_s=0.0)
+    pp = simulate(timing, [], 3000, window=1).decode_s
+    ppsd = simulate(timing, trace, 3000, window=k).decode_s
+    measured_alpha = sum(trace[:2999]) / 2999
+    assert pp / ppsd == pytest.approx(ppsd_speedup(measured_alpha, k), rel=0.01)
+
+
+def test_rollback_skips_calls_that_had_not_started():
+    # K=3, every draft rejected: ppsd degenerates to pp plus the stale calls already running
+    timing = Timing([1.0, 1.0, 1.0], hop_s=0.0)
+    sim = simulate(timing, [False] * 10, 10, window=3)
+    assert sim.decode_s == pytest.approx(simulate(timing, [], 10, window=1).decode_s)
+    assert all(len(calls) < 30 for calls in sim.calls)
+
+
+def test_hops_cost_what_the_schedule_says():
+    timing = Timing([2.0, 3.0], hop_s=0.5)
+    pp = simulate(timing, [], 5, window=1)
+    assert pp.decode_s == pytest.approx(5 * 5.0 + 5 * 3 * 0.5 - 0.5)  # the first token's input is ready at 0
+    assert calibrate_hop([2.0, 3.0], 5.0 + 3 * 0.5) == pytest.approx(0.5)
+    assert decode_step_times([{"compute_s": 10.0, "prefill_s": 4.0, "calls": 4}]) == [2.0]
