@@ -162,8 +162,8 @@ class Stage:
             head = self.lm_head if self.last else self.exit_head
             if head is not None:
                 tokens = head(out[:, -heads:]).argmax(-1)[0].tolist()
-                if not self.last:
-                    self._drafts[seq_id] = (pos + n, tokens[-1])
+        if tokens is not None and not self.last:
+            self._drafts[seq_id] = (pos + n, tokens[-1])
         hidden = None if self.last else out.cpu()
         dt = time.perf_counter() - t0
         if not stats.calls:
