@@ -292,7 +292,7 @@ def add_serve_parser(sub) -> None:
 def _serve(args) -> int:
     config = pipeline_config(args, args.mode or "ppsd")  # checked before Ray starts
     settings = {"model": str(config.model_dir), "stages": config.stages, "exit_layer": args.exit_layer,
-                "head": config.head,  # --head auto resolved by pipeline_config "mode": args.mode, "model_name": args.model_name,
+                "head": config.head, "mode": args.mode, "model_name": args.model_name,  # head: 'auto' resolved
                 "api_key": args.api_key or os.environ.get("PPSD_API_KEY") or None,
                 "max_ongoing_requests": args.max_ongoing_requests, "max_tokens_limit": args.max_tokens_limit}
     from actors.serve import check_settings, serve_forever
