@@ -1,4 +1,4 @@
-"""`ppsd` command line: model-path, generate, bench, serve."""
+"""`ppsd` command line: model-path, generate, eval-acceptance, bench, serve."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", action="store_true", help="no chat template: tokenizer(prompt).input_ids")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout, nothing else")
     p.set_defaults(run=_generate)
+
+    add_eval_acceptance_parser(sub)
 
     p = sub.add_parser("bench", help="all systems side by side; writes JSON, plots and BENCHMARKS.md")
     p.add_argument("--model", default="default")
@@ -66,7 +68,9 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a model directory")
     p.add_argument("--stages", type=int, help="K; default: one per GPU, or 2 without GPUs (1 for --mode ar)")
     p.add_argument("--exit-layer", type=int, help="E, the end of stage 1; default L/K")
-    p.add_argument("--head", default="lm", help="exit head: 'lm' or a trained head file")
+    p.add_argument("--head", default="auto",
+                   help="exit head: 'auto' (the shipped head for this model and exit layer if there is one, "
+                        "else 'lm'), 'lm', or a trained head file")
 
 
 def pipeline_config(args, mode: str = "ppsd") -> PipelineConfig:
@@ -75,8 +79,14 @@ def pipeline_config(args, mode: str = "ppsd") -> PipelineConfig:
     if stages is None:
         stages = 1 if mode == "ar" else _default_stages()
     try:
-        return PipelineConfig(model_dir=resolve_model(args.model), stages=stages,
-                              exit_layer=args.exit_layer, head=args.head)
+        model_dir = resolve_model(args.model)
+        head = args.head
+        if head == "auto":  # resolved here, before anything starts
+            from .heads import resolve_head
+
+            plain = PipelineConfig(model_dir=model_dir, stages=stages, exit_layer=args.exit_layer)
+            head = resolve_head("auto", model_dir, plain.exit_layer_or_default) if stages > 1 else "lm"
+        return PipelineConfig(model_dir=model_dir, stages=stages, exit_layer=args.exit_layer, head=head)
     except ValidationError as e:
         raise UsageError(describe(e)) from None
 
@@ -137,6 +147,74 @@ def _generate(args) -> int:
                 print(f"[{stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tokens/s, "
                       f"acceptance {stats['acceptance_rate']:.2f}, rollbacks {stats['rollbacks']}]",
                       file=sys.stderr)
+    return 0
+
+
+def add_eval_acceptance_parser(sub) -> None:
+    p = sub.add_parser("eval-acceptance", help="exit heads' acceptance along the model's own greedy output")
+    p.add_argument("--prompts-file", type=Path, required=True, help="one JSON object per line with key 'prompt'")
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a model directory")
+    p.add_argument("--exit-layers", default="8,10,15", help="comma-separated exit layers for the 'lm' head")
+    p.add_argument("--heads", default="lm,auto",
+                   help="comma-separated: 'lm', 'auto' (shipped heads), head files (measured at their own exit)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-prompts", type=int)
+    p.add_argument("--workers", type=int, default=2, help="generation actors (0: in-process)")
+    p.add_argument("--json", action="store_true", help="one JSON object per (exit, head) on stdout")
+    p.set_defaults(run=_eval_acceptance)
+
+
+def _eval_acceptance(args) -> int:
+    """Greedy and top-2 acceptance per (exit layer, head). The model's greedy answers and
+    hidden states are cached (ppsd_ray.distill), so a second run only evaluates heads."""
+    from . import distill
+    from .heads import HeadMismatch, find_shipped_head, load_exit_head, read_head_meta
+
+    model_dir = resolve_model(args.model)
+    if not args.prompts_file.is_file():
+        raise UsageError(f"prompts-file: no such file {args.prompts_file}")
+    try:
+        layers = sorted({int(x) for x in args.exit_layers.split(",") if x.strip()})
+    except ValueError:
+        raise UsageError(f"exit-layers: not a comma-separated list of integers: {args.exit_layers}") from None
+    norm, lm_head, config = distill.frozen_parts(model_dir)
+    if any(not 1 <= e < config.num_hidden_layers for e in layers):
+        raise UsageError(f"exit-layers: each must be in [1, {config.num_hidden_layers - 1}]")
+    plan = []  # (exit layer, head spec)
+    for spec in [h.strip() for h in args.heads.split(",") if h.strip()]:
+        if spec == "lm":
+            plan += [(e, "lm") for e in layers]
+        elif spec == "auto":
+            plan += [(e, str(f)) for e in layers if (f := find_shipped_head(model_dir, e))]
+        else:
+            try:
+                plan.append((read_head_meta(spec)["exit_layer"], spec))
+            except (HeadMismatch, FileNotFoundError) as e:
+                raise UsageError(str(e)) from None
+    data_spec = distill.DataSpec(prompts_file=str(args.prompts_file), exit_layers=tuple(sorted({e for e, _ in plan})),
+                                 max_prompts=args.max_prompts, max_new_tokens=args.max_new_tokens)
+    data_dir = distill.build_dataset(model_dir, data_spec, workers=args.workers, progress=not args.json)
+    rows = []
+    for e in sorted({e for e, _ in plan}):
+        records = distill.load_dataset(data_dir, e)
+        for exit_layer, spec in plan:
+            if exit_layer != e:
+                continue
+            try:
+                head = load_exit_head(spec, e, norm, lm_head, model_dir=model_dir, config=config)
+            except HeadMismatch as err:
+                raise UsageError(str(err)) from None
+            acc = distill.acceptance(head, records)
+            rows.append({"exit_layer": e, "head": spec, "head_type": head.kind, "greedy": round(acc["greedy"], 4),
+                         "top2": round(acc["top2"], 4), "tokens": acc["tokens"]})
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return 0
+    print(f"{'exit':>4}  {'head':<56} {'greedy':>7} {'top-2':>7} {'tokens':>7}")
+    for r in rows:
+        name = r["head"] if r["head"] == "lm" else f"{r['head_type']}: {Path(r['head']).name}"
+        print(f"{r['exit_layer']:>4}  {name:<56} {r['greedy']:>7.3f} {r['top2']:>7.3f} {r['tokens']:>7}")
     return 0
 
 
@@ -214,7 +292,7 @@ def add_serve_parser(sub) -> None:
 def _serve(args) -> int:
     config = pipeline_config(args, args.mode or "ppsd")  # checked before Ray starts
     settings = {"model": str(config.model_dir), "stages": config.stages, "exit_layer": args.exit_layer,
-                "head": args.head, "mode": args.mode, "model_name": args.model_name,
+                "head": config.head, "mode": args.mode, "model_name": args.model_name,  # head: 'auto' resolved
                 "api_key": args.api_key or os.environ.get("PPSD_API_KEY") or None,
                 "max_ongoing_requests": args.max_ongoing_requests, "max_tokens_limit": args.max_tokens_limit}
     from actors.serve import check_settings, serve_forever

@@ -54,7 +54,8 @@ class PipelineConfig(BaseModel):
     model_dir: Path = Field(description="Hugging Face model directory (config.json + safetensors)")
     stages: int = Field(2, ge=1, description="K, the number of pipeline stages")
     exit_layer: int | None = Field(None, description="E: stage 1 holds layers [0, E); default: L/K")
-    head: str = Field("lm", description="exit head: 'lm' or a trained head's .safetensors file")
+    head: str = Field("lm", description="exit head: 'lm' or a trained head's .safetensors file "
+                                        "(its metadata must match the model and exit layer)")
     dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$")
     use_gpus: bool | None = Field(None, description="one GPU per stage; default: if the cluster has GPUs")
     threads_per_stage: int | None = Field(None, ge=1, description="torch threads per CPU stage")
@@ -88,6 +89,13 @@ class PipelineConfig(BaseModel):
                     "exit_layer",
                     f"{e} leaves no layers for stages 2..{self.stages}: "
                     f"must be in [1, {layers - self.stages + 1}] for {self.stages} stages of a {layers}-layer model")
+            if self.head != "lm":  # a trained head: refused here, before any actor starts
+                from .heads import HeadMismatch, check_head_meta, read_head_meta
+
+                try:
+                    check_head_meta(read_head_meta(self.head), self.model_dir, e, self.head)
+                except HeadMismatch as err:
+                    raise ValueError(str(err)) from None
         return self
 
     @cached_property

@@ -1,22 +1,69 @@
 """Exit heads: map the exit layer's hidden state to next-token logits.
 
-Every head type loads through `load_exit_head`. Type `lm` is the model's own
-final norm and LM head applied at the exit layer (no training). Trained heads
-are a .safetensors file whose metadata names the model, exit layer and type.
+Every head type loads through `load_exit_head`:
+
+- `lm`: the model's own final norm and LM head applied at the exit layer (no training);
+- `linear`: a residual linear adapter and an RMSNorm, then the model's LM head
+  (shared, frozen): lm_head(norm(h + W h + b));
+- `layer`: one decoder layer (transformers' own class, initialised from layer E
+  when trained) and a norm, then the model's LM head (shared, frozen). It attends
+  over past positions, so it keeps a KV cache per sequence (`needs_cache`).
+
+Trained heads are one .safetensors file holding only the head's own weights
+(never the LM head). Its header metadata has one key, "ppsd_head", a JSON
+object: head_type, exit_layer, model_fingerprint, hidden_size, vocab_size,
+training_tokens, val_greedy_acceptance, val_top2_acceptance, command, ...
+A head whose metadata does not match the model or the exit layer is refused.
 """
 from __future__ import annotations
 
+import copy
+import inspect
+import json
+from pathlib import Path
+
+import torch
 from torch import nn
+
+META_KEY = "ppsd_head"
+HEAD_TYPES = ("lm", "linear", "layer")
+SHIPPED_DIR = Path(__file__).parent / "heads"
+
+
+class HeadMismatch(ValueError):
+    """A trained head's metadata does not fit the model or exit layer; names the field."""
 
 
 class ExitHead(nn.Module):
-    """hidden [1, n, H] at the exit layer -> logits [1, n, V]."""
+    """hidden [B, n, H] at the exit layer -> logits [B, n, V].
+
+    `features` is the head's final (normed) hidden state; `logits` applies the
+    shared LM head. A head with `needs_cache` takes every position of every call
+    in order, with a cache that holds exactly the positions before them."""
 
     kind: str = "base"
+    needs_cache: bool = False
 
-    def __init__(self, exit_layer: int):
+    def __init__(self, exit_layer: int, lm_head: nn.Module):
         super().__init__()
         self.exit_layer = exit_layer
+        self.lm_head = lm_head
+
+    def features(self, hidden, position_ids=None, cache=None, attention_mask=None):
+        raise NotImplementedError
+
+    def logits(self, features):
+        return self.lm_head(features)
+
+    def forward(self, hidden, position_ids=None, cache=None, attention_mask=None):
+        return self.logits(self.features(hidden, position_ids, cache, attention_mask))
+
+    def new_cache(self):
+        return None
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The head's own weights: what a head file holds (never the shared LM head)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("lm_head.")}
 
 
 class LMExitHead(ExitHead):
@@ -25,15 +72,179 @@ class LMExitHead(ExitHead):
     kind = "lm"
 
     def __init__(self, exit_layer: int, norm: nn.Module, lm_head: nn.Module):
-        super().__init__(exit_layer)
+        super().__init__(exit_layer, lm_head)
         self.norm = norm
-        self.lm_head = lm_head
 
-    def forward(self, hidden):
-        return self.lm_head(self.norm(hidden))
+    def features(self, hidden, position_ids=None, cache=None, attention_mask=None):
+        return self.norm(hidden)
 
 
-def load_exit_head(spec: str, exit_layer: int, norm: nn.Module, lm_head: nn.Module) -> ExitHead:
+class LinearExitHead(ExitHead):
+    """lm_head(norm(h + W h + b)); W, b start at zero, the norm at the model's final norm."""
+
+    kind = "linear"
+
+    def __init__(self, exit_layer: int, norm: nn.Module, lm_head: nn.Module):
+        super().__init__(exit_layer, lm_head)
+        hidden = lm_head.weight.shape[1]
+        self.proj = nn.Linear(hidden, hidden, bias=True, dtype=lm_head.weight.dtype,
+                              device=lm_head.weight.device)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self.norm = copy.deepcopy(norm)
+
+    def features(self, hidden, position_ids=None, cache=None, attention_mask=None):
+        return self.norm(hidden + self.proj(hidden))
+
+
+class LayerExitHead(ExitHead):
+    """One decoder layer + norm (transformers' own 1-layer model, no embeddings), then the LM head."""
+
+    kind = "layer"
+    needs_cache = True
+
+    def __init__(self, exit_layer: int, config, lm_head: nn.Module):
+        super().__init__(exit_layer, lm_head)
+        from transformers import AutoModel
+
+        self.config = copy.deepcopy(config)
+        self.config.num_hidden_layers = 1
+        if getattr(config, "layer_types", None):
+            self.config.layer_types = [config.layer_types[min(exit_layer, len(config.layer_types) - 1)]]
+        self.body = AutoModel.from_config(self.config, dtype=lm_head.weight.dtype)
+        self.body.embed_tokens = None
+        self.body.to(lm_head.weight.device)
+        # transformers 5.24 renamed past_key_values to cache
+        params = inspect.signature(self.body.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def features(self, hidden, position_ids=None, cache=None, attention_mask=None):
+        if position_ids is None:
+            start = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(start, start + hidden.shape[1], device=hidden.device)[None]
+        out = self.body(inputs_embeds=hidden, position_ids=position_ids, attention_mask=attention_mask,
+                        use_cache=cache is not None, **{self._cache_kw: cache})
+        return out.last_hidden_state
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.config)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        state = super().trainable_state()
+        return {k: v for k, v in state.items() if "rotary_emb" not in k}
+
+
+def build_head(kind: str, exit_layer: int, norm: nn.Module, lm_head: nn.Module, config=None) -> ExitHead:
+    """A fresh head of a type (before training or loading weights)."""
+    if kind == "lm":
+        return LMExitHead(exit_layer, norm, lm_head)
+    if kind == "linear":
+        return LinearExitHead(exit_layer, norm, lm_head)
+    if kind == "layer":
+        if config is None:
+            raise ValueError("head: a 'layer' head needs the model config")
+        return LayerExitHead(exit_layer, config, lm_head)
+    raise ValueError(f"head: unknown head type {kind!r}; one of {', '.join(HEAD_TYPES)}")
+
+
+def read_head_meta(path: Path | str) -> dict:
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+    except Exception as e:  # not a safetensors file at all
+        raise HeadMismatch(f"head: {path} is not a safetensors head file ({e})") from None
+    if raw is None:
+        raise HeadMismatch(f"head: {path} has no '{META_KEY}' metadata; not a trained exit head")
+    return json.loads(raw)
+
+
+def check_head_meta(meta: dict, model_dir: Path, exit_layer: int, path: Path | str = "head") -> None:
+    """Raises HeadMismatch naming the first field that does not fit the model / exit layer."""
+    from .model import model_fingerprint
+
+    kind = meta.get("head_type")
+    if kind not in HEAD_TYPES or kind == "lm":
+        raise HeadMismatch(f"head: {path}: head_type {kind!r} is not a trained head type (linear, layer)")
+    fp = model_fingerprint(model_dir)
+    if meta.get("model_fingerprint") != fp:
+        raise HeadMismatch(f"head: {path}: model_fingerprint {meta.get('model_fingerprint')} was trained "
+                           f"for another model (this model {model_dir} is {fp})")
+    if meta.get("exit_layer") != exit_layer:
+        raise HeadMismatch(f"head: {path}: exit_layer {meta.get('exit_layer')} does not match the "
+                           f"pipeline's exit layer {exit_layer}")
+
+
+def save_head(head: ExitHead, path: Path | str, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    meta = {**meta, "head_type": head.kind, "exit_layer": head.exit_layer}
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in head.trainable_state().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    save_file(state, tmp, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+    tmp.replace(path)
+
+
+def load_exit_head(spec: str, exit_layer: int, norm: nn.Module, lm_head: nn.Module, *,
+                   model_dir: Path | None = None, config=None) -> ExitHead:
+    """'lm', or a trained head file (checked against model_dir and exit_layer)."""
     if spec == "lm":
         return LMExitHead(exit_layer, norm, lm_head)
-    raise ValueError(f"head: unknown head {spec!r} (trained heads are not supported yet)")
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"head: not 'lm' and not a file: {spec}")
+    meta = read_head_meta(path)
+    if model_dir is None:
+        raise ValueError("head: loading a trained head needs model_dir to check its fingerprint")
+    check_head_meta(meta, Path(model_dir), exit_layer, path)
+    if config is None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_dir)
+    head = build_head(meta["head_type"], exit_layer, norm, lm_head, config)
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    dtype = lm_head.weight.dtype
+    missing, unexpected = head.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    missing = [k for k in missing if not k.startswith("lm_head.") and "rotary_emb" not in k]
+    if missing or unexpected:
+        raise HeadMismatch(f"head: {path}: weights do not fit a {meta['head_type']} head "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return head.eval()
+
+
+def shipped_heads() -> list[Path]:
+    return sorted(SHIPPED_DIR.glob("*.safetensors"))
+
+
+def find_shipped_head(model_dir: Path, exit_layer: int) -> Path | None:
+    """The shipped head for (this model, this exit layer) with the best validation acceptance."""
+    from .model import model_fingerprint
+
+    fp = model_fingerprint(model_dir)
+    best = None
+    for path in shipped_heads():
+        try:
+            meta = read_head_meta(path)
+        except HeadMismatch:
+            continue
+        if meta.get("model_fingerprint") == fp and meta.get("exit_layer") == exit_layer:
+            score = meta.get("val_greedy_acceptance") or 0.0
+            if best is None or score > best[0]:
+                best = (score, path)
+    return best[1] if best else None
+
+
+def resolve_head(spec: str, model_dir: Path, exit_layer: int) -> str:
+    """'auto' -> the matching shipped head file, else 'lm'; anything else unchanged."""
+    if spec != "auto":
+        return spec
+    found = find_shipped_head(model_dir, exit_layer)
+    return str(found) if found else "lm"

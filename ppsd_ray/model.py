@@ -116,3 +116,34 @@ def encode_prompt(tokenizer, prompt: str, raw: bool = False) -> list[int]:
     if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)
+
+
+_FINGERPRINTS: dict = {}
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """A cheap identity of a model's weights: sha256 over config.json (canonical, without
+    the transformers version) and, per weight file, its size and up to 4 MiB of tensor
+    bytes from its start, middle and end. 16 hex digits."""
+    import hashlib
+
+    model_dir = Path(model_dir).expanduser().resolve()
+    files = sorted(model_dir.glob("*.safetensors"))
+    key = (str(model_dir), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if key in _FINGERPRINTS:
+        return _FINGERPRINTS[key]
+    h = hashlib.sha256()
+    cfg = json.loads((model_dir / "config.json").read_text())
+    for k in ("transformers_version", "_name_or_path"):
+        cfg.pop(k, None)
+    h.update(json.dumps(cfg, sort_keys=True).encode())
+    chunk = 1 << 20
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            for offset in sorted({0, max(0, size // 2 - chunk), max(0, size - 2 * chunk)}):
+                fh.seek(offset)
+                h.update(fh.read(2 * chunk if offset else chunk))
+    _FINGERPRINTS[key] = fp = h.hexdigest()[:16]
+    return fp

@@ -13,7 +13,8 @@ and returns the verified (argmax) tokens.
 KV caches are per sequence id and always hold exactly the positions before the
 call's `pos`: a call at `pos` first drops entries >= pos. That drop is the
 rollback; `rollback()` only raises the sequence's epoch, so that calls queued
-before the rollback are skipped without computing.
+before the rollback are skipped without computing. An exit head that attends
+(type 'layer') keeps its own cache per sequence under the same rule.
 """
 from __future__ import annotations
 
@@ -69,8 +70,10 @@ class Stage:
         self.lm_head = lm_head if self.last else None
         self.exit_head: ExitHead | None = None
         if self.first and not self.last:
-            self.exit_head = load_exit_head(head, exit_layer or stop, final_norm, lm_head).to(self.device)
+            self.exit_head = load_exit_head(head, exit_layer or stop, final_norm, lm_head,
+                                            model_dir=Path(model_dir), config=config).to(self.device)
         self._caches: dict[str, DynamicCache] = {}
+        self._head_caches: dict[str, DynamicCache] = {}  # exit heads that attend (type 'layer')
         self._epochs: dict[str, int] = {}
         self._drafts: dict[str, tuple[int, int]] = {}  # stage 1: (position, token) of its newest draft
         self._stats: dict[str, StageStats] = {}
@@ -149,12 +152,18 @@ class Stage:
         out = self.body(inputs_embeds=x, position_ids=position_ids, use_cache=True,
                         **{self._cache_kw: cache}).last_hidden_state
         tokens = None
-        if heads:
+        if self.exit_head is not None and self.exit_head.needs_cache:
+            # an attending head sees every position, drafted or not, so its cache
+            # follows the layer caches exactly
+            feats = self.exit_head.features(out, position_ids, self._head_cache_at(seq_id, pos))
+            if heads:
+                tokens = self.exit_head.logits(feats[:, -heads:]).argmax(-1)[0].tolist()
+        elif heads:
             head = self.lm_head if self.last else self.exit_head
             if head is not None:
                 tokens = head(out[:, -heads:]).argmax(-1)[0].tolist()
-                if not self.last:
-                    self._drafts[seq_id] = (pos + n, tokens[-1])
+        if tokens is not None and not self.last:
+            self._drafts[seq_id] = (pos + n, tokens[-1])
         hidden = None if self.last else out.cpu()
         dt = time.perf_counter() - t0
         if not stats.calls:
@@ -176,6 +185,7 @@ class Stage:
         stats = self._stats.pop(seq_id, StageStats())
         with self._lock:
             self._caches.pop(seq_id, None)
+            self._head_caches.pop(seq_id, None)
             self._epochs.pop(seq_id, None)
             self._drafts.pop(seq_id, None)
         stats.stale_s += sum(stats.spent[keep:])
@@ -198,6 +208,18 @@ class Stage:
             del stats.spent[pos:]
         elif held < pos:
             raise RuntimeError(f"stage {self.index}: call at position {pos} but only {held} positions cached")
+        return cache
+
+    def _head_cache_at(self, seq_id: str, pos: int) -> DynamicCache:
+        """The exit head's cache, under the same rule as the layer caches: entries >= pos dropped."""
+        cache = self._head_caches.get(seq_id)
+        if cache is None:
+            cache = self._head_caches[seq_id] = self.exit_head.new_cache()
+        held = cache.get_seq_length()
+        if held > pos:
+            cache.crop(pos - held)
+        elif held < pos:
+            raise RuntimeError(f"stage {self.index}: exit head call at position {pos} but only {held} cached")
         return cache
 
 

@@ -1,0 +1,473 @@
+"""Self-distillation of exit heads: data from the model's own outputs, training, acceptance.
+
+1. Data (`build_dataset`): the model answers each prompt with transformers' own
+   `generate` (greedy, or sampled for a share of the prompts), batched with left
+   padding, in parallel over Ray actors. Forward hooks record, at every position
+   the model ran, the exit layers' hidden states and the final (normed) hidden
+   state. Full-vocabulary distributions are not stored (49152 floats a token);
+   the teacher's logits are recomputed from the final hidden state with the
+   frozen LM head. One shard file per batch under the cache directory: a re-run
+   skips the shards already written.
+2. Training (`train_head`): KL(teacher || head) over the full vocabulary,
+   temperature 1, on the response positions; the base model frozen. A
+   checkpoint after every `ckpt_every` steps and at every epoch's end; a re-run
+   of the same command continues from it.
+3. Acceptance (`acceptance`): along the model's own greedy output, how often the
+   head's argmax is the model's next token (greedy) or among its top 2.
+
+Position t of a record holds the hidden states of input token t; it predicts
+token t + 1. Records keep the prompt's positions too (a 'layer' head attends
+over them), the loss and acceptance count only positions >= prompt_len - 1.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .heads import ExitHead, build_head
+from .model import cache_dir, encode_prompt, load_tensors, model_fingerprint
+
+
+# ---------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class DataSpec:
+    """Everything that determines a dataset; its hash names the cache directory."""
+    prompts_file: str
+    exit_layers: tuple[int, ...]
+    max_prompts: int | None = None
+    max_new_tokens: int = 96
+    sampled_every: int = 0        # every n-th prompt is answered by sampling (0: all greedy)
+    temperature: float = 0.7
+    top_p: float = 0.9
+    batch_size: int = 16
+    seed: int = 0
+    # Use only the first n greedy / sampled batches of the plan (shortest prompts first).
+    # Not part of the key: a smaller selection shares the larger one's shards.
+    greedy_batches: int | None = None
+    sampled_batches: int | None = None
+
+    def key(self, model_dir: Path) -> str:
+        prompts = Path(self.prompts_file).read_bytes()
+        spec = {k: v for k, v in asdict(self).items() if k not in ("greedy_batches", "sampled_batches")}
+        blob = json.dumps({**spec, "prompts_file": hashlib.sha256(prompts).hexdigest(),
+                           "model": model_fingerprint(model_dir), "v": 1}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def select(self, batches: list[dict]) -> list[dict]:
+        greedy = [b for b in batches if not b["sample"]][: self.greedy_batches]
+        sampled = [b for b in batches if b["sample"]][: self.sampled_batches]
+        return greedy + sampled
+
+
+def read_prompts(path: Path | str, limit: int | None = None) -> list[str]:
+    rows = [json.loads(line)["prompt"] for line in Path(path).read_text().splitlines() if line.strip()]
+    return rows[:limit] if limit else rows
+
+
+def plan_batches(tokenizer, spec: DataSpec) -> list[dict]:
+    """Prompts -> batches of similar length (less padding); the plan is fixed by the spec."""
+    prompts = read_prompts(spec.prompts_file, spec.max_prompts)
+    items = []
+    for i, p in enumerate(prompts):
+        sample = bool(spec.sampled_every) and i % spec.sampled_every == spec.sampled_every - 1
+        ids = encode_prompt(tokenizer, p)
+        items.append((sample, len(ids), i, ids))
+    items.sort(key=lambda x: (x[0], x[1], x[2]))
+    batches = []
+    for sample in (False, True):
+        group = [x for x in items if x[0] == sample]
+        for j in range(0, len(group), spec.batch_size):
+            chunk = group[j: j + spec.batch_size]
+            batches.append({"index": len(batches), "sample": sample, "prompt_index": [x[2] for x in chunk],
+                            "ids": [x[3] for x in chunk], "seed": spec.seed * 100003 + len(batches)})
+    return batches
+
+
+class Generator:
+    """The full model (transformers' own class) answering batches; hooks record hidden states."""
+
+    def __init__(self, model_dir: str, exit_layers: tuple[int, ...], threads: int | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.model.config.eos_token_id
+        if isinstance(self.pad, list):
+            self.pad = self.pad[0]
+        gen = self.model.generation_config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else self.model.config.eos_token_id
+        self.eos = set([eos] if isinstance(eos, int) else eos or [])
+        self.exit_layers = tuple(exit_layers)
+
+    @torch.inference_mode()
+    def run(self, batch: dict, max_new_tokens: int, temperature: float, top_p: float) -> list[dict]:
+        ids = batch["ids"]
+        width = max(map(len, ids))
+        inp = torch.full((len(ids), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, x in enumerate(ids):  # left padding
+            inp[i, width - len(x):] = torch.tensor(x)
+            mask[i, width - len(x):] = 1
+        taken: dict[str, list] = {f"exit{e}": [] for e in self.exit_layers}
+        taken["final"] = []
+        layers = self.model.model.layers
+        hooks = [layers[e - 1].register_forward_hook(_recorder(taken[f"exit{e}"])) for e in self.exit_layers]
+        hooks.append(self.model.model.norm.register_forward_hook(_recorder(taken["final"])))
+        torch.manual_seed(batch["seed"])
+        kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if batch["sample"] else \
+            dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        try:
+            out = self.model.generate(inp, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                      pad_token_id=self.pad, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        states = {k: torch.cat(v, dim=1) for k, v in taken.items()}  # [B, width + steps - 1, H]
+        records = []
+        for i, x in enumerate(ids):
+            new = out[i, width:].tolist()
+            n = len(new)
+            for j, t in enumerate(new):
+                if t in self.eos:
+                    n = j + 1
+                    break
+            start, stop = width - len(x), width + n - 1  # positions run: every token but the last
+            seq = list(x) + new[:n]
+            rec = {"ids": torch.tensor(seq, dtype=torch.long), "prompt_len": len(x),
+                   "prompt_index": batch["prompt_index"][i], "sampled": batch["sample"]}
+            for k, v in states.items():
+                h = v[i, start:stop]
+                rec[k] = h.to(torch.float16) if k == "final" else h.clone()
+            records.append(rec)
+        return records
+
+
+def _recorder(store: list):
+    def hook(module, args, output):
+        store.append((output[0] if isinstance(output, tuple) else output).detach())
+    return hook
+
+
+def dataset_dir(model_dir: Path, spec: DataSpec) -> Path:
+    name = Path(spec.prompts_file).stem
+    return cache_dir() / "distill" / f"{name}-{spec.key(model_dir)}"
+
+
+def build_dataset(model_dir: Path, spec: DataSpec, workers: int = 2, threads_per_worker: int = 1,
+                  progress: bool = True) -> Path:
+    """Writes (or completes) the dataset's shards; returns its directory. workers=0: in-process."""
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    out = dataset_dir(model_dir, spec)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.json").write_text(json.dumps({**asdict(spec), "model_dir": str(model_dir)}, indent=1))
+    batches = spec.select(plan_batches(AutoTokenizer.from_pretrained(model_dir), spec))
+    todo = [b for b in batches if not (out / _shard_name(b["index"])).exists()]
+    bar = tqdm(total=len(batches), initial=len(batches) - len(todo), desc=f"generate {out.name}",
+               unit="batch", disable=not progress)
+    args = (spec.max_new_tokens, spec.temperature, spec.top_p)
+    tokens = 0
+
+    def save(b, records):
+        nonlocal tokens
+        path = out / _shard_name(b["index"])
+        torch.save(records, path.with_suffix(".partial"))
+        path.with_suffix(".partial").replace(path)
+        tokens += sum(len(r["ids"]) - r["prompt_len"] for r in records)
+        bar.update(1)
+        bar.set_postfix(new_tokens=tokens)
+
+    if todo and workers == 0:
+        gen = Generator(str(model_dir), spec.exit_layers, threads_per_worker)
+        for b in todo:
+            save(b, gen.run(b, *args))
+    elif todo:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(workers, 1)}),
+                     include_dashboard=False, log_to_driver=False, configure_logging=False)
+        Remote = ray.remote(num_cpus=threads_per_worker)(Generator)
+        actors = [Remote.remote(str(model_dir), spec.exit_layers, threads_per_worker) for _ in range(workers)]
+        try:
+            queue, running = list(todo), {}
+            for a in actors:  # each actor has one batch running and the next one queued
+                for _ in range(2):
+                    if queue:
+                        b = queue.pop(0)
+                        running[a.run.remote(b, *args)] = (a, b)
+            while running:
+                [ref], _ = ray.wait(list(running), num_returns=1)
+                a, b = running.pop(ref)
+                save(b, ray.get(ref))
+                if queue:
+                    nb = queue.pop(0)
+                    running[a.run.remote(nb, *args)] = (a, nb)
+        finally:
+            for a in actors:
+                ray.kill(a)
+    bar.close()
+    return out
+
+
+def _shard_name(i: int) -> str:
+    return f"shard-{i:05d}.pt"
+
+
+def load_dataset(path: Path, exit_layer: int, spec: DataSpec | None = None) -> list[dict]:
+    """Records with 'exit' (the given exit layer), 'final', 'ids', 'prompt_len', in shard order;
+    with `spec`, only the shards of its selection (all of which must exist)."""
+    records = []
+    shards = sorted(Path(path).glob("shard-*.pt"))
+    if spec is not None and (spec.greedy_batches is not None or spec.sampled_batches is not None):
+        from transformers import AutoTokenizer
+
+        model_dir = json.loads((Path(path) / "spec.json").read_text())["model_dir"]
+        picked = spec.select(plan_batches(AutoTokenizer.from_pretrained(model_dir), spec))
+        shards = [Path(path) / _shard_name(b["index"]) for b in sorted(picked, key=lambda b: b["index"])]
+    for shard in shards:
+        for r in torch.load(shard, weights_only=True):
+            key = f"exit{exit_layer}"
+            if key not in r:
+                raise ValueError(f"exit_layer: dataset {path} has no hidden states for layer {exit_layer}")
+            records.append({"exit": r[key], "final": r["final"], "ids": r["ids"],
+                            "prompt_len": r["prompt_len"], "sampled": r["sampled"]})
+    return records
+
+
+# ---------------------------------------------------------------------------
+# Heads on top of the frozen model's tensors
+
+
+def frozen_parts(model_dir: Path):
+    """The model's final norm and LM head (frozen), and its config."""
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    config = AutoConfig.from_pretrained(model_dir)
+    names = ["model.norm.weight", "lm_head.weight", "model.embed_tokens.weight"]
+    t = load_tensors(Path(model_dir), names)
+    weight = t["lm_head.weight"] if "lm_head.weight" in t and not config.tie_word_embeddings \
+        else t["model.embed_tokens.weight"]
+    lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    lm_head.weight = nn.Parameter(weight.float(), requires_grad=False)
+    norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+    norm.weight = nn.Parameter(t["model.norm.weight"].float(), requires_grad=False)
+    return norm, lm_head, config
+
+
+def new_head(kind: str, model_dir: Path, exit_layer: int) -> ExitHead:
+    """An untrained head; a 'layer' head starts as a copy of layer `exit_layer` (the first
+    layer the exit skips), its norm as the model's final norm."""
+    norm, lm_head, config = frozen_parts(model_dir)
+    head = build_head(kind, exit_layer, norm, lm_head, config)
+    if kind == "layer":
+        prefix = f"model.layers.{exit_layer}."
+        src = {n: n[len(prefix):] for n in _names(model_dir) if n.startswith(prefix)}
+        state = {"body.layers.0." + v: w.float() for k, v in src.items()
+                 for w in [load_tensors(Path(model_dir), [k])[k]]}
+        state["body.norm.weight"] = norm.weight.detach().clone()
+        head.load_state_dict(state, strict=False)
+        head.body.rotary_emb = type(head.body.rotary_emb)(config=head.config)
+    for p in head.parameters():
+        p.requires_grad = True
+    head.lm_head.weight.requires_grad = False
+    return head
+
+
+def _names(model_dir: Path) -> list[str]:
+    from .model import tensor_names
+
+    return tensor_names(Path(model_dir))
+
+
+# ---------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class TrainSpec:
+    head_type: str = "linear"
+    epochs: int = 4
+    lr: float | None = None        # default by head type
+    batch_seqs: int = 4
+    weight_decay: float = 0.0
+    warmup: int = 20
+    ckpt_every: int = 50
+    seed: int = 0
+    bf16: bool = True              # logits in bfloat16 autocast (CPU AMX/AVX512-bf16: ~4x faster)
+    max_records: int | None = None
+    prompt_positions: bool = False  # the loss also counts the prompt's positions (more data, other text)
+
+    def lr_or_default(self) -> float:
+        return self.lr if self.lr is not None else {"linear": 1e-2, "layer": 2e-3}.get(self.head_type, 1e-3)
+
+
+def _batches(records: list[dict], size: int, seed: int, epoch: int) -> list[list[int]]:
+    order = list(range(len(records)))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    return [order[i: i + size] for i in range(0, len(order), size)]
+
+
+def _collate(records: list[dict], idx: list[int], prompt_positions: bool = False):
+    """Right-padded batch: exit [B, T, H], final [B, T, H], loss mask [B, T], attention mask."""
+    rs = [records[i] for i in idx]
+    t = max(r["exit"].shape[0] for r in rs)
+    h = rs[0]["exit"].shape[1]
+    x = torch.zeros(len(rs), t, h)
+    y = torch.zeros(len(rs), t, h)
+    att = torch.zeros(len(rs), t, dtype=torch.long)
+    loss = torch.zeros(len(rs), t, dtype=torch.bool)
+    nxt = torch.zeros(len(rs), t, dtype=torch.long)
+    for i, r in enumerate(rs):
+        n = r["exit"].shape[0]
+        x[i, :n] = r["exit"].float()
+        y[i, :n] = r["final"].float()
+        att[i, :n] = 1
+        loss[i, 0 if prompt_positions else r["prompt_len"] - 1: n] = True
+        nxt[i, :n] = r["ids"][1: n + 1]
+    return x, y, att, loss, nxt
+
+
+def head_features(head: ExitHead, x, att):
+    if head.needs_cache:  # sequences: causal attention over the batch's own positions
+        pos = torch.arange(x.shape[1])[None].expand(x.shape[0], -1)
+        return head.features(x, position_ids=pos, attention_mask=att)
+    return head.features(x)
+
+
+def kl_loss(head: ExitHead, x, y, att, mask, bf16: bool = True):
+    """KL(teacher || head), full vocabulary, temperature 1, mean over the masked positions."""
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else _nullctx()
+    with ctx:
+        feats = head_features(head, x, att)[mask]
+        student = head.logits(feats)
+        with torch.no_grad():
+            teacher = head.lm_head(y[mask])
+    log_q = F.log_softmax(student.float(), dim=-1)
+    log_p = F.log_softmax(teacher.float(), dim=-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="sum") / max(1, mask.sum().item())
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def train_head(head: ExitHead, records: list[dict], spec: TrainSpec, ckpt: Path | None = None,
+               progress: bool = True, log=print, on_epoch=None) -> dict:
+    """Trains `head` in place; resumes from `ckpt` if it exists. Returns training stats.
+    on_epoch(epoch) -> dict, called after each epoch; its answers are kept as 'history'."""
+    from tqdm import tqdm
+
+    if spec.max_records:
+        records = records[: spec.max_records]
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.lr_or_default(), weight_decay=spec.weight_decay)
+    per_epoch = math.ceil(len(records) / spec.batch_seqs)
+    total = per_epoch * spec.epochs
+
+    def lr_at(step):  # linear warmup, cosine decay to 10%
+        if step < spec.warmup:
+            return (step + 1) / spec.warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - spec.warmup) / max(1, total - spec.warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    step, losses, wall, history = 0, [], 0.0, []
+    if ckpt is not None and Path(ckpt).exists():
+        state = torch.load(ckpt, weights_only=False)
+        if state["spec"] != asdict(spec) or state["records"] != len(records):
+            raise ValueError(f"checkpoint {ckpt} was written for other settings; delete it to start over")
+        head.load_state_dict(state["head"], strict=False)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step, losses, wall, history = state["step"], state["losses"], state["wall_s"], state["history"]
+        log(f"resuming from {ckpt} at step {step}/{total}")
+
+    def save_ckpt():
+        if ckpt is None:
+            return
+        tmp = Path(ckpt).with_suffix(".partial")
+        torch.save({"spec": asdict(spec), "records": len(records), "head": head.trainable_state(),
+                    "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
+                    "losses": losses, "wall_s": wall, "history": history}, tmp)
+        tmp.replace(ckpt)
+
+    head.train()
+    bar = tqdm(total=total, initial=step, desc=f"train {head.kind}@{head.exit_layer}", unit="step",
+               disable=not progress)
+    tokens = 0
+    while step < total:
+        epoch, k = divmod(step, per_epoch)
+        idx = _batches(records, spec.batch_seqs, spec.seed, epoch)[k]
+        t0 = time.perf_counter()
+        x, y, att, mask, _ = _collate(records, idx, spec.prompt_positions)
+        loss = kl_loss(head, x, y, att, mask, spec.bf16)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        wall += time.perf_counter() - t0
+        tokens += int(mask.sum())
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(epoch=epoch, kl=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        if step % per_epoch == 0 and on_epoch is not None:
+            history.append({"epoch": step // per_epoch, "kl": sum(losses[-per_epoch:]) / per_epoch,
+                            **on_epoch(step // per_epoch)})
+            head.train()
+        if step % spec.ckpt_every == 0 or step % per_epoch == 0 or step == total:
+            save_ckpt()
+    bar.close()
+    head.eval()
+    return {"steps": total, "epochs": spec.epochs, "train_wall_s": round(wall, 1),
+            "final_kl": sum(losses[-per_epoch:]) / max(1, len(losses[-per_epoch:])), "history": history,
+            "training_tokens": training_tokens(records, spec.prompt_positions)}
+
+
+def training_tokens(records: list[dict], prompt_positions: bool = False) -> int:
+    """Positions the loss counts (one per predicted token)."""
+    return sum(r["exit"].shape[0] - (0 if prompt_positions else r["prompt_len"] - 1) for r in records)
+
+
+# ---------------------------------------------------------------------------
+# Acceptance
+
+
+@torch.no_grad()
+def acceptance(head: ExitHead, records: list[dict], batch_seqs: int = 16) -> dict:
+    """Along the model's own greedy output: the head's argmax == the model's next token
+    (greedy), the model's next token in the head's top 2 (top2). fp32, no autocast."""
+    head.eval()
+    hit1 = hit2 = n = 0
+    for i in range(0, len(records), batch_seqs):
+        idx = list(range(i, min(i + batch_seqs, len(records))))
+        x, _, att, mask, nxt = _collate(records, idx)
+        logits = head.logits(head_features(head, x, att)[mask])
+        top2 = logits.topk(2, dim=-1).indices
+        target = nxt[mask]
+        hit1 += int((top2[:, 0] == target).sum())
+        hit2 += int((top2 == target[:, None]).any(-1).sum())
+        n += int(mask.sum())
+    return {"greedy": hit1 / max(1, n), "top2": hit2 / max(1, n), "tokens": n}
