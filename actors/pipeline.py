@@ -71,7 +71,7 @@ class Pipeline:
             else:
                 opts = {"num_cpus": config.cpus_per_stage}
             self.stages.append(StageActor.options(**opts).remote(
-                str(config.model_dir), start, stop, i, k, config.head, config.exit_layer_or_default,
+                str(config.model_dir), start, stop, i, k, config.exit_head, config.exit_layer_or_default,
                 config.dtype, None if gpus else threads))
         self.layout = ray.get([s.ready.remote() for s in self.stages])
         coordinator = Coordinator

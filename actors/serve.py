@@ -52,7 +52,7 @@ class ServeSettings(BaseModel):
     model: str = Field("default", description="'default' (SmolLM2-135M-Instruct) or a model directory")
     stages: int = Field(2, ge=1, description="K, pipeline stages per replica")
     exit_layer: int | None = Field(None, description="E, the end of stage 1; default L/K")
-    head: str = Field("lm", description="exit head: 'lm' or a trained head file")
+    head: str = Field("auto", description="exit head: 'auto' (the shipped head, else lm), 'lm' or a trained head file")
     dtype: str = Field("auto", description="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
     mode: Mode | None = Field(None, description="default: ppsd, or ar for one stage")
     model_name: str | None = Field(None, description="the id clients send as `model`; default: the directory name")

@@ -95,7 +95,7 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[dict], max_n
     if started_ray:  # one Ray for all pipelines
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     def head_of(s: System) -> str:
-        return s.head or heads.get(s.stages, "lm")
+        return s.head or heads.get(s.stages, "auto")
 
     pipelines = {}  # one per (K, head); modes share it
     for k, head in sorted({(s.stages, head_of(s)) for s in systems if s.kind == "pipeline"}):
@@ -142,7 +142,9 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[dict], max_n
     return {"setup": machine_info() | {"model_dir": str(model_dir), "max_new_tokens": max_new_tokens,
                                        "reps": reps, "prompts": len(prompts),
                                        "systems": [asdict(s) for s in systems],
-                                       "exit_layers": exit_layers, "heads": heads},
+                                       "exit_layers": exit_layers,
+                                       "heads": {f"K={k} {h}": Path(p.config.exit_head).name
+                                                 for (k, h), p in pipelines.items()}},
             "records": records, "timeline": timeline}
 
 

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--systems", default=None, help="comma-separated, e.g. hf,hf-ee,ar,pp-K2,eesd-K2-g4,ppsd-K2")
     p.add_argument("--exit-layers", default="", help="per K, e.g. 2:15,3:10; default L/K")
-    p.add_argument("--heads", default="", help="per K, e.g. 2:lm,3:FILE; default lm")
+    p.add_argument("--heads", default="", help="per K, e.g. 2:lm,3:FILE; default auto (the shipped head, else lm)")
     p.add_argument("--gpu-layers", type=Path, default=Path("bench/results/gpu_layers_h100.json"),
                    help="per-layer GPU decode times (bench/gpu_layer_latency.py) for projections")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -79,14 +79,8 @@ def pipeline_config(args, mode: str = "ppsd") -> PipelineConfig:
     if stages is None:
         stages = 1 if mode == "ar" else _default_stages()
     try:
-        model_dir = resolve_model(args.model)
-        head = args.head
-        if head == "auto":  # resolved here, before anything starts
-            from .heads import resolve_head
-
-            plain = PipelineConfig(model_dir=model_dir, stages=stages, exit_layer=args.exit_layer)
-            head = resolve_head("auto", model_dir, plain.exit_layer_or_default) if stages > 1 else "lm"
-        return PipelineConfig(model_dir=model_dir, stages=stages, exit_layer=args.exit_layer, head=head)
+        return PipelineConfig(model_dir=resolve_model(args.model), stages=stages, exit_layer=args.exit_layer,
+                              head=args.head)
     except ValidationError as e:
         raise UsageError(describe(e)) from None
 
@@ -240,7 +234,7 @@ def _bench(args) -> int:
     heads = _per_k(args.heads, str)
     for k in exit_layers:  # every pipeline config is checked before anything runs
         try:
-            PipelineConfig(model_dir=model_dir, stages=k, exit_layer=exit_layers[k], head=heads.get(k, "lm"))
+            PipelineConfig(model_dir=model_dir, stages=k, exit_layer=exit_layers[k], head=heads.get(k, "auto"))
         except ValidationError as e:
             raise UsageError(f"K={k}: {describe(e)}") from None
     lines = (args.prompts_file or bench.SUITE).read_text().splitlines()
@@ -292,7 +286,7 @@ def add_serve_parser(sub) -> None:
 def _serve(args) -> int:
     config = pipeline_config(args, args.mode or "ppsd")  # checked before Ray starts
     settings = {"model": str(config.model_dir), "stages": config.stages, "exit_layer": args.exit_layer,
-                "head": config.head, "mode": args.mode, "model_name": args.model_name,  # head: 'auto' resolved
+                "head": config.exit_head, "mode": args.mode, "model_name": args.model_name,
                 "api_key": args.api_key or os.environ.get("PPSD_API_KEY") or None,
                 "max_ongoing_requests": args.max_ongoing_requests, "max_tokens_limit": args.max_tokens_limit}
     from actors.serve import check_settings, serve_forever

@@ -54,8 +54,9 @@ class PipelineConfig(BaseModel):
     model_dir: Path = Field(description="Hugging Face model directory (config.json + safetensors)")
     stages: int = Field(2, ge=1, description="K, the number of pipeline stages")
     exit_layer: int | None = Field(None, description="E: stage 1 holds layers [0, E); default: L/K")
-    head: str = Field("lm", description="exit head: 'lm' or a trained head's .safetensors file "
-                                        "(its metadata must match the model and exit layer)")
+    head: str = Field("auto", description="exit head: 'auto' (the shipped head for this model and exit "
+                                          "layer, else 'lm'), 'lm', or a trained head's .safetensors file "
+                                          "(its metadata must match the model and exit layer)")
     dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$")
     use_gpus: bool | None = Field(None, description="one GPU per stage; default: if the cluster has GPUs")
     threads_per_stage: int | None = Field(None, ge=1, description="torch threads per CPU stage")
@@ -73,8 +74,8 @@ class PipelineConfig(BaseModel):
     @field_validator("head")
     @classmethod
     def _head_exists(cls, v: str) -> str:
-        if v != "lm" and not Path(v).is_file():
-            raise ValueError(f"not 'lm' and not a file: {v}")
+        if v not in ("auto", "lm") and not Path(v).is_file():
+            raise ValueError(f"not 'auto', 'lm' or a file: {v}")
         return v
 
     @model_validator(mode="after")
@@ -89,14 +90,25 @@ class PipelineConfig(BaseModel):
                     "exit_layer",
                     f"{e} leaves no layers for stages 2..{self.stages}: "
                     f"must be in [1, {layers - self.stages + 1}] for {self.stages} stages of a {layers}-layer model")
-            if self.head != "lm":  # a trained head: refused here, before any actor starts
+            if self.exit_head != "lm":  # a trained head: refused here, before any actor starts
                 from .heads import HeadMismatch, check_head_meta, read_head_meta
 
                 try:
-                    check_head_meta(read_head_meta(self.head), self.model_dir, e, self.head)
+                    check_head_meta(read_head_meta(self.exit_head), self.model_dir, e, self.exit_head)
                 except HeadMismatch as err:
                     raise ValueError(str(err)) from None
         return self
+
+    @cached_property
+    def exit_head(self) -> str:
+        """The head stage 1 loads: 'lm' or a file ('auto' resolved)."""
+        if self.head != "auto":
+            return self.head
+        if self.stages == 1:
+            return "lm"
+        from .heads import resolve_head
+
+        return resolve_head("auto", self.model_dir, self.exit_layer_or_default)
 
     @cached_property
     def info(self) -> ModelInfo:
