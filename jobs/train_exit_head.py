@@ -3,8 +3,8 @@
     python jobs/train_exit_head.py --exit-layer 15 --head-type linear
     ray job submit --working-dir . -- python jobs/train_exit_head.py --exit-layer 15 --out /shared/h.safetensors
 
-Steps (ppsd_ray/distill.py): the model answers the training prompts (greedy, every
---sampled-every-th prompt sampled) over --workers Ray actors, recording the exit
+Steps (ppsd_ray/distill.py): the model answers each training prompt --answers times
+(the first greedy, the others sampled) over --workers Ray actors, recording the exit
 layers' and final hidden states in a dataset cache under the ppsd cache dir; the
 same for the validation prompts (greedy only); then the head is trained with
 KL(teacher || head) and its validation acceptance measured and recorded in the
@@ -43,14 +43,12 @@ def parse(argv):
     p.add_argument("--train-prompts", type=Path, default=DATA / "heads_train.jsonl")
     p.add_argument("--val-prompts", type=Path, default=DATA / "heads_val.jsonl")
     p.add_argument("--max-prompts", type=int, help="use the first N training prompts")
-    p.add_argument("--max-new-tokens", type=int, default=96, help="response length of the training data")
-    p.add_argument("--sampled-every", type=int, default=4, help="every n-th training prompt sampled (0: none)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="response length of the training data")
+    p.add_argument("--answers", type=int, default=3, help="answers per training prompt: 1 greedy, the rest sampled")
     p.add_argument("--val-max-new-tokens", type=int, default=64)
     p.add_argument("--data-layers", default="8,10,15",
                    help="exit layers recorded in the dataset (one dataset serves several heads)")
-    p.add_argument("--gen-batch", type=int, default=16)
-    p.add_argument("--greedy-batches", type=int, help="use only the first N greedy batches (shortest prompts)")
-    p.add_argument("--sampled-batches", type=int, help="use only the first N sampled batches")
+    p.add_argument("--gen-batch", type=int, default=64, help="training data generation batch (validation: 16)")
     p.add_argument("--workers", type=int, default=2, help="generation actors (0: in-process)")
     p.add_argument("--threads-per-worker", type=int, default=1)
     p.add_argument("--epochs", type=int, default=4)
@@ -79,32 +77,34 @@ def main(argv=None) -> int:
     t0 = time.time()
 
     train_spec = D.DataSpec(prompts_file=str(args.train_prompts), exit_layers=layers, max_prompts=args.max_prompts,
-                            max_new_tokens=args.max_new_tokens, sampled_every=args.sampled_every,
-                            batch_size=args.gen_batch, seed=args.seed,
-                            greedy_batches=args.greedy_batches, sampled_batches=args.sampled_batches)
+                            max_new_tokens=args.max_new_tokens, answers=args.answers,
+                            batch_size=args.gen_batch, seed=args.seed)
     val_spec = D.DataSpec(prompts_file=str(args.val_prompts), exit_layers=layers,
-                          max_new_tokens=args.val_max_new_tokens, sampled_every=0,
-                          batch_size=args.gen_batch, seed=args.seed)
+                          max_new_tokens=args.val_max_new_tokens, seed=args.seed)
     train_dir = D.build_dataset(model_dir, train_spec, args.workers, args.threads_per_worker, progress)
     val_dir = D.build_dataset(model_dir, val_spec, args.workers, args.threads_per_worker, progress)
     gen_s = time.time() - t0
-    train = D.load_dataset(train_dir, args.exit_layer, train_spec)
+    train = D.load_dataset(train_dir, args.exit_layer, args.answers)
     val = D.load_dataset(val_dir, args.exit_layer)
 
     spec = D.TrainSpec(head_type=args.head_type, epochs=args.epochs, lr=args.lr, batch_seqs=args.batch_seqs,
                        seed=args.seed, max_records=args.max_records, prompt_positions=args.prompt_positions)
     torch.manual_seed(args.seed)
     head = D.new_head(args.head_type, model_dir, args.exit_layer)
-    run_key = hashlib.sha256(json.dumps([train_dir.name, args.greedy_batches, args.sampled_batches, args.exit_layer, asdict(spec)]).encode()).hexdigest()[:16]
+    run_key = hashlib.sha256(json.dumps([train_dir.name, args.answers, args.exit_layer, asdict(spec)]).encode()).hexdigest()[:16]
     run_dir = cache_dir() / "runs" / f"exit{args.exit_layer}-{args.head_type}-{run_key}"
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"data: {train_dir} ({len(train)} sequences), {val_dir} ({len(val)}); checkpoints: {run_dir}",
           file=sys.stderr)
 
+    seen = train[:: max(1, len(train) // 200)]  # about 200 training sequences: the generalisation gap
+
     def on_epoch(epoch):
-        acc = D.acceptance(head, val)
-        print(f"epoch {epoch}: val greedy {acc['greedy']:.3f} top-2 {acc['top2']:.3f}", file=sys.stderr)
-        return {"val_greedy": round(acc["greedy"], 4), "val_top2": round(acc["top2"], 4)}
+        acc, fit = D.acceptance(head, val), D.acceptance(head, seen)
+        print(f"epoch {epoch}: val greedy {acc['greedy']:.3f} top-2 {acc['top2']:.3f}; "
+              f"train greedy {fit['greedy']:.3f}", file=sys.stderr)
+        return {"val_greedy": round(acc["greedy"], 4), "val_top2": round(acc["top2"], 4),
+                "train_greedy": round(fit["greedy"], 4)}
 
     t1 = time.time()
     stats = D.train_head(head, train, spec, ckpt=run_dir / "checkpoint.pt", progress=progress,

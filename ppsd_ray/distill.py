@@ -44,32 +44,27 @@ from .model import cache_dir, encode_prompt, load_tensors, model_fingerprint
 
 @dataclass
 class DataSpec:
-    """Everything that determines a dataset; its hash names the cache directory."""
+    """Everything that determines a dataset; its hash names the cache directory.
+
+    Each prompt gets `answers` answers: answer 0 greedy, answers 1.. sampled (each its
+    own seed). Shards are per answer, so `answers` is not part of the key: a dataset
+    with more answers reuses the shards of one with fewer."""
     prompts_file: str
     exit_layers: tuple[int, ...]
     max_prompts: int | None = None
     max_new_tokens: int = 96
-    sampled_every: int = 0        # every n-th prompt is answered by sampling (0: all greedy)
+    answers: int = 1
     temperature: float = 0.7
     top_p: float = 0.9
     batch_size: int = 16
     seed: int = 0
-    # Use only the first n greedy / sampled batches of the plan (shortest prompts first).
-    # Not part of the key: a smaller selection shares the larger one's shards.
-    greedy_batches: int | None = None
-    sampled_batches: int | None = None
 
     def key(self, model_dir: Path) -> str:
         prompts = Path(self.prompts_file).read_bytes()
-        spec = {k: v for k, v in asdict(self).items() if k not in ("greedy_batches", "sampled_batches")}
+        spec = {k: v for k, v in asdict(self).items() if k != "answers"}
         blob = json.dumps({**spec, "prompts_file": hashlib.sha256(prompts).hexdigest(),
-                           "model": model_fingerprint(model_dir), "v": 1}, sort_keys=True)
+                           "model": model_fingerprint(model_dir), "v": 2}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    def select(self, batches: list[dict]) -> list[dict]:
-        greedy = [b for b in batches if not b["sample"]][: self.greedy_batches]
-        sampled = [b for b in batches if b["sample"]][: self.sampled_batches]
-        return greedy + sampled
 
 
 def read_prompts(path: Path | str, limit: int | None = None) -> list[str]:
@@ -78,21 +73,16 @@ def read_prompts(path: Path | str, limit: int | None = None) -> list[str]:
 
 
 def plan_batches(tokenizer, spec: DataSpec) -> list[dict]:
-    """Prompts -> batches of similar length (less padding); the plan is fixed by the spec."""
+    """Prompts -> batches of similar length (less padding), answer by answer; fixed by the spec."""
     prompts = read_prompts(spec.prompts_file, spec.max_prompts)
-    items = []
-    for i, p in enumerate(prompts):
-        sample = bool(spec.sampled_every) and i % spec.sampled_every == spec.sampled_every - 1
-        ids = encode_prompt(tokenizer, p)
-        items.append((sample, len(ids), i, ids))
-    items.sort(key=lambda x: (x[0], x[1], x[2]))
+    items = sorted((len(ids), i, ids) for i, p in enumerate(prompts) for ids in [encode_prompt(tokenizer, p)])
     batches = []
-    for sample in (False, True):
-        group = [x for x in items if x[0] == sample]
-        for j in range(0, len(group), spec.batch_size):
-            chunk = group[j: j + spec.batch_size]
-            batches.append({"index": len(batches), "sample": sample, "prompt_index": [x[2] for x in chunk],
-                            "ids": [x[3] for x in chunk], "seed": spec.seed * 100003 + len(batches)})
+    for answer in range(spec.answers):
+        for j in range(0, len(items), spec.batch_size):
+            chunk = items[j: j + spec.batch_size]
+            batches.append({"name": _shard_name(answer, j // spec.batch_size), "sample": answer > 0,
+                            "prompt_index": [x[1] for x in chunk], "ids": [x[2] for x in chunk],
+                            "seed": spec.seed * 100003 + answer * 1009 + j // spec.batch_size})
     return batches
 
 
@@ -177,8 +167,8 @@ def build_dataset(model_dir: Path, spec: DataSpec, workers: int = 2, threads_per
     out = dataset_dir(model_dir, spec)
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps({**asdict(spec), "model_dir": str(model_dir)}, indent=1))
-    batches = spec.select(plan_batches(AutoTokenizer.from_pretrained(model_dir), spec))
-    todo = [b for b in batches if not (out / _shard_name(b["index"])).exists()]
+    batches = plan_batches(AutoTokenizer.from_pretrained(model_dir), spec)
+    todo = [b for b in batches if not (out / b["name"]).exists()]
     bar = tqdm(total=len(batches), initial=len(batches) - len(todo), desc=f"generate {out.name}",
                unit="batch", disable=not progress)
     args = (spec.max_new_tokens, spec.temperature, spec.top_p)
@@ -186,7 +176,7 @@ def build_dataset(model_dir: Path, spec: DataSpec, workers: int = 2, threads_per
 
     def save(b, records):
         nonlocal tokens
-        path = out / _shard_name(b["index"])
+        path = out / b["name"]
         torch.save(records, path.with_suffix(".partial"))
         path.with_suffix(".partial").replace(path)
         tokens += sum(len(r["ids"]) - r["prompt_len"] for r in records)
@@ -226,22 +216,18 @@ def build_dataset(model_dir: Path, spec: DataSpec, workers: int = 2, threads_per
     return out
 
 
-def _shard_name(i: int) -> str:
-    return f"shard-{i:05d}.pt"
+def _shard_name(answer: int, batch: int) -> str:
+    return f"shard-a{answer}-{batch:04d}.pt"
 
 
-def load_dataset(path: Path, exit_layer: int, spec: DataSpec | None = None) -> list[dict]:
-    """Records with 'exit' (the given exit layer), 'final', 'ids', 'prompt_len', in shard order;
-    with `spec`, only the shards of its selection (all of which must exist)."""
+def load_dataset(path: Path, exit_layer: int, answers: int | None = None) -> list[dict]:
+    """Records with 'exit' (the given exit layer), 'final', 'ids', 'prompt_len', 'sampled',
+    answer by answer; with `answers`, only the first that many answers to each prompt."""
     records = []
-    shards = sorted(Path(path).glob("shard-*.pt"))
-    if spec is not None and (spec.greedy_batches is not None or spec.sampled_batches is not None):
-        from transformers import AutoTokenizer
-
-        model_dir = json.loads((Path(path) / "spec.json").read_text())["model_dir"]
-        picked = spec.select(plan_batches(AutoTokenizer.from_pretrained(model_dir), spec))
-        shards = [Path(path) / _shard_name(b["index"]) for b in sorted(picked, key=lambda b: b["index"])]
+    shards = sorted(Path(path).glob("shard-a*.pt"), key=lambda p: (int(p.stem.split("-")[1][1:]), p.name))
     for shard in shards:
+        if answers is not None and int(shard.stem.split("-")[1][1:]) >= answers:
+            continue
         for r in torch.load(shard, weights_only=True):
             key = f"exit{exit_layer}"
             if key not in r:

@@ -40,7 +40,7 @@ def prompts_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dataset(tiny_model_dir, prompts_file, cache, ray_cluster):
     spec = D.DataSpec(prompts_file=str(prompts_file), exit_layers=(EXIT,), max_new_tokens=12,
-                      sampled_every=3, batch_size=4)
+                      answers=2, batch_size=4)
     return D.build_dataset(tiny_model_dir, spec, workers=2, progress=False)
 
 
@@ -59,7 +59,8 @@ def layer_head_file(tiny_model_dir, dataset, tmp_path_factory):
 
 def test_dataset_is_the_models_own_greedy_output(tiny_model_dir, dataset, prompts_file):
     records = D.load_dataset(dataset, EXIT)
-    assert len(records) == 12 and sum(r["sampled"] for r in records) == 4
+    assert len(records) == 24 and sum(r["sampled"] for r in records) == 12
+    assert len(D.load_dataset(dataset, EXIT, answers=1)) == 12
     tok = load_tokenizer(tiny_model_dir)
     prompts = D.read_prompts(prompts_file)
     norm, lm_head, _ = D.frozen_parts(tiny_model_dir)
@@ -164,7 +165,7 @@ def test_training_resumes_after_interruption(tiny_model_dir, dataset, tmp_path):
     first = D.new_head("linear", tiny_model_dir, EXIT)
     with pytest.raises(Stop):
         D.train_head(first, records, spec, ckpt=tmp_path / "b.pt", progress=False, on_epoch=interrupt)
-    assert 0 < torch.load(tmp_path / "b.pt", weights_only=False)["step"] < 9
+    assert 0 < torch.load(tmp_path / "b.pt", weights_only=False)["step"] < 3 * len(records) // 4
     resumed = D.new_head("linear", tiny_model_dir, EXIT)  # a fresh process: new head, same command
     logs = []
     D.train_head(resumed, records, spec, ckpt=tmp_path / "b.pt", progress=False, log=logs.append)
@@ -182,3 +183,29 @@ def test_eval_acceptance_cli(tiny_model_dir, prompts_file, layer_head_file, cach
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["exit_layer"], r["head_type"]) for r in rows] == [(2, "lm"), (3, "lm"), (3, "layer")]
     assert all(0 <= r["greedy"] <= r["top2"] <= 1 and r["tokens"] > 0 for r in rows)
+
+
+def test_training_job_records_its_command_and_reproduces(tiny_model_dir, prompts_file, tmp_path, monkeypatch):
+    """jobs/train_exit_head.py end to end in-process; its recorded command, run again from
+    scratch (empty data and checkpoint cache), gives the same validation acceptance."""
+    import shlex
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    import train_exit_head
+
+    args = ["--model", str(tiny_model_dir), "--exit-layer", str(EXIT), "--head-type", "linear",
+            "--train-prompts", str(prompts_file), "--val-prompts", str(prompts_file), "--max-new-tokens", "8",
+            "--val-max-new-tokens", "8", "--answers", "2", "--gen-batch", "4", "--workers", "0",
+            "--epochs", "2", "--data-layers", "", "--no-progress", "--out", str(tmp_path / "a.safetensors")]
+    monkeypatch.setenv("PPSD_CACHE", str(tmp_path / "cache-a"))
+    assert train_exit_head.main(args) == 0
+    meta = read_head_meta(tmp_path / "a.safetensors")
+    assert meta["training_tokens"] > 0 and len(meta["history"]) == 2
+    assert meta["val_greedy_acceptance"] == meta["history"][-1]["val_greedy"]
+    recorded = shlex.split(meta["command"])
+    assert recorded[:2] == ["python", "jobs/train_exit_head.py"] and recorded[2:] == args
+    monkeypatch.setenv("PPSD_CACHE", str(tmp_path / "cache-b"))
+    assert train_exit_head.main(recorded[2:-1] + [str(tmp_path / "b.safetensors")]) == 0
+    assert read_head_meta(tmp_path / "b.safetensors")["val_greedy_acceptance"] == meta["val_greedy_acceptance"]
