@@ -40,11 +40,14 @@ def parse(argv):
     p.add_argument("--model", default="default")
     p.add_argument("--exit-layer", type=int, required=True)
     p.add_argument("--head-type", default="linear", choices=["linear", "layer"])
-    p.add_argument("--train-prompts", type=Path, default=DATA / "heads_train.jsonl")
+    p.add_argument("--train-prompts", type=Path, nargs="+",
+                   default=[DATA / "heads_train.jsonl", DATA / "heads_train_stdlib.jsonl"])
     p.add_argument("--val-prompts", type=Path, default=DATA / "heads_val.jsonl")
     p.add_argument("--max-prompts", type=int, help="use the first N training prompts")
     p.add_argument("--max-new-tokens", type=int, default=128, help="response length of the training data")
-    p.add_argument("--answers", type=int, default=3, help="answers per training prompt: 1 greedy, the rest sampled")
+    p.add_argument("--answers", type=int, nargs="+", default=[2, 1],
+                   help="answers per training prompt, the first greedy, the rest sampled; one number per "
+                        "--train-prompts file, or one for all")
     p.add_argument("--val-max-new-tokens", type=int, default=64)
     p.add_argument("--data-layers", default="8,10,15",
                    help="exit layers recorded in the dataset (one dataset serves several heads)")
@@ -76,25 +79,28 @@ def main(argv=None) -> int:
     progress = not args.no_progress
     t0 = time.time()
 
-    train_spec = D.DataSpec(prompts_file=str(args.train_prompts), exit_layers=layers, max_prompts=args.max_prompts,
-                            max_new_tokens=args.max_new_tokens, answers=args.answers,
-                            batch_size=args.gen_batch, seed=args.seed)
+    answers = args.answers * len(args.train_prompts) if len(args.answers) == 1 else args.answers
+    if len(answers) != len(args.train_prompts):
+        raise SystemExit("answers: give one number per --train-prompts file, or one for all")
+    train_specs = [D.DataSpec(prompts_file=str(f), exit_layers=layers, max_prompts=args.max_prompts,
+                              max_new_tokens=args.max_new_tokens, answers=n, batch_size=args.gen_batch,
+                              seed=args.seed) for f, n in zip(args.train_prompts, answers)]
     val_spec = D.DataSpec(prompts_file=str(args.val_prompts), exit_layers=layers,
                           max_new_tokens=args.val_max_new_tokens, seed=args.seed)
-    train_dir = D.build_dataset(model_dir, train_spec, args.workers, args.threads_per_worker, progress)
+    train_dirs = [D.build_dataset(model_dir, s, args.workers, args.threads_per_worker, progress) for s in train_specs]
     val_dir = D.build_dataset(model_dir, val_spec, args.workers, args.threads_per_worker, progress)
     gen_s = time.time() - t0
-    train = D.load_dataset(train_dir, args.exit_layer, args.answers)
+    train = [r for d, n in zip(train_dirs, answers) for r in D.load_dataset(d, args.exit_layer, n)]
     val = D.load_dataset(val_dir, args.exit_layer)
 
     spec = D.TrainSpec(head_type=args.head_type, epochs=args.epochs, lr=args.lr, batch_seqs=args.batch_seqs,
                        seed=args.seed, max_records=args.max_records, prompt_positions=args.prompt_positions)
     torch.manual_seed(args.seed)
     head = D.new_head(args.head_type, model_dir, args.exit_layer)
-    run_key = hashlib.sha256(json.dumps([train_dir.name, args.answers, args.exit_layer, asdict(spec)]).encode()).hexdigest()[:16]
+    run_key = hashlib.sha256(json.dumps([[d.name for d in train_dirs], answers, args.exit_layer, asdict(spec)]).encode()).hexdigest()[:16]
     run_dir = cache_dir() / "runs" / f"exit{args.exit_layer}-{args.head_type}-{run_key}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"data: {train_dir} ({len(train)} sequences), {val_dir} ({len(val)}); checkpoints: {run_dir}",
+    print(f"data: {', '.join(map(str, train_dirs))} ({len(train)} sequences), {val_dir} ({len(val)}); checkpoints: {run_dir}",
           file=sys.stderr)
 
     seen = train[:: max(1, len(train) // 200)]  # about 200 training sequences: the generalisation gap
@@ -118,7 +124,7 @@ def main(argv=None) -> int:
         "val_top2_acceptance": round(acc["top2"], 4), "val_tokens": acc["tokens"],
         "val_prompts": Path(args.val_prompts).name, "final_kl": round(stats["final_kl"], 4),
         "history": stats["history"], "train_wall_s": stats["train_wall_s"],
-        "data": {**asdict(train_spec), "prompts_file": Path(args.train_prompts).name},
+        "data": [{**asdict(s), "prompts_file": Path(s.prompts_file).name} for s in train_specs],
         "train": asdict(spec), "command": command,
         "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -60,3 +60,23 @@ def test_builder_reproduces_committed_files(tmp_path):
     )
     for name in FILES:
         assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
+
+
+def test_stdlib_prompts_are_varied_and_held_apart_from_validation():
+    rows = load("heads_train_stdlib.jsonl")
+    assert len(rows) >= 1000
+    assert HEAD_CATEGORIES <= {row["category"] for row in rows}
+    assert len({row["source"].split(":")[0] for row in rows}) >= 100  # modules
+    assert len({row["prompt"] for row in rows}) >= 0.99 * len(rows)
+    stdlib = {row["prompt"] for row in rows}
+    assert not stdlib & {row["prompt"] for row in load("heads_val.jsonl")}
+    assert not stdlib & {row["prompt"] for row in load("bench.jsonl")}
+
+
+def test_stdlib_builder_reproduces_committed_file(tmp_path):
+    """The file depends on the Python version's standard library; it was built with 3.11.7."""
+    if sys.version_info[:3] != (3, 11, 7):
+        pytest.skip("built from Python 3.11.7's standard library")
+    subprocess.run([sys.executable, "-m", "ppsd_ray.data.build_stdlib_prompts", "--out", str(tmp_path)],
+                   cwd=ROOT, check=True)
+    assert (tmp_path / "heads_train_stdlib.jsonl").read_bytes() == (DATA / "heads_train_stdlib.jsonl").read_bytes()
