@@ -54,7 +54,7 @@ def parse(argv):
     p.add_argument("--gen-batch", type=int, default=64, help="training data generation batch (validation: 16)")
     p.add_argument("--workers", type=int, default=2, help="generation actors (0: in-process)")
     p.add_argument("--threads-per-worker", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-seqs", type=int, default=4)
     p.add_argument("--prompt-positions", action="store_true",

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .heads import describe_head
 from .simulate import Timing, calibrate_hop, decode_step_times, simulate
 from .theory import eesd_speedup, ppsd_speedup
 
@@ -143,7 +144,7 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[dict], max_n
                                        "reps": reps, "prompts": len(prompts),
                                        "systems": [asdict(s) for s in systems],
                                        "exit_layers": exit_layers,
-                                       "heads": {f"K={k} {h}": Path(p.config.exit_head).name
+                                       "heads": {f"K={k} {h}": describe_head(p.config.exit_head)
                                                  for (k, h), p in pipelines.items()}},
             "records": records, "timeline": timeline}
 

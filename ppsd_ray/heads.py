@@ -242,6 +242,14 @@ def find_shipped_head(model_dir: Path, exit_layer: int) -> Path | None:
     return best[1] if best else None
 
 
+def describe_head(spec: str) -> str:
+    """'lm', or a head file's name with its recorded validation acceptance (for reports)."""
+    if spec == "lm":
+        return "lm"
+    meta = read_head_meta(spec)
+    return f"{Path(spec).name} (val greedy acceptance {meta.get('val_greedy_acceptance')})"
+
+
 def resolve_head(spec: str, model_dir: Path, exit_layer: int) -> str:
     """'auto' -> the matching shipped head file, else 'lm'; anything else unchanged."""
     if spec != "auto":
