@@ -1,7 +1,7 @@
 """Self-distillation of exit heads: data from the model's own outputs, training, acceptance.
 
 1. Data (`build_dataset`): the model answers each prompt with transformers' own
-   `generate` (greedy, or sampled for a share of the prompts), batched with left
+   `generate` (once greedy, then `answers - 1` times sampled), batched with left
    padding, in parallel over Ray actors. Forward hooks record, at every position
    the model ran, the exit layers' hidden states and the final (normed) hidden
    state. Full-vocabulary distributions are not stored (49152 floats a token);
@@ -223,10 +223,13 @@ def _shard_name(answer: int, batch: int) -> str:
 def load_dataset(path: Path, exit_layer: int, answers: int | None = None) -> list[dict]:
     """Records with 'exit' (the given exit layer), 'final', 'ids', 'prompt_len', 'sampled',
     answer by answer; with `answers`, only the first that many answers to each prompt."""
+    def answer(shard: Path) -> int:  # shard-a{answer}-{batch}.pt
+        return int(shard.stem.split("-")[1][1:])
+
     records = []
-    shards = sorted(Path(path).glob("shard-a*.pt"), key=lambda p: (int(p.stem.split("-")[1][1:]), p.name))
+    shards = sorted(Path(path).glob("shard-a*.pt"), key=lambda p: (answer(p), p.name))
     for shard in shards:
-        if answers is not None and int(shard.stem.split("-")[1][1:]) >= answers:
+        if answers is not None and answer(shard) >= answers:
             continue
         for r in torch.load(shard, weights_only=True):
             key = f"exit{exit_layer}"
