@@ -2,15 +2,19 @@
 streams committed tokens to the caller as soon as they are verified."""
 from __future__ import annotations
 
+import threading
 import time
 
 import ray
 
-from ppsd_ray.config import GenerationConfig
+from ppsd_ray.config import GenerationConfig, Transport
 from ppsd_ray.schedule import Decoder, RequestStats
+from ppsd_ray.transport import DirectPipe, StageError
 
 from .metrics import PipelineMetrics
-from .stage import RemoteStage
+from .stage import RayPipe
+
+WATCH_S = 1.0  # how often the direct transport's coordinator checks that every stage is alive
 
 
 @ray.remote(num_cpus=0, max_concurrency=8, concurrency_groups={"control": 1})
@@ -18,12 +22,39 @@ class Coordinator:
     """Each request runs on its own thread with its own sequence id, so requests can
     share the stages; their calls interleave in the stages' queues."""
 
-    def __init__(self, stages: list, eos_token_ids: list[int], window: int | None):
-        self.decoder = Decoder([RemoteStage(s) for s in stages], get=ray.get,
-                               eos_token_ids=eos_token_ids, window=window)
+    def __init__(self, stages: list, eos_token_ids: list[int], window: int | None, transport: str,
+                 timeout_s: float):
+        self.stages = stages
+        if Transport(transport) == Transport.direct:
+            self.pipe = DirectPipe(ray.util.get_node_ip_address(), timeout_s)
+            get = self.pipe.get
+        else:
+            self.pipe = RayPipe(stages)
+            get = lambda ref: ray.get(ref, timeout=timeout_s)  # noqa: E731
+        self.decoder = Decoder(self.pipe, len(stages), get=get, eos_token_ids=eos_token_ids, window=window)
         self.metrics = PipelineMetrics()
         self._running: set[str] = set()
         self._cancelled: set[str] = set()
+
+    @ray.method(concurrency_group="control")
+    def inbox(self) -> str:
+        """direct: the address the last stage sends verdicts and every stage its reports to."""
+        return self.pipe.address
+
+    @ray.method(concurrency_group="control")
+    def connect(self, stage_addresses: list[str]) -> None:
+        self.pipe.connect(stage_addresses)
+        threading.Thread(target=self._watch, daemon=True, name="ppsd-watch").start()
+
+    def _watch(self) -> None:
+        """direct: a dead stage fails every waiting request within seconds, naming the stage."""
+        while True:
+            for i, stage in enumerate(self.stages):
+                try:
+                    ray.get(stage.ready.remote(), timeout=10 * WATCH_S)
+                except Exception as e:
+                    self.pipe.fail(StageError(i, f"not answering ({type(e).__name__})"))
+            time.sleep(WATCH_S)
 
     @ray.method(num_returns="streaming")
     def generate(self, seq_id: str, prompt_ids: list[int], gen: dict):
@@ -49,7 +80,7 @@ class Coordinator:
             self._running.discard(seq_id)
             self._cancelled.discard(seq_id)
             tokens.close()  # releases the sequence on every stage, fills stats.stages
-            self.metrics.finished(mode, status, len(prompt_ids), stats.to_dict(), time.perf_counter() - t0)
+            self.metrics.finished(mode, status, len(prompt_ids), stats, time.perf_counter() - t0)
         yield stats.to_dict()
 
     @ray.method(concurrency_group="control")

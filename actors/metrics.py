@@ -11,6 +11,8 @@ import threading
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
+from ppsd_ray.schedule import RequestStats
+
 LATENCY_BOUNDARIES = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
 
 
@@ -45,7 +47,7 @@ class PipelineMetrics:
     def first_token(self, mode: str, seconds: float) -> None:
         self.ttft.observe(seconds, tags={"mode": mode})
 
-    def finished(self, mode: str, status: str, prompt_tokens: int, stats: dict, seconds: float) -> None:
+    def finished(self, mode: str, status: str, prompt_tokens: int, stats: RequestStats, seconds: float) -> None:
         with self._lock:
             self._running -= 1
             self.running.set(self._running)
@@ -53,12 +55,12 @@ class PipelineMetrics:
         self.requests.inc(1, tags={"mode": mode, "status": status})
         self.latency.observe(seconds, tags=tags)
         self.prompt_tokens.inc(prompt_tokens, tags=tags)
-        for counter, key in ((self.tokens, "new_tokens"), (self.drafted, "drafted"),
-                             (self.accepted, "accepted"), (self.rollbacks, "rollbacks")):
-            if stats.get(key):
-                counter.inc(stats[key], tags=tags)
-        for i, stage in enumerate(stats.get("stages", [])):  # per stage: compute_s, stale_s, ...
-            if stage.get("compute_s", 0) > 0:
-                self.busy.inc(stage["compute_s"], tags={"stage": str(i)})
-            if stage.get("stale_s", 0) > 0:
-                self.stale.inc(stage["stale_s"], tags={"stage": str(i)})
+        for counter, value in ((self.tokens, stats.new_tokens), (self.drafted, stats.drafted),
+                               (self.accepted, stats.accepted), (self.rollbacks, stats.rollbacks)):
+            if value:
+                counter.inc(value, tags=tags)
+        for stage in stats.stages:
+            if stage.compute_s > 0:
+                self.busy.inc(stage.compute_s, tags={"stage": str(stage.index)})
+            if stage.stale_s > 0:
+                self.stale.inc(stage.stale_s, tags={"stage": str(stage.index)})

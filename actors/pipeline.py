@@ -18,7 +18,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ppsd_ray.config import GenerationConfig, PipelineConfig
+from ppsd_ray.config import GenerationConfig, PipelineConfig, Transport
 
 from .coordinator import Coordinator
 from .stage import StageActor
@@ -42,16 +42,25 @@ class Pipeline:
     def __init__(self, config: PipelineConfig, pg=None, first_bundle: int = 0):
         """pg: a ready placement group made by someone else (a Serve replica's own): stage i
         runs in its bundle first_bundle + i with that bundle's resources, the coordinator in
-        bundle 0. Without one, GPU stages get a group of their own (one GPU each)."""
+        bundle 0. Without one, GPU stages get a group of their own (one GPU each).
+        A constructor that fails leaves nothing running: actors, group and Ray are taken down."""
         self.config = config
+        self.stages, self.coordinator = [], None
+        self._pg, self._own_pg = pg, pg is None
         self._started_ray = not ray.is_initialized()
         if self._started_ray:
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        k = config.stages
+        try:
+            self._start(pg, first_bundle)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self, pg, first_bundle: int) -> None:
+        config, k = self.config, self.config.stages
         gpus = config.use_gpus
         if gpus is None:
             gpus = ray.cluster_resources().get("GPU", 0) >= k
-        self._pg, self._own_pg = pg, pg is None
         if pg is not None:
             specs = pg.bundle_specs[first_bundle:first_bundle + k]
             if len(specs) < k:
@@ -62,7 +71,6 @@ class Pipeline:
             self._pg, first_bundle = placement_group([{"GPU": 1, "CPU": 1}] * k, strategy="PACK"), 0
             ray.get(self._pg.ready(), timeout=600)
         threads = config.threads_per_stage or max(1, int(ray.cluster_resources().get("CPU", 1)) // k)
-        self.stages = []
         for i, (start, stop) in enumerate(config.layer_ranges()):
             if self._pg:
                 bundle = self._pg.bundle_specs[first_bundle + i]
@@ -73,12 +81,28 @@ class Pipeline:
             self.stages.append(StageActor.options(**opts).remote(
                 str(config.model_dir), start, stop, i, k, config.exit_head, config.exit_layer_or_default,
                 config.dtype, None if gpus else threads))
-        self.layout = ray.get([s.ready.remote() for s in self.stages])
+        self.layout = ray.get([s.ready.remote() for s in self.stages], timeout=config.timeout_s * 5)
         coordinator = Coordinator
         if pg is not None:
             coordinator = Coordinator.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
                 pg, placement_group_bundle_index=0))
-        self.coordinator = coordinator.remote(self.stages, list(config.info.eos_token_ids), config.window)
+        self.coordinator = coordinator.remote(self.stages, list(config.info.eos_token_ids), config.window,
+                                              config.transport.value, config.timeout_s)
+        if config.transport == Transport.direct:
+            self._connect_direct(backend="nccl" if gpus else "gloo")
+
+    def _connect_direct(self, backend: str) -> None:
+        """Opens every inbox, joins the stages' torch.distributed group and starts the loops;
+        after this no token travels through Ray."""
+        wait = self.config.timeout_s
+        inboxes = ray.get([s.open_inbox.remote() for s in self.stages], timeout=wait)
+        coordinator = ray.get(self.coordinator.inbox.remote(), timeout=wait)
+        if len(self.stages) > 1:
+            master = ray.get(self.stages[0].free_port.remote(), timeout=wait)
+            ray.get([s.join_group.remote(len(self.stages), master, backend) for s in self.stages], timeout=wait)
+        ray.get([s.start_loop.remote(nxt, coordinator) for s, nxt in zip(self.stages, inboxes[1:] + [coordinator])],
+                timeout=wait)
+        ray.get(self.coordinator.connect.remote(inboxes), timeout=wait)
 
     def stream(self, prompt_ids: list[int], gen: GenerationConfig | None = None) -> Iterator[int | dict]:
         """Yields each token id as soon as it is verified, then the stats dict."""
@@ -104,10 +128,13 @@ class Pipeline:
 
     def shutdown(self) -> None:
         for actor in [self.coordinator, *self.stages]:
-            ray.kill(actor)
+            if actor is not None:
+                ray.kill(actor)
+        self.stages, self.coordinator = [], None
         if self._pg and self._own_pg:
             remove_placement_group(self._pg)
-        if self._started_ray:
+            self._pg = None
+        if self._started_ray and ray.is_initialized():
             ray.shutdown()
 
     def __enter__(self) -> "Pipeline":

@@ -1,15 +1,22 @@
 """StageActor: one ppsd_ray.stage.Stage in its own process (and GPU, when there is one).
 
-forward and release run on the "compute" thread, one call at a time. rollback
-runs on the "control" thread, so it takes effect while the calls it makes stale
-are still queued behind the running one: they are then skipped, not computed.
+transport "ray": forward and release run on the "compute" thread, one call at a
+time, each an actor call with the previous stage's Hop as an object ref; rollback
+runs on the "control" thread, so it takes effect while the calls it makes stale are
+still queued behind the running one: they are then skipped, not computed.
+
+transport "direct": Ray only starts the process; `open_inbox`, `join_group` and
+`start_loop` hand the Stage to a ppsd_ray.transport.StageLoop, and from then on
+no actor call carries a token.
 """
 from __future__ import annotations
 
 import ray
 import torch
 
+from ppsd_ray.protocol import Work
 from ppsd_ray.stage import Stage
+from ppsd_ray.transport import StageLoop, free_port, join_group
 
 
 @ray.remote(concurrency_groups={"compute": 1, "control": 1})
@@ -23,35 +30,69 @@ class StageActor:
             dtype = "bfloat16" if device == "cuda" else "float32"
         self.stage = Stage(model_dir, start, stop, index=index, num_stages=num_stages,
                            head=head, exit_layer=exit_layer, dtype=dtype, device=device)
+        self.loop: StageLoop | None = None
 
+    @ray.method(concurrency_group="control")
     def ready(self) -> dict:
         return {"index": self.stage.index, "layers": [self.stage.start, self.stage.stop],
-                "device": str(self.stage.device), "threads": torch.get_num_threads()}
+                "device": str(self.stage.device), "threads": torch.get_num_threads(),
+                "node": ray.util.get_node_ip_address()}
 
-    @ray.method(num_returns=2, concurrency_group="compute")
-    def forward(self, seq_id: str, epoch: int, pos: int, *inputs, heads: int = 1):
-        return self.stage.forward(seq_id, epoch, pos, *inputs, heads=heads)
+    @ray.method(concurrency_group="control")
+    def sequences(self) -> list[str]:
+        return self.stage.sequences()
+
+    # transport "ray"
+
+    @ray.method(concurrency_group="compute")
+    def forward(self, work: Work, hop=None):
+        return self.stage.forward(work, hop)
 
     @ray.method(concurrency_group="control")
     def rollback(self, seq_id: str, epoch: int) -> None:
         self.stage.rollback(seq_id, epoch)
 
     @ray.method(concurrency_group="compute")
-    def release(self, seq_id: str, keep: int, events: bool = False) -> dict:
+    def release(self, seq_id: str, keep: int, events: bool = False):
         return self.stage.release(seq_id, keep, events)
 
+    # transport "direct"
 
-class RemoteStage:
-    """The schedule's port to a StageActor: the same calls, answered with object refs."""
+    @ray.method(concurrency_group="control")
+    def open_inbox(self) -> str:
+        self.loop = StageLoop(self.stage, ray.util.get_node_ip_address())
+        return self.loop.address
 
-    def __init__(self, handle):
-        self.handle = handle
+    @ray.method(concurrency_group="control")
+    def free_port(self) -> str:
+        host = ray.util.get_node_ip_address()
+        return f"{host}:{free_port(host)}"
 
-    def forward(self, seq_id, epoch, pos, *inputs, heads=1):
-        return self.handle.forward.remote(seq_id, epoch, pos, *inputs, heads=heads)
+    @ray.method(concurrency_group="compute")
+    def join_group(self, world: int, master: str, backend: str) -> None:
+        join_group(self.stage.index, world, master, backend)
 
-    def rollback(self, seq_id, epoch):
-        return self.handle.rollback.remote(seq_id, epoch)
+    @ray.method(concurrency_group="control")
+    def start_loop(self, next_address: str, coordinator_address: str) -> None:
+        self.loop.start(next_address, coordinator_address)
 
-    def release(self, seq_id, keep, events=False):
-        return self.handle.release.remote(seq_id, keep, events)
+
+class RayPipe:
+    """transport "ray": each stage's call is an actor call given the previous stage's answer
+    as an object ref; submit answers with the ref of the last stage's Verdict."""
+
+    def __init__(self, handles: list):
+        self.handles = handles
+
+    def submit(self, work: Work):
+        ref = None
+        for h in self.handles:
+            ref = h.forward.remote(work, ref)
+        return ref
+
+    def rollback(self, seq_id: str, epoch: int) -> None:
+        for h in self.handles:
+            h.rollback.remote(seq_id, epoch)
+
+    def release(self, seq_id: str, keep: int, events: bool = False) -> list:
+        return [h.release.remote(seq_id, keep, events) for h in self.handles]

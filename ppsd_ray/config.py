@@ -6,6 +6,7 @@ one message that names the field.
 from __future__ import annotations
 
 import json
+import secrets
 from enum import Enum
 from functools import cached_property
 from pathlib import Path
@@ -18,6 +19,11 @@ class Mode(str, Enum):
     eesd = "eesd"  # classic early-exit self-speculation: draft gamma, verify in one pass
     pp = "pp"      # K stages, no speculation: one token in the pipe at a time
     ar = "ar"      # one stage holding the whole model, plain greedy decoding
+
+
+class Transport(str, Enum):
+    direct = "direct"  # persistent stage loops: ZMQ headers, torch.distributed hidden states
+    ray = "ray"        # one Ray actor call per stage per call, hidden states as object refs
 
 
 class ModelInfo(BaseModel):
@@ -62,6 +68,8 @@ class PipelineConfig(BaseModel):
     threads_per_stage: int | None = Field(None, ge=1, description="torch threads per CPU stage")
     cpus_per_stage: float = Field(0.1, gt=0, description="Ray CPU reservation of a CPU stage")
     window: int | None = Field(None, ge=1, description="ppsd: tokens in flight; default K")
+    transport: Transport = Field(Transport.direct, description="how hidden states move between stages")
+    timeout_s: float = Field(120.0, gt=0, description="longest wait for any one answer from the stages")
 
     @field_validator("model_dir")
     @classmethod
@@ -138,6 +146,18 @@ class GenerationConfig(BaseModel):
     gamma: int = Field(4, ge=1, le=64, description="eesd: drafts per verification")
     stop_on_eos: bool = True
     timeline: bool = Field(False, description="return each stage's call timestamps in the stats")
+    temperature: float = Field(0.0, ge=0, le=100, description="0: greedy, the model's own greedy output")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0: off")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="same seed, same pipeline: same tokens")
+    logprobs: int | None = Field(None, ge=0, le=5, description="report the chosen token's logprob and this many top ones")
+
+    def sampling(self) -> "Sampling":
+        """The settings the stages draw with; without a seed, a random one for this request."""
+        from .protocol import Sampling
+
+        seed = self.seed if self.seed is not None else secrets.randbits(62)
+        return Sampling(self.temperature, self.top_p, self.top_k, seed, self.logprobs)
 
 
 def _field_error(field: str, msg: str) -> ValueError:

@@ -1,17 +1,21 @@
-"""A discrete-event model of the K-stage pipeline running the Decoder's schedule.
+"""A discrete-event model of the K-stage pipeline, driving the real token loop.
 
-Driven by each stage's decode step time, the latency of one hand-off between
-calls (stage to stage, last stage to coordinator, coordinator to stage 1), and
-a recorded accept/reject trace. It replays ppsd_ray.schedule.Decoder's
-pipelined loop: up to `window` tokens in flight, each stage one call at a time,
-and on a rejection the calls that have not started when the rollback reaches a
-stage are skipped, while those already running finish (stale work).
+ppsd_ray.schedule.Decoder runs unchanged against a `TimedPipe`: fake stages in
+virtual time, given each stage's decode step time, the latency of one hand-off
+between calls (stage to stage, last stage to coordinator, coordinator to stage 1,
+and one stage-1 call to its next), and a recorded accept/reject trace. Each stage
+runs one call at a time; on a rollback, the calls that have not started when it
+reaches a stage are skipped, while those already running finish (stale work).
+The prefill costs nothing here: times are decode times.
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
+
+from .config import GenerationConfig
+from .protocol import StageReport, Verdict, Work
+from .schedule import Decoder, RequestStats
 
 
 @dataclass
@@ -31,44 +35,71 @@ class SimResult:
         return self.tokens / self.decode_s if self.decode_s else 0.0
 
 
+@dataclass
+class _Answer:
+    work: Work
+    ready: float  # when the verdict reaches the coordinator
+
+
+class TimedPipe:
+    """The Pipe protocol in virtual time. `now` advances when the Decoder gets an answer;
+    the verdict of a call with a draft behind it follows the trace, in order."""
+
+    def __init__(self, timing: Timing, trace: Sequence[bool]):
+        self.timing, self.trace = timing, list(trace)
+        k = len(timing.stage_s)
+        self.calls: list[list[tuple[float, float, int]]] = [[] for _ in range(k)]
+        self.free = [0.0] * k
+        self.now = 0.0
+        self._stage1_done = 0.0  # when stage 1's newest call ends: its own draft is ready then
+        self._verified = 0
+
+    def submit(self, work: Work) -> _Answer:
+        hop = self.timing.hop_s
+        if work.pos == 0:  # the prefill: free, answered at once
+            return _Answer(work, 0.0)
+        ready = self.now + hop if work.tokens is not None else self._stage1_done + hop
+        for j, step in enumerate(self.timing.stage_s):
+            start = max(self.free[j], ready)
+            self.free[j] = start + step
+            self.calls[j].append((start, self.free[j], work.pos))
+            if j == 0:
+                self._stage1_done = self.free[0]
+            ready = self.free[j] + hop
+        return _Answer(work, ready)
+
+    def get(self, answer: _Answer) -> Verdict:
+        self.now = max(self.now, answer.ready)
+        work = answer.work
+        if not work.draft:
+            return Verdict(work.seq_id, work.epoch, work.pos, [0], 0, 0)
+        accepted = self.trace[self._verified] if self._verified < len(self.trace) else True
+        self._verified += 1
+        return Verdict(work.seq_id, work.epoch, work.pos, [0], 1, int(accepted))
+
+    def rollback(self, seq_id: str, epoch: int) -> None:
+        arrives = self.now + self.timing.hop_s
+        for j, calls in enumerate(self.calls):
+            self.calls[j] = [c for c in calls if c[0] < arrives or c[2] == 0]
+            self.free[j] = max([c[1] for c in self.calls[j]], default=0.0)
+        self._stage1_done = self.free[0]
+
+    def release(self, seq_id: str, keep: int, events: bool = False) -> list[StageReport]:
+        return [StageReport(j) for j in range(len(self.calls))]
+
+
 def simulate(timing: Timing, trace: Sequence[bool], tokens: int, window: int) -> SimResult:
-    """Time to verify `tokens` tokens after the prefill. trace[i]: whether the draft
-    behind verified token i was accepted (read only when a draft was behind it)."""
+    """Time to verify `tokens` tokens after the prefill, by the Decoder's own schedule: ppsd
+    with `window` tokens in flight, or pp for window 1. trace[i]: whether the draft behind
+    verified token i was accepted."""
+    pipe = TimedPipe(timing, trace)
     k = len(timing.stage_s)
-    hop = timing.hop_s
-    calls: list[list[tuple[float, float, int]]] = [[] for _ in range(k)]
-    free = [0.0] * k
-    in_flight: deque = deque()   # (pos, verified_at, draft_at)
-    next_ready, next_pos = 0.0, 0
-    now, drafts_seen = 0.0, 0
-    for verified in range(tokens):
-        while len(in_flight) < window and next_pos < tokens:
-            ready = next_ready
-            for j in range(k):
-                start = max(free[j], ready)
-                free[j] = start + timing.stage_s[j]
-                calls[j].append((start, free[j], next_pos))
-                if j == 0:
-                    draft_at = free[0] + hop
-                ready = free[j] + hop
-            in_flight.append((next_pos, ready, draft_at))
-            next_ready, next_pos = draft_at, next_pos + 1
-        pos, verified_at, _ = in_flight.popleft()
-        now = max(now, verified_at)
-        if in_flight:
-            accepted = trace[drafts_seen] if drafts_seen < len(trace) else True
-            drafts_seen += 1
-            if accepted:
-                continue
-            # rollback: calls not yet started when it arrives are skipped
-            arrives = now + hop
-            stale = {p for p, _, _ in in_flight}
-            for j in range(k):
-                calls[j] = [c for c in calls[j] if not (c[2] in stale and c[0] >= arrives)]
-                free[j] = max([c[1] for c in calls[j]], default=0.0)
-            in_flight.clear()
-        next_ready, next_pos = now + hop, pos + 1
-    return SimResult(decode_s=now, tokens=tokens, calls=calls)
+    mode = "ppsd" if window > 1 and k > 1 else ("pp" if k > 1 else "ar")
+    decoder = Decoder(pipe, k, get=pipe.get, window=window)
+    gen = GenerationConfig(mode=mode, max_new_tokens=tokens + 1, stop_on_eos=False)
+    for _ in decoder.decode("sim", [0], gen, RequestStats()):
+        pass
+    return SimResult(decode_s=pipe.now, tokens=tokens, calls=pipe.calls)
 
 
 def calibrate_hop(stage_s: Sequence[float], pp_token_s: float) -> float:

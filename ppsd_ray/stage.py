@@ -31,27 +31,8 @@ from transformers import AutoConfig, AutoModel, DynamicCache
 
 from .heads import ExitHead, load_exit_head
 from .model import load_tensors, tensor_names
-from .schedule import OWN_DRAFT
-
-
-@dataclass
-class StageStats:
-    """Per sequence: seconds computing (the first call, the prefill, also alone), seconds
-    on positions later rolled back, calls, and each computed call's (start, end, pos, n)."""
-    compute_s: float = 0.0
-    prefill_s: float = 0.0
-    stale_s: float = 0.0
-    calls: int = 0
-    skipped: int = 0
-    spent: list[float] = field(default_factory=list)  # seconds per cached position
-    events: list[tuple[float, float, int, int]] = field(default_factory=list)
-
-    def summary(self, events: bool) -> dict:
-        out = {"compute_s": self.compute_s, "prefill_s": self.prefill_s, "stale_s": self.stale_s,
-               "calls": self.calls, "skipped": self.skipped}
-        if events:
-            out["events"] = self.events
-        return out
+from .protocol import Hop, StageReport, Verdict, Work
+from .sampling import propose, verify
 
 
 class Stage:
@@ -76,8 +57,11 @@ class Stage:
         self._head_caches: dict[str, DynamicCache] = {}  # exit heads that attend (type 'layer')
         self._epochs: dict[str, int] = {}
         self._drafts: dict[str, tuple[int, int]] = {}  # stage 1: (position, token) of its newest draft
-        self._stats: dict[str, StageStats] = {}
+        self._stats: dict[str, _SeqStats] = {}
         self._lock = threading.Lock()
+        self._running: Work | None = None  # the call computing now, checked between layers
+        for layer in self.body.layers:
+            layer.register_forward_pre_hook(self._check_stale)
 
     def _build(self, model_dir: Path, config, dtype):
         """The model class on the meta device, then only this stage's tensors, assigned."""
@@ -117,79 +101,130 @@ class Stage:
             raise ValueError(f"model_dir: {model_dir} lacks weights for {missing[:3]}")
         return body.to(self.device).eval(), final_norm, lm_head
 
-    # The three calls the schedule makes.
+    # The three calls of the protocol (ppsd_ray/protocol.py).
 
     @torch.inference_mode()
-    def forward(self, seq_id: str, epoch: int, pos: int, *inputs, heads: int = 1):
-        """Runs positions pos.. of one sequence. Stage 1 takes token ids (ints, lists
-        of ints, or OWN_DRAFT: the draft it made itself in its previous call, so the
-        draft chain needs no round trip), later stages hidden states [1, n, H]. Returns (hidden for the next
-        stage or None, argmax tokens of the last `heads` positions or None).
-        Stale calls (older epoch, skipped input, released sequence) return (None, None)."""
+    def forward(self, work: Work, hop: Hop | None = None) -> Hop | Verdict | None:
+        """Runs one call. Stage 1 takes work.tokens (or its own newest draft), later stages
+        the previous stage's Hop. Returns the Hop for the next stage, the Verdict on the
+        last one, or None when the call is stale (rolled back, released, or its input was
+        skipped upstream): then nothing is computed, or what had started stops between layers."""
+        seq = work.seq_id
         with self._lock:
-            stale = (epoch < self._epochs.get(seq_id, 0) or any(x is None for x in inputs)
-                     or (pos > 0 and seq_id not in self._caches))
+            stale = (work.epoch < self._epochs.get(seq, 0) or (hop is None and not self.first)
+                     or (work.pos > 0 and seq not in self._caches))
             if not stale:
-                self._epochs[seq_id] = epoch
+                self._epochs[seq] = work.epoch
         if stale:
-            if seq_id in self._stats:
-                self._stats[seq_id].skipped += 1
-            return None, None
-        stats = self._stats.setdefault(seq_id, StageStats())
+            if seq in self._stats:
+                self._stats[seq].report.skipped += 1
+            return None
+        stats = self._stats.setdefault(seq, _SeqStats(StageReport(index=self.index)))
         t0, wall0 = time.perf_counter(), time.time()
-        cache = self._cache_at(seq_id, pos, stats)
+        self._running = work
+        try:
+            out, n = self._run(work, hop, stats)
+        except _Stale:
+            out, n = None, 0
+        finally:
+            self._running = None
+        dt = time.perf_counter() - t0
+        report = stats.report
+        if out is None:  # stopped between layers: all of it was stale work
+            report.skipped += 1
+            report.stale_s += dt
+            report.compute_s += dt
+            return None
+        if not report.calls:
+            report.prefill_s = dt
+        report.compute_s += dt
+        report.calls += 1
+        stats.spent[work.pos:] = [dt / n] * n
+        report.events.append((wall0, wall0 + dt, work.pos, n))
+        return out
+
+    def _run(self, work: Work, hop: Hop | None, stats: "_SeqStats"):
+        seq, pos = work.seq_id, work.pos
+        cache = self._cache_at(seq, pos, stats)
+        drafts, dists = (hop.drafts, hop.draft_dists) if hop is not None else ([], None)
         if self.first:
-            ids = []
-            for x in inputs:
-                if isinstance(x, str) and x == OWN_DRAFT:
-                    x = self._own_draft(seq_id, pos + len(ids))
-                ids += [x] if isinstance(x, int) else x
+            ids = list(work.tokens) if work.tokens is not None else [self._own_draft(seq, pos)]
             x = self.body.embed_tokens(torch.tensor([ids], device=self.device))
         else:
-            x = torch.cat([h.to(self.device) for h in inputs], dim=1)
-        n = x.shape[1]
-        position_ids = torch.arange(pos, pos + n, device=self.device)[None]
-        out = self.body(inputs_embeds=x, position_ids=position_ids, use_cache=True,
-                        **{self._cache_kw: cache}).last_hidden_state
-        tokens = None
-        if self.exit_head is not None and self.exit_head.needs_cache:
-            # an attending head sees every position, drafted or not, so its cache
-            # follows the layer caches exactly
-            feats = self.exit_head.features(out, position_ids, self._head_cache_at(seq_id, pos))
-            if heads:
-                tokens = self.exit_head.logits(feats[:, -heads:]).argmax(-1)[0].tolist()
-        elif heads:
-            head = self.lm_head if self.last else self.exit_head
-            if head is not None:
-                tokens = head(out[:, -heads:]).argmax(-1)[0].tolist()
-        if tokens is not None and not self.last:
-            self._drafts[seq_id] = (pos + n, tokens[-1])
-        hidden = None if self.last else out.cpu()
-        dt = time.perf_counter() - t0
-        if not stats.calls:
-            stats.prefill_s = dt
-        stats.compute_s += dt
-        stats.calls += 1
-        stats.spent.extend([dt / n] * n)
-        stats.events.append((wall0, wall0 + dt, pos, n))
-        return hidden, tokens
+            x = hop.hidden.to(self.device)
+        out, n = self._layers(x, pos, cache), x.shape[1]
+        if self.first and not self.last:
+            # each chained draft runs as the next position right away (eesd); a trailing
+            # draft waits for the next call (ppsd: OWN_DRAFT)
+            hidden, dists = [out], (None if work.sampling.greedy else [])
+            feats = self._head_features(seq, out, pos, work.chain + work.draft > 0)
+            for i in range(work.chain + work.draft):
+                logits = self.exit_head.logits(feats[:, -1:])[0, -1]
+                token, dist = propose(logits, work.sampling, pos + n, work.epoch)
+                self._drafts[seq] = (pos + n, token)
+                drafts.append(token)
+                if dists is not None:
+                    dists.append(dist)
+                if i == work.chain:
+                    break
+                out = self._layers(self.body.embed_tokens(torch.tensor([[token]], device=self.device)),
+                                   pos + n, cache)
+                hidden.append(out)
+                feats = self._head_features(seq, out, pos + n, True)
+                n += 1
+            out = torch.cat(hidden, dim=1) if len(hidden) > 1 else out
+        if not self.last:
+            return Hop(work, out.cpu() if self.device.type == "cpu" else out, drafts, dists), n
+        logits = self.lm_head(out[0, -work.verify:])
+        first = pos + n - work.verify + 1  # the position of the token that row 0 decides
+        tokens, accepted, logprobs = verify(logits, first, drafts, dists, work.sampling, work.epoch)
+        return Verdict(seq, work.epoch, pos, tokens, len(drafts), accepted, logprobs), n
+
+    def _layers(self, x: torch.Tensor, pos: int, cache) -> torch.Tensor:
+        return self.body(inputs_embeds=x, position_ids=self._positions(pos, x.shape[1]), use_cache=True,
+                         **{self._cache_kw: cache}).last_hidden_state
+
+    def _positions(self, pos: int, n: int) -> torch.Tensor:
+        return torch.arange(pos, pos + n, device=self.device)[None]
+
+    def _head_features(self, seq: str, out: torch.Tensor, pos: int, needed: bool):
+        """The exit head's features for positions pos.. of `out`. An attending head sees every
+        position, drafted or not, so its cache follows the layer caches exactly."""
+        if self.exit_head.needs_cache:
+            n = out.shape[1]
+            return self.exit_head.features(out, self._positions(pos, n), self._head_cache_at(seq, pos))
+        return self.exit_head.features(out[:, -1:]) if needed else None
+
+    def _check_stale(self, module, args):
+        """Between layers: a call whose sequence was rolled back meanwhile stops here."""
+        work = self._running
+        if work is not None and work.epoch < self._epochs.get(work.seq_id, 0):
+            raise _Stale
 
     def rollback(self, seq_id: str, epoch: int) -> None:
         """Calls of this sequence with an older epoch are stale from now on."""
         with self._lock:
             self._epochs[seq_id] = max(epoch, self._epochs.get(seq_id, 0))
 
-    def release(self, seq_id: str, keep: int, events: bool = False) -> dict:
-        """Ends a sequence; positions >= keep count as stale work. Returns its stats,
+    def release(self, seq_id: str, keep: int, events: bool = False) -> StageReport:
+        """Ends a sequence; positions >= keep count as stale work. Returns its report,
         with the timeline of computed calls if `events`."""
-        stats = self._stats.pop(seq_id, StageStats())
+        stats = self._stats.pop(seq_id, None) or _SeqStats(StageReport(index=self.index))
         with self._lock:
             self._caches.pop(seq_id, None)
             self._head_caches.pop(seq_id, None)
             self._epochs.pop(seq_id, None)
             self._drafts.pop(seq_id, None)
-        stats.stale_s += sum(stats.spent[keep:])
-        return stats.summary(events)
+        report = stats.report
+        report.stale_s += sum(stats.spent[keep:])
+        if not events:
+            report.events = []
+        return report
+
+    def sequences(self) -> list[str]:
+        """Sequences holding state here (empty once every request has ended)."""
+        with self._lock:
+            return sorted(set(self._caches) | set(self._epochs) | set(self._stats))
 
     def _own_draft(self, seq_id: str, pos: int) -> int:
         drafted_at, token = self._drafts.get(seq_id, (None, None))
@@ -197,14 +232,16 @@ class Stage:
             raise RuntimeError(f"stage {self.index}: no draft of its own for position {pos} (has {drafted_at})")
         return token
 
-    def _cache_at(self, seq_id: str, pos: int, stats: StageStats) -> DynamicCache:
+    def _cache_at(self, seq_id: str, pos: int, stats: "_SeqStats") -> DynamicCache:
+        """The sequence's cache holding exactly positions < pos: later entries (rolled back, or
+        left by a call stopped between layers) are dropped."""
         cache = self._caches.get(seq_id)
         if cache is None:
             cache = self._caches[seq_id] = DynamicCache(config=self.config)
         held = cache.get_seq_length()
         if held > pos:
-            cache.crop(pos - held)  # negative: drop that many from the end
-            stats.stale_s += sum(stats.spent[pos:])
+            _crop(cache, pos)
+            stats.report.stale_s += sum(stats.spent[pos:])
             del stats.spent[pos:]
         elif held < pos:
             raise RuntimeError(f"stage {self.index}: call at position {pos} but only {held} positions cached")
@@ -217,10 +254,29 @@ class Stage:
             cache = self._head_caches[seq_id] = self.exit_head.new_cache()
         held = cache.get_seq_length()
         if held > pos:
-            cache.crop(pos - held)
+            _crop(cache, pos)
         elif held < pos:
             raise RuntimeError(f"stage {self.index}: exit head call at position {pos} but only {held} cached")
         return cache
+
+
+def _crop(cache: DynamicCache, n: int) -> None:
+    """Keeps positions < n in every layer (a call stopped between layers leaves layers
+    of different lengths, so each is cropped by its own)."""
+    for layer in cache.layers:
+        held = layer.get_seq_length()
+        if held > n:
+            layer.crop(n - held)
+
+
+class _Stale(Exception):
+    """Raised between layers when the running call was rolled back."""
+
+
+@dataclass
+class _SeqStats:
+    report: StageReport
+    spent: list[float] = field(default_factory=list)  # seconds per cached position
 
 
 def _shard_config(config, start: int, stop: int):

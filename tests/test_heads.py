@@ -14,8 +14,10 @@ from ppsd_ray import distill as D
 from ppsd_ray.config import GenerationConfig, PipelineConfig
 from ppsd_ray.heads import HeadMismatch, load_exit_head, read_head_meta, resolve_head, save_head
 from ppsd_ray.model import encode_prompt, load_tokenizer, model_fingerprint
+from ppsd_ray.protocol import Work
 from ppsd_ray.schedule import Decoder, RequestStats
 from ppsd_ray.stage import Stage
+from ppsd_ray.transport import LocalPipe
 
 EXIT = 3
 
@@ -92,7 +94,7 @@ def test_layer_head_is_lossless(tiny_model_dir, layer_head_file, mode, k):
     stages = [Stage(tiny_model_dir, a, b, index=i, num_stages=k, head=config.head, exit_layer=EXIT)
               for i, (a, b) in enumerate(ranges)]
     assert stages[0].exit_head.kind == "layer"
-    decoder = Decoder(stages, eos_token_ids=config.info.eos_token_ids)
+    decoder = Decoder(LocalPipe(stages), k, eos_token_ids=config.info.eos_token_ids)
     tok = load_tokenizer(tiny_model_dir)
     drafted = 0
     for n, prompt in enumerate(["the time of day", "water is a long way", "one two three four five"]):
@@ -112,14 +114,14 @@ def test_head_cache_follows_the_layer_caches(tiny_model_dir, layer_head_file):
 
     s = stage()
     prompt = [5, 6, 7, 8, 9]
-    s.forward("a", 0, 0, prompt, heads=1)
-    s.forward("a", 0, 5, [10], heads=1)
-    s.forward("a", 0, 6, [11], heads=0)  # no draft wanted: the head cache still advances
+    s.forward(Work("a", 0, 0, tuple(prompt), draft=True))
+    s.forward(Work("a", 0, 5, (10,), draft=True))
+    s.forward(Work("a", 0, 6, (11,)))  # no draft wanted: the head cache still advances
     assert s._head_caches["a"].get_seq_length() == 7
-    _, rerun = s.forward("a", 1, 5, [12, 13], heads=2)  # rollback: entries >= 5 dropped first
+    rerun = s.forward(Work("a", 1, 5, (12, 13), draft=True))  # rollback: entries >= 5 dropped first
     assert s._head_caches["a"].get_seq_length() == 7
-    _, fresh = stage().forward("b", 0, 0, prompt + [12, 13], heads=2)
-    assert rerun == fresh
+    fresh = stage().forward(Work("b", 0, 0, tuple(prompt) + (12, 13), draft=True))
+    assert rerun.drafts == fresh.drafts and torch.equal(rerun.hidden, fresh.hidden)
     s.release("a", 6)
     assert "a" not in s._head_caches
 

@@ -3,8 +3,13 @@ import pytest
 
 from conftest import hf_greedy
 from ppsd_ray.config import GenerationConfig, PipelineConfig
-from ppsd_ray.schedule import Decoder, RequestStats, accepted_prefix
+import torch
+
+from ppsd_ray.protocol import Hop, StageReport, Verdict
+from ppsd_ray.sampling import verify
+from ppsd_ray.schedule import Decoder, RequestStats
 from ppsd_ray.stage import Stage
+from ppsd_ray.transport import LocalPipe
 
 PROMPTS = [[3, 5, 78, 7, 5, 195, 4, 3], [1, 40, 41, 42], [9]]
 MODES = {1: ["ar"], 2: ["pp", "ppsd", "eesd"], 3: ["pp", "ppsd", "eesd"], 4: ["pp", "ppsd", "eesd"]}
@@ -16,6 +21,10 @@ def local_stages(model_dir, k, exit_layer=None):
             for i, (a, b) in enumerate(config.layer_ranges())]
 
 
+def local_decoder(model_dir, k, exit_layer=None, **kw):
+    return Decoder(LocalPipe(local_stages(model_dir, k, exit_layer)), k, **kw)
+
+
 def run(decoder, prompt, **gen):
     stats = RequestStats()
     out = list(decoder.decode("seq", prompt, GenerationConfig(**gen), stats))
@@ -24,7 +33,7 @@ def run(decoder, prompt, **gen):
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_every_mode_equals_transformers_greedy(tiny_model_dir, k):
-    decoder = Decoder(local_stages(tiny_model_dir, k), eos_token_ids=[2])
+    decoder = local_decoder(tiny_model_dir, k, eos_token_ids=[2])
     for prompt in PROMPTS:
         want = hf_greedy(tiny_model_dir, prompt, 40, stop_on_eos=False)
         for mode in MODES[k]:
@@ -36,68 +45,72 @@ def test_every_mode_equals_transformers_greedy(tiny_model_dir, k):
 
 def test_speculation_is_exercised(tiny_model_dir):
     """The lossless test means something only if drafts are both accepted and rejected."""
-    decoder = Decoder(local_stages(tiny_model_dir, 2), eos_token_ids=[2])
+    decoder = local_decoder(tiny_model_dir, 2, eos_token_ids=[2])
     _, stats = run(decoder, PROMPTS[0], mode="ppsd", max_new_tokens=40, stop_on_eos=False)
     assert 0 < stats.accepted < stats.drafted == 38  # every verified token but the last had a draft behind it
     assert stats.rollbacks == stats.drafted - stats.accepted
-    assert all(s["stale_s"] > 0 for s in stats.stages)
+    assert all(s.stale_s > 0 for s in stats.stages)
 
 
 def test_stops_at_eos_like_transformers(tiny_model_dir):
-    decoder = Decoder(local_stages(tiny_model_dir, 2), eos_token_ids=[2])
+    decoder = local_decoder(tiny_model_dir, 2, eos_token_ids=[2])
     for prompt in PROMPTS:
         want = hf_greedy(tiny_model_dir, prompt, 60)
         for mode in ["pp", "ppsd", "eesd"]:
             assert run(decoder, prompt, mode=mode, max_new_tokens=60)[0] == want
 
 
-def test_accepted_prefix():
-    assert accepted_prefix([1, 2, 3], [1, 2, 3, 4]) == 3
-    assert accepted_prefix([1, 9, 3], [1, 2, 3, 4]) == 1
-    assert accepted_prefix([], [7]) == 0
-
-
 class ScriptedStage:
-    """A fake stage: stage 1 drafts `draft(pos)`, the last stage verifies `truth(pos)`;
-    records every call so the schedule's messages can be checked."""
+    """A fake stage: stage 1 drafts `draft(p)` for position p, the last stage's model says
+    `truth(p)` (one-hot logits through the real verifier); records every call so the
+    schedule's messages can be checked."""
 
     def __init__(self, log, index, last, truth, draft):
         self.log, self.index, self.last, self.truth, self.draft = log, index, last, truth, draft
 
-    def forward(self, seq_id, epoch, pos, *inputs, heads=1):
-        self.log.append(("forward", self.index, epoch, pos, inputs if self.index == 0 else None))
-        n = sum(len(x) if isinstance(x, list) else 1 for x in inputs) if self.index == 0 else inputs[0]
-        positions = range(pos, pos + n)
-        if self.last:
-            return None, [self.truth(p) for p in positions][-heads:]
-        return n, ([self.draft(p) for p in positions][-heads:] if heads else None)
+    def forward(self, work, hop=None):
+        self.log.append(("forward", self.index, work.epoch, work.pos, work.tokens if self.index == 0 else None))
+        if self.index == 0:
+            n = (len(work.tokens) if work.tokens else 1) + work.chain
+            drafts = [self.draft(work.pos + i) for i in range(n - work.chain, n + work.draft)]
+        else:
+            n, drafts = hop.hidden.shape[1], hop.drafts
+        if not self.last:
+            return Hop(work, torch.zeros(1, n, 1), drafts)
+        first = work.pos + n - work.verify + 1
+        logits = torch.zeros(work.verify, 256)
+        logits[range(work.verify), [self.truth(first + i) for i in range(work.verify)]] = 1.0
+        tokens, accepted, _ = verify(logits, first, drafts, None, work.sampling, work.epoch)
+        return Verdict(work.seq_id, work.epoch, work.pos, tokens, len(drafts), accepted)
 
     def rollback(self, seq_id, epoch):
         self.log.append(("rollback", self.index, epoch))
 
     def release(self, seq_id, keep, events=False):
         self.log.append(("release", self.index, keep))
-        return {"compute_s": 0.0, "stale_s": 0.0, "calls": 0, "skipped": 0}
+        return StageReport(self.index)
 
 
 def scripted(k, truth, draft):
     log = []
-    return log, Decoder([ScriptedStage(log, i, i == k - 1, truth, draft) for i in range(k)])
+    return log, Decoder(LocalPipe([ScriptedStage(log, i, i == k - 1, truth, draft) for i in range(k)]), k)
 
 
 def test_rejected_draft_rolls_back_and_corrected_token_enters_stage_one():
-    # truth: the token at position p+1 is 100 + p; stage 1's draft is right except after position 5
-    truth = lambda p: 100 + p
-    draft = lambda p: 0 if p == 5 else 100 + p
+    # truth: the token at position p is 100 + p; stage 1's draft is right except at position 6
+    truth = lambda p: 99 + p
+    draft = lambda p: 0 if p == 6 else 99 + p
     log, decoder = scripted(2, truth, draft)
     out, stats = run(decoder, [1, 2, 3], mode="ppsd", max_new_tokens=8)
     assert out == [102, 103, 104, 105, 106, 107, 108, 109]
     assert stats.rollbacks == 1 and stats.drafted == 6 and stats.accepted == 5
     rollbacks = [e for e in log if e[0] == "rollback"]
-    assert rollbacks == [("rollback", 0, 1), ("rollback", 1, 1)]
-    after = log[log.index(rollbacks[-1]) + 1]
+    assert rollbacks[:2] == [("rollback", 0, 1), ("rollback", 1, 1)]
+    after = log[log.index(rollbacks[1]) + 1]
     # the verified token for position 6 (105, from position 5) enters stage 1 at 6, in the new epoch
-    assert after == ("forward", 0, 1, 6, ([105],))
+    assert after == ("forward", 0, 1, 6, (105,))
+    # the end of a request: calls still queued are made stale, then every stage releases
+    assert rollbacks[2:] == [("rollback", 0, 2), ("rollback", 1, 2)]
     assert [e[2] for e in log if e[0] == "release"] == [3 + 8 - 1] * 2
 
 
@@ -106,7 +119,7 @@ def test_pp_keeps_one_token_in_the_pipe():
     run(decoder, [1], mode="pp", max_new_tokens=5)
     first_stage = [e[3] for e in log if e[0] == "forward" and e[1] == 0]
     assert first_stage == [0, 1, 2, 3, 4]
-    assert not any(e[0] == "rollback" for e in log)
+    assert [e[2] for e in log if e[0] == "rollback"] == [1, 1, 1]  # only the one that ends the request
 
 
 def test_ppsd_never_launches_past_max_new_tokens():
@@ -116,25 +129,22 @@ def test_ppsd_never_launches_past_max_new_tokens():
     assert max(e[3] for e in log if e[0] == "forward") == 2 + 6 - 2
 
 
-def test_decoder_reads_only_token_ids(tiny_model_dir):
-    """Hidden states go stage to stage; the decoder's `get` only ever sees token lists and stats."""
+def test_decoder_reads_only_verdicts(tiny_model_dir):
+    """Hidden states go stage to stage; the decoder's `get` only ever sees verdicts and reports."""
     seen = []
 
     def get(x):
         seen.append(x)
         return x
 
-    decoder = Decoder(local_stages(tiny_model_dir, 3), get=get, eos_token_ids=[2])
+    decoder = local_decoder(tiny_model_dir, 3, get=get, eos_token_ids=[2])
     for mode in ["ppsd", "eesd", "pp"]:
         run(decoder, PROMPTS[0], mode=mode, max_new_tokens=10)
-    def token_ids(x):
-        return isinstance(x, int) or isinstance(x, list) and all(token_ids(t) for t in x)
-
-    assert seen and all(isinstance(x, dict) or token_ids(x) for x in seen)
+    assert seen and all(isinstance(x, (Verdict, StageReport)) for x in seen)
 
 
 def test_mode_needs_matching_stage_count(tiny_model_dir):
     with pytest.raises(ValueError, match="mode"):
-        run(Decoder(local_stages(tiny_model_dir, 2)), [1], mode="ar")
+        run(local_decoder(tiny_model_dir, 2), [1], mode="ar")
     with pytest.raises(ValueError, match="mode"):
-        run(Decoder(local_stages(tiny_model_dir, 1)), [1], mode="ppsd")
+        run(local_decoder(tiny_model_dir, 1), [1], mode="ppsd")

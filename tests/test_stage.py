@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from ppsd_ray.protocol import Work
 from ppsd_ray.stage import Stage
 
 
@@ -19,31 +20,56 @@ def test_stage_loads_only_its_layer_range(tiny_model_dir):
 
 def test_stale_calls_are_skipped_without_computing(tiny_model_dir):
     stage = Stage(tiny_model_dir, 0, 4, index=0, num_stages=2)
-    h, drafts = stage.forward("s", 0, 0, [5, 6, 7])
-    assert h.shape == (1, 3, 64) and len(drafts) == 1
+    hop = stage.forward(Work("s", 0, 0, (5, 6, 7), draft=True))
+    assert hop.hidden.shape == (1, 3, 64) and len(hop.drafts) == 1
     stage.rollback("s", 1)
-    assert stage.forward("s", 0, 3, [8]) == (None, None)       # older epoch
-    assert stage.forward("s", 1, 3, None) == (None, None)       # its input was skipped upstream
-    assert stage.forward("other", 0, 4, [8]) == (None, None)    # sequence not held (released)
-    stats = stage.release("s", keep=3)
-    assert stats["calls"] == 1 and stats["skipped"] == 2
+    assert stage.forward(Work("s", 0, 3, (8,))) is None            # older epoch
+    assert stage.forward(Work("other", 0, 4, (8,))) is None        # sequence not held (released)
+    last = Stage(tiny_model_dir, 4, 8, index=1, num_stages=2)
+    assert last.forward(Work("s", 1, 3, (8,)), None) is None       # its input was skipped upstream
+    report = stage.release("s", keep=3)
+    assert report.calls == 1 and report.skipped == 1
+
+
+def test_a_call_rolled_back_while_running_stops_between_layers(tiny_model_dir):
+    stage = Stage(tiny_model_dir, 0, 4, index=0, num_stages=2)
+    stage.forward(Work("s", 0, 0, (5, 6, 7), draft=True))
+    layers_run = []
+
+    def roll_back_after_layer_one(module, args):
+        layers_run.append(module)
+        if len(layers_run) == 1:
+            stage.rollback("s", 1)
+
+    stage.body.layers[0].register_forward_pre_hook(roll_back_after_layer_one)
+    assert stage.forward(Work("s", 0, 3, (8,), draft=True)) is None
+    assert layers_run == [stage.body.layers[0]]  # layers 1..3 never ran
+    # the corrected call at the same position sees exactly what a fresh sequence would
+    hop = stage.forward(Work("s", 1, 3, (9,), draft=True))
+    fresh = Stage(tiny_model_dir, 0, 4, index=0, num_stages=2)
+    fresh.forward(Work("f", 0, 0, (5, 6, 7)))
+    want = fresh.forward(Work("f", 0, 3, (9,), draft=True))
+    assert torch.equal(hop.hidden, want.hidden) and hop.drafts == want.drafts
+    report = stage.release("s", keep=4)
+    assert report.skipped == 1 and report.stale_s > 0
 
 
 def test_a_call_at_pos_drops_later_kv_entries(tiny_model_dir):
     """Rollback by position: after dropping, the stage computes what it would have from scratch."""
     stage = Stage(tiny_model_dir, 0, 4, index=0, num_stages=2)
-    stage.forward("a", 0, 0, [5, 6, 7])
-    stage.forward("a", 0, 3, [99])          # a draft that will be rejected
-    stage.forward("a", 0, 4, [98])
-    h_rolled, d_rolled = stage.forward("a", 1, 3, [8])
-    stage.forward("b", 0, 0, [5, 6, 7])
-    h_plain, d_plain = stage.forward("b", 0, 3, [8])
-    assert torch.equal(h_rolled, h_plain) and d_rolled == d_plain
-    assert stage.release("a", keep=4)["stale_s"] > 0
+    stage.forward(Work("a", 0, 0, (5, 6, 7)))
+    stage.forward(Work("a", 0, 3, (99,)))          # a draft that will be rejected
+    stage.forward(Work("a", 0, 4, (98,)))
+    rolled = stage.forward(Work("a", 1, 3, (8,), draft=True))
+    stage.forward(Work("b", 0, 0, (5, 6, 7)))
+    plain = stage.forward(Work("b", 0, 3, (8,), draft=True))
+    assert torch.equal(rolled.hidden, plain.hidden) and rolled.drafts == plain.drafts
+    assert stage.release("a", keep=4).stale_s > 0
+    assert stage.sequences() == ["b"]
 
 
 def test_a_gap_in_positions_is_an_error(tiny_model_dir):
     stage = Stage(tiny_model_dir, 0, 4, index=0, num_stages=2)
-    stage.forward("s", 0, 0, [5, 6])
+    stage.forward(Work("s", 0, 0, (5, 6)))
     with pytest.raises(RuntimeError, match="position 5"):
-        stage.forward("s", 0, 5, [7])
+        stage.forward(Work("s", 0, 5, (7,)))

@@ -26,6 +26,17 @@ def test_simulator_without_overheads_reaches_the_ideal_speedup(k, alpha):
     assert pp / ppsd == pytest.approx(ppsd_speedup(measured_alpha, k), rel=0.01)
 
 
+def test_the_simulator_runs_the_real_decoder(monkeypatch):
+    """No copy of the schedule: a change to Decoder._pipelined changes the simulation."""
+    from ppsd_ray.schedule import Decoder
+
+    calls = []
+    real = Decoder._pipelined
+    monkeypatch.setattr(Decoder, "_pipelined", lambda self, *a: calls.append(1) or real(self, *a))
+    simulate(Timing([1.0, 1.0], hop_s=0.0), [True] * 5, 5, window=2)
+    assert calls == [1]
+
+
 def test_rollback_skips_calls_that_had_not_started():
     # K=3, every draft rejected: ppsd degenerates to pp plus the stale calls already running
     timing = Timing([1.0, 1.0, 1.0], hop_s=0.0)
@@ -37,6 +48,6 @@ def test_rollback_skips_calls_that_had_not_started():
 def test_hops_cost_what_the_schedule_says():
     timing = Timing([2.0, 3.0], hop_s=0.5)
     pp = simulate(timing, [], 5, window=1)
-    assert pp.decode_s == pytest.approx(5 * 5.0 + 5 * 3 * 0.5 - 0.5)  # the first token's input is ready at 0
+    assert pp.decode_s == pytest.approx(5 * 5.0 + 5 * 3 * 0.5)  # every input crosses from the coordinator
     assert calibrate_hop([2.0, 3.0], 5.0 + 3 * 0.5) == pytest.approx(0.5)
     assert decode_step_times([{"compute_s": 10.0, "prefill_s": 4.0, "calls": 4}]) == [2.0]

@@ -1,0 +1,95 @@
+"""The messages of the pipeline, the same on every transport.
+
+The coordinator sends a `Work` to stage 1: the header of one call, which every
+stage sees. Each stage hands the next a `Hop`: the header, the hidden state of
+the call's positions and stage 1's drafts travelling with it. The last stage
+verifies those drafts and answers the coordinator with a `Verdict`. When a
+sequence ends, each stage answers `release` with its `StageReport`.
+
+A `Work` names one sequence; the transports carry lists of them so that a later
+change can run several sequences in one forward without a new protocol.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a token is chosen (ppsd_ray.sampling): temperature 0 is greedy."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    logprobs: Optional[int] = None  # top alternatives to report per token; None: no logprobs
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = Sampling()
+
+
+@dataclass(frozen=True)
+class Work:
+    """One call: `tokens` enter stage 1 at `pos` (None: stage 1's own newest draft), then
+    stage 1 runs `chain` more positions, each on the draft it just made (eesd), and
+    drafts once more after the last one if `draft` (ppsd: that draft enters on the next
+    call). The last stage verifies the call's last `verify` positions."""
+    seq_id: str
+    epoch: int
+    pos: int
+    tokens: Optional[tuple[int, ...]]
+    chain: int = 0
+    draft: bool = False
+    verify: int = 1
+    sampling: Sampling = GREEDY
+
+
+@dataclass
+class Hop:
+    """What a stage hands the next: the hidden state of the call's positions [1, n, H] and
+    stage 1's drafts, each with the distribution it was drawn from (None when greedy)."""
+    work: Work
+    hidden: torch.Tensor
+    drafts: list[int]
+    draft_dists: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None  # (token ids, probs) per draft
+
+
+@dataclass
+class Verdict:
+    """The last stage's answer: the tokens this call commits (the accepted drafts, then
+    the correction or the next token), and how many drafts were accepted."""
+    seq_id: str
+    epoch: int
+    pos: int
+    tokens: list[int]
+    drafted: int
+    accepted: int
+    logprobs: Optional[list] = None  # per committed token: (logprob, ((id, logprob), ...))
+
+
+@dataclass
+class StageReport:
+    """One stage's work on one sequence: seconds computing (the first call, the prefill,
+    also alone), seconds on positions later rolled back, calls computed and skipped as
+    stale, and with a timeline each computed call's (start, end, pos, n)."""
+    index: int = 0
+    compute_s: float = 0.0
+    prefill_s: float = 0.0
+    stale_s: float = 0.0
+    calls: int = 0
+    skipped: int = 0
+    events: list[tuple[float, float, int, int]] = field(default_factory=list)
+
+    @property
+    def decode_step_s(self) -> float:
+        """The mean decode step (prefill call excluded)."""
+        return (self.compute_s - self.prefill_s) / max(1, self.calls - 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
