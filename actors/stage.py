@@ -39,6 +39,10 @@ class StageActor:
                 "node": ray.util.get_node_ip_address()}
 
     @ray.method(concurrency_group="control")
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    @ray.method(concurrency_group="control")
     def sequences(self) -> list[str]:
         return self.stage.sequences()
 

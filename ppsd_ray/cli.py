@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .config import GenerationConfig, Mode, PipelineConfig, describe
+from .config import GenerationConfig, Mode, PipelineConfig, Transport, describe
 from .model import encode_prompt, load_tokenizer, resolve_model
 
 
@@ -71,6 +71,9 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", default="auto",
                    help="exit head: 'auto' (the shipped head for this model and exit layer if there is one, "
                         "else 'lm'), 'lm', or a trained head file")
+    p.add_argument("--transport", default="direct", choices=[t.value for t in Transport],
+                   help="how hidden states move between stages: 'direct' (stage loops, ZMQ + torch.distributed) "
+                        "or 'ray' (an actor call per stage per token)")
 
 
 def pipeline_config(args, mode: str = "ppsd") -> PipelineConfig:
@@ -80,7 +83,7 @@ def pipeline_config(args, mode: str = "ppsd") -> PipelineConfig:
         stages = 1 if mode == "ar" else _default_stages()
     try:
         return PipelineConfig(model_dir=resolve_model(args.model), stages=stages, exit_layer=args.exit_layer,
-                              head=args.head)
+                              head=args.head, transport=args.transport)
     except ValidationError as e:
         raise UsageError(describe(e)) from None
 

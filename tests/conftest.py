@@ -3,7 +3,16 @@ own greedy output as the reference, a Ray cluster for the session, and the real
 default model (tests marked real_model)."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,3 +103,77 @@ def real_model_dir():
     from ppsd_ray.model import default_model_dir
 
     return default_model_dir()
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@contextlib.contextmanager
+def ray_cluster_nodes(log_dir: Path, node_args: list[list[str]], up=lambda: True, timeout_s: float = 120):
+    """A real multi-node Ray cluster on this machine: `ray start --head --block` with node_args[0],
+    then one `ray start --address --block` per further entry. Yields (GCS address, env).
+
+    Stopped by signalling the `ray start --block` processes started here, not with `ray stop`,
+    which would kill every Ray cluster of this user on the machine."""
+    import psutil
+
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    gcs, metrics = free_ports(2)
+    address = f"127.0.0.1:{gcs}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    # its own temp dir (short: Ray's socket paths): other ray.init() calls on this machine
+    # look for a `ray start` cluster in /tmp/ray and must not find and join this one
+    temp_dir = tempfile.mkdtemp(prefix="ppsd-ray-")
+    procs, pids, logs = [], set(), []
+    common = ["--block", "--node-ip-address", "127.0.0.1", "--num-gpus", "0", "--disable-usage-stats"]
+    try:
+        for i, args in enumerate(node_args):
+            log = log_dir / f"ray-start-{i}.log"
+            logs.append(log)
+            where = (["--head", "--port", str(gcs), "--metrics-export-port", str(metrics), "--temp-dir", temp_dir]
+                     if i == 0 else ["--address", address])
+            if i == 0 and "--include-dashboard" not in args:
+                where += ["--include-dashboard", "false"]
+            with open(log, "wb") as out:
+                procs.append(subprocess.Popen([ray_bin, "start", *where, *common, *args], env=env, stdout=out,
+                                              stderr=subprocess.STDOUT, start_new_session=True))
+            deadline = time.time() + timeout_s
+            while not (i > 0 or up()) or not _nodes_alive(address, env, i + 1):
+                assert procs[-1].poll() is None, log.read_text()[-3000:]
+                assert time.time() < deadline, f"ray start: node {i} not up\n" + log.read_text()[-3000:]
+                time.sleep(1)
+        yield address, env
+    finally:
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                pids |= {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+        for proc in reversed(procs):
+            proc.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        time.sleep(2)
+        for pid in pids:  # anything left of this cluster, by pid
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _nodes_alive(address: str, env: dict, n: int) -> bool:
+    """Whether the cluster at address has n live nodes (asked from a separate process)."""
+    code = f"import ray; ray.init(address='{address}', log_to_driver=False); print(sum(x['Alive'] for x in ray.nodes()))"
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return False
+    return out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(n)]

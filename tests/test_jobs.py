@@ -1,95 +1,39 @@
 """`ray job submit --working-dir . -- python jobs/generate.py ...` against a cluster
-started with `ray start --head`, for real: the job's tokens equal transformers' greedy output.
-
-The cluster is stopped by signalling the `ray start --block` process this test started,
-not with `ray stop`, which would kill every Ray cluster of this user on the machine.
-"""
+started with `ray start --head`, for real: the job's tokens equal transformers' greedy output."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import shutil
 import subprocess
 import sys
-import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
 
-from conftest import hf_greedy
+from conftest import free_ports, hf_greedy, ray_cluster_nodes
 
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A head node from `ray start --head --block`; yields the job server's address."""
-    gcs, dashboard, client, agent, metrics = free_ports(5)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    log = tmp_path_factory.mktemp("ray-head") / "ray-start.log"
-    # its own temp dir (short: Ray's socket paths): other ray.init() calls on this machine
-    # look for a `ray start` cluster in /tmp/ray and must not find and join this one
-    temp_dir = tempfile.mkdtemp(prefix="ppsd-ray-")
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-             "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard", "true",
-             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-             "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
-             "--metrics-export-port", str(metrics), "--disable-usage-stats", "--temp-dir", temp_dir],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    dashboard, client, agent = free_ports(3)
+    args = ["--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+            "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent)]
     address = f"http://127.0.0.1:{dashboard}"
-    pids: set[int] = set()
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.time() < deadline, "ray start: no job server after 120 s\n" + log.read_text()[-3000:]
-            pids |= {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
-            try:
-                with urllib.request.urlopen(address + "/api/version", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(1)
+
+    def job_server_up():
+        try:
+            with urllib.request.urlopen(address + "/api/version", timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    with ray_cluster_nodes(tmp_path_factory.mktemp("ray-head"), [args], job_server_up) as (_, env):
         yield address, env
-    finally:
-        try:
-            pids |= {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
-        except psutil.NoSuchProcess:
-            pass
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        time.sleep(2)
-        for pid in pids:  # anything left of this cluster, by pid
-            try:
-                psutil.Process(pid).kill()
-            except psutil.NoSuchProcess:
-                pass
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.slow
