@@ -10,8 +10,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .config import GenerationConfig, Mode, PipelineConfig, describe
+from .config import GenerationConfig, Mode, PipelineConfig, check_prompt, describe
 from .model import encode_prompt, load_tokenizer, resolve_model
+from .prompts import Prompt, PromptsFileError, read_prompts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,15 +97,24 @@ def _model_path(args) -> int:
     return 0
 
 
-def _read_prompts(args) -> list[str]:
+def _read_prompts(args) -> list[Prompt]:
     if args.prompts_file:
-        if args.prompt:
+        if args.prompt is not None:
             raise UsageError("give a prompt or --prompts-file, not both")
-        lines = args.prompts_file.read_text().splitlines()
-        return [json.loads(line)["prompt"] for line in lines if line.strip()]
+        return _prompts_file(args.prompts_file)
     if args.prompt is None:
         raise UsageError("give a prompt or --prompts-file")
-    return [args.prompt]
+    try:
+        return [Prompt(prompt=args.prompt)]
+    except ValidationError as e:
+        raise UsageError(describe(e)) from None
+
+
+def _prompts_file(path: Path) -> list[Prompt]:
+    try:
+        return read_prompts(path)
+    except PromptsFileError as e:
+        raise UsageError(f"prompts-file: {e}") from None
 
 
 def _generate(args) -> int:
@@ -117,12 +127,20 @@ def _generate(args) -> int:
     if args.mode == "ar" and config.stages != 1:
         raise UsageError("stages: --mode ar runs on one stage")
     tokenizer = load_tokenizer(config.model_dir)
+    prompt_ids = []
+    for p in prompts:  # every prompt is checked before Ray starts
+        ids = encode_prompt(tokenizer, p.prompt, raw=args.raw)
+        try:
+            check_prompt(ids, config.info, gen)
+        except ValueError as e:
+            where = f"prompts-file: {args.prompts_file}:{p.line}: " if p.line else ""
+            raise UsageError(f"{where}{e}") from None
+        prompt_ids.append(ids)
 
     from actors.pipeline import Pipeline
 
     with Pipeline(config) as pipe:
-        for prompt in prompts:
-            ids = encode_prompt(tokenizer, prompt, raw=args.raw)
+        for prompt, ids in zip(prompts, prompt_ids):
             tokens, stats, shown = [], {}, ""
             for item in pipe.stream(ids, gen):
                 if isinstance(item, dict):
@@ -135,7 +153,8 @@ def _generate(args) -> int:
                     shown = text
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             if args.json:
-                print(json.dumps({"prompt": prompt, "text": text, "token_ids": tokens, "stats": stats}), flush=True)
+                print(json.dumps({"prompt": prompt.prompt, "text": text, "token_ids": tokens, "stats": stats}),
+                      flush=True)
             else:
                 print()
                 print(f"[{stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tokens/s, "
@@ -165,8 +184,7 @@ def _eval_acceptance(args) -> int:
     from .heads import HeadMismatch, find_shipped_head, load_exit_head, read_head_meta
 
     model_dir = resolve_model(args.model)
-    if not args.prompts_file.is_file():
-        raise UsageError(f"prompts-file: no such file {args.prompts_file}")
+    _prompts_file(args.prompts_file)  # a bad file fails here, not in the generation actors
     try:
         layers = sorted({int(x) for x in args.exit_layers.split(",") if x.strip()})
     except ValueError:
@@ -237,12 +255,11 @@ def _bench(args) -> int:
             PipelineConfig(model_dir=model_dir, stages=k, exit_layer=exit_layers[k], head=heads.get(k, "auto"))
         except ValidationError as e:
             raise UsageError(f"K={k}: {describe(e)}") from None
-    lines = (args.prompts_file or bench.SUITE).read_text().splitlines()
-    prompts = [json.loads(line) for line in lines if line.strip()]
+    prompts = _prompts_file(args.prompts_file or bench.SUITE)
     if args.per_category:
         seen: dict = {}
-        prompts = [p for p in prompts if seen.setdefault(p.get("category"), []).append(p) or
-                   len(seen[p.get("category")]) <= args.per_category]
+        prompts = [p for p in prompts if seen.setdefault(p.category, []).append(p) or
+                   len(seen[p.category]) <= args.per_category]
     result = bench.run_bench(model_dir, systems, prompts, args.max_new_tokens, args.reps, exit_layers, heads)
     summary = bench.summarize(result, info.num_layers)
     projections = []
