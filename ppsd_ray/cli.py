@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .config import GenerationConfig, Mode, PipelineConfig, check_prompt, describe
+from .config import GenerationConfig, Mode, ModelInfo, PipelineConfig, check_prompt, describe
 from .model import encode_prompt, load_tokenizer, resolve_model
 from .prompts import Prompt, PromptsFileError, read_prompts
 
@@ -86,6 +86,15 @@ def pipeline_config(args, mode: str = "ppsd") -> PipelineConfig:
         raise UsageError(describe(e)) from None
 
 
+def checked_model(model: str) -> tuple[Path, ModelInfo]:
+    """The model directory and its info; a bad one is a UsageError before anything starts."""
+    try:
+        config = PipelineConfig(model_dir=resolve_model(model), stages=1)
+    except ValidationError as e:
+        raise UsageError(describe(e)) from None
+    return config.model_dir, config.info
+
+
 def _default_stages() -> int:
     import torch
 
@@ -126,7 +135,10 @@ def _generate(args) -> int:
     config = pipeline_config(args, args.mode)
     if args.mode == "ar" and config.stages != 1:
         raise UsageError("stages: --mode ar runs on one stage")
-    tokenizer = load_tokenizer(config.model_dir)
+    try:
+        tokenizer = load_tokenizer(config.model_dir)
+    except ValueError as e:
+        raise UsageError(f"model_dir: {e}") from None
     prompt_ids = []
     for p in prompts:  # every prompt is checked before Ray starts
         ids = encode_prompt(tokenizer, p.prompt, raw=args.raw)
@@ -183,7 +195,7 @@ def _eval_acceptance(args) -> int:
     from . import distill
     from .heads import HeadMismatch, find_shipped_head, load_exit_head, read_head_meta
 
-    model_dir = resolve_model(args.model)
+    model_dir, _ = checked_model(args.model)
     _prompts_file(args.prompts_file)  # a bad file fails here, not in the generation actors
     try:
         layers = sorted({int(x) for x in args.exit_layers.split(",") if x.strip()})
@@ -239,14 +251,12 @@ def _per_k(spec: str, cast) -> dict:
 
 def _bench(args) -> int:
     from . import bench, report
-    from .config import ModelInfo
 
     try:
         systems = bench.parse_systems(args.systems or bench.DEFAULT_SYSTEMS)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    model_dir = resolve_model(args.model)
-    info = ModelInfo.read(model_dir)
+    model_dir, info = checked_model(args.model)
     stage_counts = sorted({s.stages for s in systems} | {2})
     exit_layers = {k: round(info.num_layers / k) for k in stage_counts if k > 1} | _per_k(args.exit_layers, int)
     heads = _per_k(args.heads, str)

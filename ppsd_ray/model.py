@@ -120,9 +120,13 @@ def tensor_names(model_dir: Path) -> list[str]:
 
 
 def load_tokenizer(model_dir: Path):
+    """ValueError with a one-line message if the directory has no usable tokenizer."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"no usable tokenizer in {model_dir} ({' '.join(str(e).split()) or type(e).__name__})") from e
 
 
 def encode_prompt(tokenizer, prompt: str, raw: bool = False) -> list[int]:

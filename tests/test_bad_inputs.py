@@ -71,6 +71,8 @@ def test_every_command_reads_prompts_files_the_same_way(tiny_model_dir, tmp_path
     for command in ("generate", "eval-acceptance"):
         err = usage_error(capsys, command, "--prompts-file", missing, "--model", tiny_model_dir)
         assert err.endswith(f"prompts-file: {missing}: no such file")
+    err = usage_error(capsys, "generate", "--prompts-file", tmp_path, "--model", tiny_model_dir)
+    assert err == f"ppsd generate: error: prompts-file: {tmp_path}: a directory, not a file"
     file.write_text('\n{"prompt": "x", "source": "notes are ignored"}\n\n{"prompt": "y", "category": "code"}\n')
     assert [(p.prompt, p.category, p.line) for p in read_prompts(file)] == [("x", "all", 2), ("y", "code", 4)]
 
@@ -145,6 +147,8 @@ def test_model_dir_with_missing_weights(tiny_model_dir, sharded_model_dir, tmp_p
     assert len(shards) >= 2
     assert PipelineConfig(model_dir=sharded_model_dir, stages=2).info.num_layers == 8  # complete: accepted
     cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "water"}\n')
     cases = [  # (model dir, the message after 'model_dir: ')
         (broken_copy(sharded_model_dir, tmp_path / "shard", remove=[shards[-1]]),
          f"{tmp_path / 'shard' / 'model.safetensors.index.json'} names 1 shard file(s) that are not there: "
@@ -162,8 +166,16 @@ def test_model_dir_with_missing_weights(tiny_model_dir, sharded_model_dir, tmp_p
         with pytest.raises(ValueError) as e:
             PipelineConfig(model_dir=model_dir, stages=2)
         assert describe(e.value).startswith(f"model_dir: {message}"), describe(e.value)
-        err = usage_error(capsys, "generate", "water", "--model", model_dir)
-        assert err.startswith(f"ppsd generate: error: model_dir: {message}")
+        for argv in (["generate", "water"], ["bench", "--systems", "ar"],
+                     ["eval-acceptance", "--prompts-file", prompts, "--workers", 0]):
+            err = usage_error(capsys, *argv, "--model", model_dir)
+            assert err.startswith(f"ppsd {argv[0]}: error: model_dir: {message}")
+
+
+def test_model_dir_without_a_tokenizer(tiny_model_dir, tmp_path, capsys, no_ray):
+    model_dir = broken_copy(tiny_model_dir, tmp_path / "notok", remove=["tokenizer.json"])
+    err = usage_error(capsys, "generate", "water", "--model", model_dir)
+    assert err.startswith(f"ppsd generate: error: model_dir: no usable tokenizer in {model_dir} (")
 
 
 def test_check_prompt_names_the_field(tiny_model_dir):
