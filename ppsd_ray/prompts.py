@@ -9,6 +9,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
 
+from .config import describe
+
 
 class Prompt(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)  # other keys (e.g. 'source') are notes
@@ -25,13 +27,14 @@ class Prompt(BaseModel):
         return v
 
 
+_JSON_KINDS = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+
+
 class PromptsFileError(ValueError):
     """A prompts file that cannot be used; the message names the file, the line and the field."""
 
 
 def read_prompts(path: Path | str) -> list[Prompt]:
-    from .config import describe
-
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -50,7 +53,7 @@ def read_prompts(path: Path | str) -> list[Prompt]:
         except json.JSONDecodeError as e:
             raise PromptsFileError(f"{path}:{n}: not JSON ({e})") from None
         if not isinstance(obj, dict):
-            kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(obj), "a number")
+            kind = _JSON_KINDS.get(type(obj), "a number")
             raise PromptsFileError(f"{path}:{n}: {kind}, not an object with key 'prompt'")
         try:
             prompts.append(Prompt.model_validate({**obj, "line": n}))

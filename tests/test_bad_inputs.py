@@ -218,3 +218,21 @@ def test_python_api_refuses_bad_prompts_before_any_actor_call(ray_cluster, tiny_
         pipe.coordinator = coordinator
         prompt = [5, 17, 42, 99]
         assert pipe.generate(prompt, gen).token_ids == hf_greedy(tiny_model_dir, prompt, 10)
+
+
+def test_training_job_checks_every_prompts_file_first(tiny_model_dir, tmp_path, monkeypatch, no_ray):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    import train_exit_head
+
+    monkeypatch.setenv("PPSD_CACHE", str(tmp_path / "cache"))
+    good, bad = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    good.write_text('{"prompt": "water is good"}\n')
+    bad.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
+    with pytest.raises(SystemExit) as e:  # the val file is used last, after hours of generation
+        train_exit_head.main(["--model", str(tiny_model_dir), "--exit-layer", "4", "--train-prompts", str(good),
+                              "--val-prompts", str(bad), "--answers", "1"])
+    assert str(e.value) == f"prompts: {bad}:2: prompt: Input should be a valid string"
+    assert not (tmp_path / "cache").exists()  # nothing generated
