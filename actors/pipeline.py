@@ -18,7 +18,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ppsd_ray.config import GenerationConfig, PipelineConfig, Transport
+from ppsd_ray.config import GenerationConfig, PipelineConfig, Transport, check_prompt
 
 from .coordinator import Coordinator
 from .stage import StageActor
@@ -107,10 +107,7 @@ class Pipeline:
     def stream(self, prompt_ids: list[int], gen: GenerationConfig | None = None) -> Iterator[int | dict]:
         """Yields each token id as soon as it is verified, then the stats dict."""
         gen = gen or GenerationConfig()
-        limit = self.config.info.max_positions
-        if len(prompt_ids) + gen.max_new_tokens > limit:
-            raise ValueError(f"max_new_tokens: prompt ({len(prompt_ids)}) + max_new_tokens "
-                             f"({gen.max_new_tokens}) exceeds the model's {limit} positions")
+        check_prompt(prompt_ids, self.config.info, gen)
         refs = self.coordinator.generate.remote(uuid.uuid4().hex, list(prompt_ids), gen.model_dump())
         for ref in refs:
             yield ray.get(ref)

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from ppsd_ray import distill as D  # noqa: E402
 from ppsd_ray.heads import SHIPPED_DIR, save_head  # noqa: E402
 from ppsd_ray.model import cache_dir, model_fingerprint, resolve_model  # noqa: E402
+from ppsd_ray.prompts import PromptsFileError, read_prompts  # noqa: E402
 
 DATA = Path(D.__file__).parent / "data"
 
@@ -82,6 +83,11 @@ def main(argv=None) -> int:
     answers = args.answers * len(args.train_prompts) if len(args.answers) == 1 else args.answers
     if len(answers) != len(args.train_prompts):
         raise SystemExit("answers: give one number per --train-prompts file, or one for all")
+    for f in [*args.train_prompts, args.val_prompts]:  # all of them, before hours of generation
+        try:
+            read_prompts(f)
+        except PromptsFileError as e:
+            raise SystemExit(f"prompts: {e}") from None
     train_specs = [D.DataSpec(prompts_file=str(f), exit_layers=layers, max_prompts=args.max_prompts,
                               max_new_tokens=args.max_new_tokens, answers=n, batch_size=args.gen_batch,
                               seed=args.seed) for f, n in zip(args.train_prompts, answers)]

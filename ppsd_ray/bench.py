@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .heads import describe_head
+from .prompts import Prompt
 from .simulate import Timing, calibrate_hop, decode_step_times, simulate
 from .theory import eesd_speedup, ppsd_speedup
 
@@ -77,7 +78,7 @@ class HFRunner:
         return tokens, {"new_tokens": len(tokens), "wall_s": wall, "tokens_per_s": len(tokens) / wall}
 
 
-def run_bench(model_dir: Path, systems: list[System], prompts: list[dict], max_new_tokens: int, reps: int,
+def run_bench(model_dir: Path, systems: list[System], prompts: list[Prompt], max_new_tokens: int, reps: int,
               exit_layers: dict[int, int], heads: dict[int, str], progress: bool = True) -> dict:
     """Runs every (repetition, prompt, system); returns the raw records and the set-up."""
     from tqdm import tqdm
@@ -90,7 +91,7 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[dict], max_n
     import ray
 
     tokenizer = load_tokenizer(model_dir)
-    ids = [encode_prompt(tokenizer, p["prompt"]) for p in prompts]
+    ids = [encode_prompt(tokenizer, p.prompt) for p in prompts]
     hf = HFRunner(model_dir, exit_layers.get(2, exit_layers[min(exit_layers)]))
     started_ray = not ray.is_initialized()
     if started_ray:  # one Ray for all pipelines
@@ -124,7 +125,7 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[dict], max_n
                     tokens, stats = run_one(system, prompt_ids, max_new_tokens)
                     if system.name == "hf":
                         reference.setdefault(i, tokens)
-                    records.append({"system": system.name, "prompt": i, "category": prompt.get("category", "all"),
+                    records.append({"system": system.name, "prompt": i, "category": prompt.category,
                                     "rep": rep, "tokens": tokens, "stats": stats})
                     bar.update()
         bar.close()

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .config import GenerationConfig, Mode, PipelineConfig, Transport, describe
+from .config import GenerationConfig, Mode, ModelInfo, PipelineConfig, Transport, check_prompt, describe
 from .model import encode_prompt, load_tokenizer, resolve_model
+from .prompts import Prompt, PromptsFileError, read_prompts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +89,15 @@ def pipeline_config(args, mode: str = "ppsd") -> PipelineConfig:
         raise UsageError(describe(e)) from None
 
 
+def checked_model(model: str) -> tuple[Path, ModelInfo]:
+    """The model directory and its info; a bad one is a UsageError before anything starts."""
+    try:
+        config = PipelineConfig(model_dir=resolve_model(model), stages=1)
+    except ValidationError as e:
+        raise UsageError(describe(e)) from None
+    return config.model_dir, config.info
+
+
 def _default_stages() -> int:
     import torch
 
@@ -99,15 +109,24 @@ def _model_path(args) -> int:
     return 0
 
 
-def _read_prompts(args) -> list[str]:
+def _read_prompts(args) -> list[Prompt]:
     if args.prompts_file:
-        if args.prompt:
+        if args.prompt is not None:
             raise UsageError("give a prompt or --prompts-file, not both")
-        lines = args.prompts_file.read_text().splitlines()
-        return [json.loads(line)["prompt"] for line in lines if line.strip()]
+        return _prompts_file(args.prompts_file)
     if args.prompt is None:
         raise UsageError("give a prompt or --prompts-file")
-    return [args.prompt]
+    try:
+        return [Prompt(prompt=args.prompt)]
+    except ValidationError as e:
+        raise UsageError(describe(e)) from None
+
+
+def _prompts_file(path: Path) -> list[Prompt]:
+    try:
+        return read_prompts(path)
+    except PromptsFileError as e:
+        raise UsageError(f"prompts-file: {e}") from None
 
 
 def _generate(args) -> int:
@@ -119,13 +138,24 @@ def _generate(args) -> int:
     config = pipeline_config(args, args.mode)
     if args.mode == "ar" and config.stages != 1:
         raise UsageError("stages: --mode ar runs on one stage")
-    tokenizer = load_tokenizer(config.model_dir)
+    try:
+        tokenizer = load_tokenizer(config.model_dir)
+    except ValueError as e:
+        raise UsageError(f"model_dir: {e}") from None
+    prompt_ids = []
+    for p in prompts:  # every prompt is checked before Ray starts
+        ids = encode_prompt(tokenizer, p.prompt, raw=args.raw)
+        try:
+            check_prompt(ids, config.info, gen)
+        except ValueError as e:
+            where = f"prompts-file: {args.prompts_file}:{p.line}: " if p.line else ""
+            raise UsageError(f"{where}{e}") from None
+        prompt_ids.append(ids)
 
     from actors.pipeline import Pipeline
 
     with Pipeline(config) as pipe:
-        for prompt in prompts:
-            ids = encode_prompt(tokenizer, prompt, raw=args.raw)
+        for prompt, ids in zip(prompts, prompt_ids):
             tokens, stats, shown = [], {}, ""
             for item in pipe.stream(ids, gen):
                 if isinstance(item, dict):
@@ -138,7 +168,8 @@ def _generate(args) -> int:
                     shown = text
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             if args.json:
-                print(json.dumps({"prompt": prompt, "text": text, "token_ids": tokens, "stats": stats}), flush=True)
+                print(json.dumps({"prompt": prompt.prompt, "text": text, "token_ids": tokens, "stats": stats}),
+                      flush=True)
             else:
                 print()
                 print(f"[{stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tokens/s, "
@@ -167,9 +198,8 @@ def _eval_acceptance(args) -> int:
     from . import distill
     from .heads import HeadMismatch, find_shipped_head, load_exit_head, read_head_meta
 
-    model_dir = resolve_model(args.model)
-    if not args.prompts_file.is_file():
-        raise UsageError(f"prompts-file: no such file {args.prompts_file}")
+    model_dir, _ = checked_model(args.model)
+    _prompts_file(args.prompts_file)  # a bad file fails here, not in the generation actors
     try:
         layers = sorted({int(x) for x in args.exit_layers.split(",") if x.strip()})
     except ValueError:
@@ -224,14 +254,12 @@ def _per_k(spec: str, cast) -> dict:
 
 def _bench(args) -> int:
     from . import bench, report
-    from .config import ModelInfo
 
     try:
         systems = bench.parse_systems(args.systems or bench.DEFAULT_SYSTEMS)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    model_dir = resolve_model(args.model)
-    info = ModelInfo.read(model_dir)
+    model_dir, info = checked_model(args.model)
     stage_counts = sorted({s.stages for s in systems} | {2})
     exit_layers = {k: round(info.num_layers / k) for k in stage_counts if k > 1} | _per_k(args.exit_layers, int)
     heads = _per_k(args.heads, str)
@@ -240,12 +268,11 @@ def _bench(args) -> int:
             PipelineConfig(model_dir=model_dir, stages=k, exit_layer=exit_layers[k], head=heads.get(k, "auto"))
         except ValidationError as e:
             raise UsageError(f"K={k}: {describe(e)}") from None
-    lines = (args.prompts_file or bench.SUITE).read_text().splitlines()
-    prompts = [json.loads(line) for line in lines if line.strip()]
+    prompts = _prompts_file(args.prompts_file or bench.SUITE)
     if args.per_category:
         seen: dict = {}
-        prompts = [p for p in prompts if seen.setdefault(p.get("category"), []).append(p) or
-                   len(seen[p.get("category")]) <= args.per_category]
+        prompts = [p for p in prompts if seen.setdefault(p.category, []).append(p) or
+                   len(seen[p.category]) <= args.per_category]
     result = bench.run_bench(model_dir, systems, prompts, args.max_new_tokens, args.reps, exit_layers, heads)
     summary = bench.summarize(result, info.num_layers)
     projections = []

@@ -6,6 +6,7 @@ one message that names the field.
 from __future__ import annotations
 
 import json
+import numbers
 import secrets
 from enum import Enum
 from functools import cached_property
@@ -38,19 +39,36 @@ class ModelInfo(BaseModel):
 
     @classmethod
     def read(cls, model_dir: Path) -> "ModelInfo":
-        cfg = json.loads((model_dir / "config.json").read_text())
+        """ValueError naming the file and key if config.json does not describe a model."""
+        cfg = _read_json_object(model_dir / "config.json")
         eos = cfg.get("eos_token_id")
         gen_file = model_dir / "generation_config.json"
         if gen_file.exists():  # generate() stops on generation_config's eos, so do we
-            eos = json.loads(gen_file.read_text()).get("eos_token_id", eos)
+            eos = _read_json_object(gen_file).get("eos_token_id", eos)
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        return cls(
-            num_layers=cfg["num_hidden_layers"],
-            hidden_size=cfg["hidden_size"],
-            vocab_size=cfg["vocab_size"],
-            max_positions=cfg.get("max_position_embeddings", 2048),
-            eos_token_ids=tuple(eos),
-        )
+        missing = [k for k in ("num_hidden_layers", "hidden_size", "vocab_size") if k not in cfg]
+        if missing:
+            raise ValueError(f"{model_dir / 'config.json'}: no {', '.join(missing)}")
+        try:
+            return cls(
+                num_layers=cfg["num_hidden_layers"],
+                hidden_size=cfg["hidden_size"],
+                vocab_size=cfg["vocab_size"],
+                max_positions=cfg.get("max_position_embeddings", 2048),
+                eos_token_ids=tuple(eos),
+            )
+        except ValidationError as e:
+            raise ValueError(f"{model_dir / 'config.json'}: {describe(e)}") from None
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return obj
 
 
 class PipelineConfig(BaseModel):
@@ -73,10 +91,14 @@ class PipelineConfig(BaseModel):
 
     @field_validator("model_dir")
     @classmethod
-    def _model_dir_exists(cls, v: Path) -> Path:
+    def _model_dir_is_a_model(cls, v: Path) -> Path:
+        from .model import check_weights
+
         v = Path(v).expanduser()
         if not (v / "config.json").is_file():
             raise ValueError(f"no config.json in {v}")
+        ModelInfo.read(v)
+        check_weights(v)
         return v
 
     @field_validator("head")
@@ -158,6 +180,24 @@ class GenerationConfig(BaseModel):
 
         seed = self.seed if self.seed is not None else secrets.randbits(62)
         return Sampling(self.temperature, self.top_p, self.top_k, seed, self.logprobs)
+
+
+def check_prompt(prompt_ids, info: ModelInfo, gen: GenerationConfig) -> None:
+    """A request's prompt against the model, before any stage sees it: ValueError naming
+    the field. An id outside the embedding would be an index error on CPU and, on CUDA,
+    a device-side assert that leaves the stage's GPU context unusable."""
+    if isinstance(prompt_ids, (str, bytes)) or not hasattr(prompt_ids, "__len__"):
+        raise _field_error("prompt_ids", f"a list of token ids, not {type(prompt_ids).__name__}")
+    if len(prompt_ids) == 0:
+        raise _field_error("prompt_ids", "empty; a prompt needs at least one token")
+    for i, t in enumerate(prompt_ids):
+        if not isinstance(t, numbers.Integral) or isinstance(t, bool):
+            raise _field_error("prompt_ids", f"[{i}] is {type(t).__name__} {t!r}, not an int")
+        if not 0 <= t < info.vocab_size:
+            raise _field_error("prompt_ids", f"[{i}] = {t} is outside the model's vocabulary [0, {info.vocab_size})")
+    if len(prompt_ids) + gen.max_new_tokens > info.max_positions:
+        raise _field_error("max_new_tokens", f"prompt ({len(prompt_ids)}) + max_new_tokens ({gen.max_new_tokens}) "
+                                             f"exceeds the model's {info.max_positions} positions")
 
 
 def _field_error(field: str, msg: str) -> ValueError:

@@ -36,6 +36,7 @@ from torch import nn
 
 from .heads import ExitHead, build_head
 from .model import cache_dir, encode_prompt, load_tensors, model_fingerprint
+from .prompts import read_prompts
 
 
 # ---------------------------------------------------------------------------
@@ -67,15 +68,10 @@ class DataSpec:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def read_prompts(path: Path | str, limit: int | None = None) -> list[str]:
-    rows = [json.loads(line)["prompt"] for line in Path(path).read_text().splitlines() if line.strip()]
-    return rows[:limit] if limit else rows
-
-
 def plan_batches(tokenizer, spec: DataSpec) -> list[dict]:
     """Prompts -> batches of similar length (less padding), answer by answer; fixed by the spec."""
-    prompts = read_prompts(spec.prompts_file, spec.max_prompts)
-    items = sorted((len(ids), i, ids) for i, p in enumerate(prompts) for ids in [encode_prompt(tokenizer, p)])
+    prompts = read_prompts(spec.prompts_file)[:spec.max_prompts]
+    items = sorted((len(ids), i, ids) for i, p in enumerate(prompts) for ids in [encode_prompt(tokenizer, p.prompt)])
     batches = []
     for answer in range(spec.answers):
         for j in range(0, len(items), spec.batch_size):
@@ -164,10 +160,10 @@ def build_dataset(model_dir: Path, spec: DataSpec, workers: int = 2, threads_per
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
+    batches = plan_batches(AutoTokenizer.from_pretrained(model_dir), spec)  # a bad prompts file fails here
     out = dataset_dir(model_dir, spec)
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps({**asdict(spec), "model_dir": str(model_dir)}, indent=1))
-    batches = plan_batches(AutoTokenizer.from_pretrained(model_dir), spec)
     todo = [b for b in batches if not (out / b["name"]).exists()]
     bar = tqdm(total=len(batches), initial=len(batches) - len(todo), desc=f"generate {out.name}",
                unit="batch", disable=not progress)

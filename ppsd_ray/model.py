@@ -72,6 +72,24 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     staging.rename(out)  # a half-written directory is never taken for a model
 
 
+def check_weights(model_dir: Path) -> None:
+    """ValueError naming the missing file unless the weights are all there: model.safetensors,
+    or every shard that model.safetensors.index.json names (the two layouts load_tensors reads)."""
+    index = model_dir / "model.safetensors.index.json"
+    if not index.exists():
+        if not (model_dir / "model.safetensors").is_file():
+            raise ValueError(f"no weights in {model_dir}: neither model.safetensors nor "
+                             "model.safetensors.index.json")
+        return
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+        raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({type(e).__name__}: {e})") from None
+    missing = [s for s in shards if not (model_dir / s).is_file()]
+    if missing:
+        raise ValueError(f"{index} names {len(missing)} shard file(s) that are not there: {', '.join(missing)}")
+
+
 def load_tensors(model_dir: Path, names: list[str]) -> dict:
     """Reads only the named tensors from the model's safetensors files."""
     from safetensors import safe_open
@@ -102,9 +120,13 @@ def tensor_names(model_dir: Path) -> list[str]:
 
 
 def load_tokenizer(model_dir: Path):
+    """ValueError with a one-line message if the directory has no usable tokenizer."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"no usable tokenizer in {model_dir} ({' '.join(str(e).split()) or type(e).__name__})") from e
 
 
 def encode_prompt(tokenizer, prompt: str, raw: bool = False) -> list[int]:

@@ -14,6 +14,7 @@ from ppsd_ray import distill as D
 from ppsd_ray.config import GenerationConfig, PipelineConfig
 from ppsd_ray.heads import HeadMismatch, load_exit_head, read_head_meta, resolve_head, save_head
 from ppsd_ray.model import encode_prompt, load_tokenizer, model_fingerprint
+from ppsd_ray.prompts import read_prompts
 from ppsd_ray.protocol import Work
 from ppsd_ray.schedule import Decoder, RequestStats
 from ppsd_ray.stage import Stage
@@ -64,7 +65,7 @@ def test_dataset_is_the_models_own_greedy_output(tiny_model_dir, dataset, prompt
     assert len(records) == 24 and sum(r["sampled"] for r in records) == 12
     assert len(D.load_dataset(dataset, EXIT, answers=1)) == 12
     tok = load_tokenizer(tiny_model_dir)
-    prompts = D.read_prompts(prompts_file)
+    prompts = [p.prompt for p in read_prompts(prompts_file)]
     norm, lm_head, _ = D.frozen_parts(tiny_model_dir)
     for r in records:
         p = r["prompt_len"]

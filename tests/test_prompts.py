@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from ppsd_ray.prompts import read_prompts
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "ppsd_ray" / "data"
 FILES = ["heads_train.jsonl", "heads_val.jsonl", "bench.jsonl"]
@@ -15,6 +17,11 @@ HEAD_CATEGORIES = {"code", "math", "chat", "summary", "translation", "list"}
 def load(name):
     with open(DATA / name, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("name", FILES + ["heads_train_stdlib.jsonl"])
+def test_shipped_files_pass_the_reader(name):
+    assert [p.prompt for p in read_prompts(DATA / name)] == [row["prompt"] for row in load(name)]
 
 
 @pytest.mark.parametrize("name", FILES)
