@@ -105,17 +105,18 @@ class Pipeline:
         ray.get(self.coordinator.connect.remote(inboxes), timeout=wait)
 
     def stream(self, prompt_ids: list[int], gen: GenerationConfig | None = None) -> Iterator[int | dict]:
-        """Yields each token id as soon as it is verified, then the stats dict."""
+        """Yields each token id as soon as it is verified (a TokenLogprobs when gen.logprobs is
+        set), then the stats dict. A bad prompt raises ValueError here, before any actor call."""
         gen = gen or GenerationConfig()
         check_prompt(prompt_ids, self.config.info, gen)
         refs = self.coordinator.generate.remote(uuid.uuid4().hex, list(prompt_ids), gen.model_dump())
-        for ref in refs:
-            yield ray.get(ref)
+        return (ray.get(ref, timeout=self.config.timeout_s) for ref in refs)
 
     def generate(self, prompt_ids: list[int], gen: GenerationConfig | None = None) -> Generation:
         tokens: list[int] = []
+        stream = self.stream(prompt_ids, gen)
         try:
-            for item in self.stream(prompt_ids, gen):
+            for item in stream:
                 if isinstance(item, dict):
                     return Generation(tokens, item)
                 tokens.append(item)
