@@ -29,6 +29,16 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 from .config import GenerationConfig, Mode
 
 
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A committed token with its logprob under the verifier's distribution, and the `top`
+    most likely tokens there as (token, logprob), most likely first. Streamed instead of
+    the bare token id when GenerationConfig.logprobs is set."""
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 # Stage 1's input "the token you drafted for this position yourself": the draft chain
 # stays inside stage 1 instead of travelling to the coordinator and back.
 OWN_DRAFT = "own-draft"
