@@ -78,8 +78,9 @@ def validation_error(errors: list[dict]) -> APIError:
         return APIError(400, "The request has no body: send a JSON object.")
     if first.get("type") == "model_attributes_type" and param is None:
         return APIError(400, "The request body must be a JSON object.")
-    if first.get("type") == "extra_forbidden":
-        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param)
+    if first.get("type") == "extra_forbidden":  # the key as sent, even one that is not an identifier
+        name = ".".join(str(p) for p in first["loc"] if p != "body")
+        return APIError(400, f"Unrecognized request argument supplied: {name}", param=name)
     if first.get("type") == "missing":
         return APIError(400, f"Missing required parameter: '{param}'.", param=param)
     message = "; ".join(f"{_param(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}".removesuffix(".")
