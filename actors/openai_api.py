@@ -76,7 +76,7 @@ def validation_error(errors: list[dict]) -> APIError:
     param = _param(tuple(first.get("loc", ())))
     if first.get("type") == "missing" and param is None:
         return APIError(400, "The request has no body: send a JSON object.")
-    if first.get("type") == "model_attributes_type" and param is None:
+    if first.get("type") in ("model_type", "model_attributes_type", "dict_type") and param is None:
         return APIError(400, "The request body must be a JSON object.")
     if first.get("type") == "extra_forbidden":  # the key as sent, even one that is not an identifier
         name = ".".join(str(p) for p in first["loc"] if p != "body")

@@ -225,3 +225,7 @@ def test_harmless_fields_are_accepted_and_model_may_be_omitted(tokenizer):
 
 def test_empty_body_and_non_object_name_the_problem():
     assert "no body" in validation_error([{"type": "missing", "loc": ("body",), "msg": "Field required"}]).message
+    with pytest.raises(ValidationError) as e:
+        ChatCompletionRequest.model_validate([1, 2])
+    err = validation_error([{**x, "loc": ("body", *x["loc"])} for x in e.value.errors()])
+    assert err.message == "The request body must be a JSON object."
