@@ -178,8 +178,9 @@ class OpenAIServing:
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            async for _ in self._generate(ids, gen, out):
-                pass
+            async with aclosing(self._generate(ids, gen, out)) as texts:
+                async for _ in texts:
+                    pass
         except Exception as e:
             raise APIError(500, f"generation failed: {e}", type="server_error") from None
         text = out.detok.text + out.detok.finish()
@@ -213,9 +214,10 @@ class OpenAIServing:
 
         if chat:
             yield chunk("", role=True)
-        try:
-            async for text in self._generate(ids, gen, out):
-                yield chunk(text)
+        try:  # closing the stream (a client that went away) closes the token stream at once
+            async with aclosing(self._generate(ids, gen, out)) as texts:
+                async for text in texts:
+                    yield chunk(text)
         except Exception as e:
             yield sse(APIError(500, f"generation failed: {e}", type="server_error").body())
             yield sse("[DONE]")

@@ -229,3 +229,17 @@ def test_empty_body_and_non_object_name_the_problem():
         ChatCompletionRequest.model_validate([1, 2])
     err = validation_error([{**x, "loc": ("body", *x["loc"])} for x in e.value.errors()])
     assert err.message == "The request body must be a JSON object."
+
+
+def test_a_stream_closed_early_closes_the_token_stream(tokenizer):
+    """A client that goes away: the coordinator's request is cancelled at once, not at GC."""
+    api, engine = serving(tokenizer, "one two three four")
+
+    async def read_two_then_close():
+        response = await api.completions(CompletionRequest(prompt="the", max_tokens=4, stream=True))
+        events = response.body_iterator
+        [await events.__anext__() for _ in range(2)]
+        await events.aclose()
+        return list(engine.closed_early)
+
+    assert run(read_two_then_close()) == [True]
