@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .config import GenerationConfig, Mode, ModelInfo, PipelineConfig, Transport, check_prompt, describe
+from .detokenize import StreamDetokenizer
 from .model import encode_prompt, load_tokenizer, resolve_model
 from .prompts import Prompt, PromptsFileError, read_prompts
 
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="ppsd", choices=[m.value for m in Mode])
     p.add_argument("--gamma", type=int, default=4, help="eesd: drafts per verification")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    add_sampling_args(p)
     p.add_argument("--raw", action="store_true", help="no chat template: tokenizer(prompt).input_ids")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout, nothing else")
     p.set_defaults(run=_generate)
@@ -77,14 +79,22 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
                         "or 'ray' (an actor call per stage per token)")
 
 
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy, the model's own greedy "
+                                                                  "output; above 0: lossless speculative sampling")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
+    p.add_argument("--seed", type=int, help="sampling seed; with --prompts-file, prompt i uses seed + i")
+
+
 def pipeline_config(args, mode: str = "ppsd") -> PipelineConfig:
     """Validated before anything starts; a bad value is a UsageError naming the field."""
     stages = args.stages
     if stages is None:
         stages = 1 if mode == "ar" else _default_stages()
     try:
-        return PipelineConfig(model_dir=resolve_model(args.model), stages=stages, exit_layer=args.exit_layer,
-                              head=args.head, transport=args.transport)
+        return PipelineConfig(model_dir=args.model, stages=stages, exit_layer=args.exit_layer, head=args.head,
+                              transport=args.transport)
     except ValidationError as e:
         raise UsageError(describe(e)) from None
 
@@ -132,7 +142,10 @@ def _prompts_file(path: Path) -> list[Prompt]:
 def _generate(args) -> int:
     prompts = _read_prompts(args)
     try:
-        gen = GenerationConfig(mode=args.mode, gamma=args.gamma, max_new_tokens=args.max_new_tokens)
+        gens = [GenerationConfig(mode=args.mode, gamma=args.gamma, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                 seed=None if args.seed is None else args.seed + i)
+                for i in range(len(prompts))]
     except ValidationError as e:
         raise UsageError(describe(e)) from None
     config = pipeline_config(args, args.mode)
@@ -143,7 +156,7 @@ def _generate(args) -> int:
     except ValueError as e:
         raise UsageError(f"model_dir: {e}") from None
     prompt_ids = []
-    for p in prompts:  # every prompt is checked before Ray starts
+    for p, gen in zip(prompts, gens):  # every prompt is checked before Ray starts
         ids = encode_prompt(tokenizer, p.prompt, raw=args.raw)
         try:
             check_prompt(ids, config.info, gen)
@@ -155,23 +168,22 @@ def _generate(args) -> int:
     from actors.pipeline import Pipeline
 
     with Pipeline(config) as pipe:
-        for prompt, ids in zip(prompts, prompt_ids):
-            tokens, stats, shown = [], {}, ""
+        for prompt, ids, gen in zip(prompts, prompt_ids, gens):
+            detok = StreamDetokenizer(tokenizer)
+            stats = {}
             for item in pipe.stream(ids, gen):
                 if isinstance(item, dict):
                     stats = item
                     break
-                tokens.append(item)
-                if not args.json:  # stream text as it is verified
-                    text = tokenizer.decode(tokens, skip_special_tokens=True)
-                    print(text[len(shown):], end="", flush=True)
-                    shown = text
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
+                text = detok.feed(item)
+                if text and not args.json:  # stream text as it is verified
+                    print(text, end="", flush=True)
+            tail = detok.finish()
             if args.json:
-                print(json.dumps({"prompt": prompt.prompt, "text": text, "token_ids": tokens, "stats": stats}),
-                      flush=True)
+                print(json.dumps({"prompt": prompt.prompt, "text": detok.text, "token_ids": detok.token_ids,
+                                  "stats": stats}), flush=True)
             else:
-                print()
+                print(tail)
                 print(f"[{stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tokens/s, "
                       f"acceptance {stats['acceptance_rate']:.2f}, rollbacks {stats['rollbacks']}]",
                       file=sys.stderr)
@@ -315,17 +327,18 @@ def add_serve_parser(sub) -> None:
 
 def _serve(args) -> int:
     config = pipeline_config(args, args.mode or "ppsd")  # checked before Ray starts
-    settings = {"model": str(config.model_dir), "stages": config.stages, "exit_layer": args.exit_layer,
-                "head": config.exit_head, "mode": args.mode, "model_name": args.model_name,
-                "api_key": args.api_key or os.environ.get("PPSD_API_KEY") or None,
-                "max_ongoing_requests": args.max_ongoing_requests, "max_tokens_limit": args.max_tokens_limit}
+    # $PPSD_API_KEY is not copied into the settings: the local Ray started here passes the
+    # environment on to the replica, and a replica that lacks it refuses to start
+    settings = {"pipeline": config.model_dump(mode="json"), "mode": args.mode, "model_name": args.model_name,
+                "api_key": args.api_key, "max_ongoing_requests": args.max_ongoing_requests,
+                "max_tokens_limit": args.max_tokens_limit}
     from actors.serve import check_settings, serve_forever
 
     try:
-        check_settings(settings)
+        checked = check_settings(settings)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return serve_forever(settings, host=args.host, port=args.port, metrics_port=args.metrics_port,
+    return serve_forever(checked, host=args.host, port=args.port, metrics_port=args.metrics_port,
                          address=args.address)
 
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import numbers
+import re
 import secrets
 from enum import Enum
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -75,7 +77,8 @@ class PipelineConfig(BaseModel):
     """How the model is cut into stages and where the stages run."""
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model_dir: Path = Field(description="Hugging Face model directory (config.json + safetensors)")
+    model_dir: Path = Field(description="Hugging Face model directory (config.json + safetensors), or "
+                                        "'default' (SmolLM2-135M-Instruct)")
     stages: int = Field(2, ge=1, description="K, the number of pipeline stages")
     exit_layer: int | None = Field(None, description="E: stage 1 holds layers [0, E); default: L/K")
     head: str = Field("auto", description="exit head: 'auto' (the shipped head for this model and exit "
@@ -88,6 +91,13 @@ class PipelineConfig(BaseModel):
     window: int | None = Field(None, ge=1, description="ppsd: tokens in flight; default K")
     transport: Transport = Field(Transport.direct, description="how hidden states move between stages")
     timeout_s: float = Field(120.0, gt=0, description="longest wait for any one answer from the stages")
+
+    @field_validator("model_dir", mode="before")
+    @classmethod
+    def _resolve_default(cls, v):
+        from .model import resolve_model
+
+        return resolve_model(v) if isinstance(v, str) else v
 
     @field_validator("model_dir")
     @classmethod
@@ -159,8 +169,21 @@ class PipelineConfig(BaseModel):
         return [(0, e)] + list(zip(bounds[:-1], bounds[1:]))
 
 
+MAX_LOGPROBS = 5
+
+# Sampling settings, one definition each: GenerationConfig, the CLI and the OpenAI API all use them.
+Temperature = Annotated[float, Field(ge=0, description="0: greedy, the model's own greedy output")]
+TopP = Annotated[float, Field(gt=0, le=1, description="nucleus sampling: keep the smallest set of tokens "
+                                                       "whose probability reaches top_p")]
+TopK = Annotated[int, Field(ge=0, description="keep the k most likely tokens; 0: all")]
+Seed = Annotated[int, Field(ge=-(2**63), lt=2**63, description="the sampler's random seed (int64)")]
+Logprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS, description="the chosen token's logprob plus this "
+                                                                   "many top alternatives")]
+
+
 class GenerationConfig(BaseModel):
-    """One request's decoding settings. Greedy: the output is the model's own greedy output."""
+    """One request's decoding settings. temperature 0 is greedy: the output is the model's own
+    greedy output; above 0, speculative sampling keeps the output distribution the model's own."""
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     mode: Mode = Mode.ppsd
@@ -168,11 +191,12 @@ class GenerationConfig(BaseModel):
     gamma: int = Field(4, ge=1, le=64, description="eesd: drafts per verification")
     stop_on_eos: bool = True
     timeline: bool = Field(False, description="return each stage's call timestamps in the stats")
-    temperature: float = Field(0.0, ge=0, le=100, description="0: greedy, the model's own greedy output")
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0, description="0: off")
-    seed: int | None = Field(None, ge=0, lt=2**63, description="same seed, same pipeline: same tokens")
-    logprobs: int | None = Field(None, ge=0, le=5, description="report the chosen token's logprob and this many top ones")
+    temperature: Temperature = 0
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    seed: Seed | None = None
+    logprobs: Logprobs | None = Field(None, description="None: no logprobs; else each token comes as a "
+                                                        "ppsd_ray.schedule.TokenLogprobs")
 
     def sampling(self) -> "Sampling":
         """The settings the stages draw with; without a seed, a random one for this request."""
@@ -205,10 +229,14 @@ def _field_error(field: str, msg: str) -> ValueError:
 
 
 def describe(err: ValidationError) -> str:
-    """One line per bad field: 'field: message'."""
+    """One line per bad field: 'field: message' (a nested field as 'outer.field')."""
     lines = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"])
+        loc = [str(p) for p in e["loc"]]
         msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{where}: {msg}" if where else msg)
+        named = re.match(r"([A-Za-z_]\w*): (.*)", msg, re.S)
+        if named and loc and e["type"] == "value_error":  # a model validator's _field_error, one level down
+            loc.append(named[1])
+            msg = named[2]
+        lines.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
     return "; ".join(lines)

@@ -133,8 +133,16 @@ def encode_prompt(tokenizer, prompt: str, raw: bool = False) -> list[int]:
     """raw: the tokenizer's own defaults; else the chat template, one user message."""
     if raw or not tokenizer.chat_template:
         return list(tokenizer(prompt).input_ids)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                        add_generation_prompt=True, tokenize=True)
+    return encode_chat(tokenizer, [{"role": "user", "content": prompt}])
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """A conversation ({"role", "content"} dicts) through the chat template, ready for the
+    assistant's answer. A ValueError when the model has no template; the template's own
+    error (roles, order, ...) when it refuses the conversation."""
+    if not tokenizer.chat_template:
+        raise ValueError("the model has no chat template")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)

@@ -43,6 +43,10 @@ def test_bad_values_fail_before_ray_starts(tiny_model_dir, tmp_path):
         (["--mode", "ar", "--stages", 2], "stages"),
         (["--max-new-tokens", 0], "max_new_tokens"),
         (["--gamma", 0], "gamma"),
+        (["--temperature", -1], "temperature"),
+        (["--top-p", 0], "top_p"),
+        (["--top-k", -1], "top_k"),
+        (["--seed", 2**63], "seed"),
     ]
     for extra, field in cases:
         t0 = time.perf_counter()

@@ -34,7 +34,7 @@ def server(ray_cluster, tiny_model_dir):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": str(tiny_model_dir), "stages": 2, "model_name": MODEL,
+    serve.run(build_app({"pipeline": {"model_dir": str(tiny_model_dir), "stages": 2}, "model_name": MODEL,
                          "max_tokens_limit": LIMIT, "max_ongoing_requests": 4}),
               name="ppsd", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
@@ -220,7 +220,7 @@ BAD = [  # (id, path, body or raw bytes, status, param or None, code or None)
     ("malformed-json", "/v1/completions", b'{"model": "tiny", "prompt": ', 400, None, None),
     ("not-an-object", "/v1/chat/completions", b'[1, 2]', 400, None, None),
     ("unknown-model", "/v1/completions", {**GOOD, "model": "gpt-4"}, 404, "model", "model_not_found"),
-    ("missing-model", "/v1/completions", {"prompt": "the"}, 400, "model", None),
+    ("missing-prompt", "/v1/completions", {"model": MODEL}, 400, "prompt", None),
     ("max-tokens-0", "/v1/completions", {**GOOD, "max_tokens": 0}, 400, "max_tokens", None),
     ("max-tokens-negative", "/v1/chat/completions", {**CHAT, "max_tokens": -5}, 400, "max_tokens", None),
     ("max-tokens-above-limit", "/v1/completions", {**GOOD, "max_tokens": LIMIT + 1}, 400, "max_tokens", None),
@@ -245,10 +245,24 @@ BAD = [  # (id, path, body or raw bytes, status, param or None, code or None)
     ("empty-prompt", "/v1/completions", {**GOOD, "prompt": ""}, 400, "prompt", None),
     ("token-id-out-of-vocab", "/v1/completions", {**GOOD, "prompt": [1, 99999]}, 400, "prompt", None),
     ("two-prompts", "/v1/completions", {**GOOD, "prompt": ["the", "a"]}, 400, "prompt", None),
-    ("temperature", "/v1/chat/completions", {**CHAT, "temperature": 0.7}, 400, "temperature", None),
-    ("n-2", "/v1/completions", {**GOOD, "n": 2}, 400, "n", None),
-    ("stop", "/v1/completions", {**GOOD, "stop": ["."]}, 400, "stop", None),
+    ("n-2", "/v1/completions", {**GOOD, "n": 2}, 400, "n", "unsupported_value"),
+    ("tools", "/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
+     400, "tools", "unsupported_value"),
+    ("response-format-json", "/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}},
+     400, "response_format", "unsupported_value"),
+    ("five-stop-strings", "/v1/completions", {**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
+    ("top-logprobs-6", "/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 6}, 400,
+     "top_logprobs", None),
+    ("temperature-negative", "/v1/chat/completions", {**CHAT, "temperature": -0.5}, 400, "temperature", None),
     ("unknown-field", "/v1/completions", {**GOOD, "frobnicate": True}, 400, "frobnicate", None),
+    # issue #13: each of these once answered a plain-text 500 or a confusing message
+    ("empty-body", "/v1/chat/completions", b"", 400, None, None),
+    ("lone-surrogate", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800"}]}',
+     400, "messages.0.content", None),
+    ("lone-surrogate-in-a-key", "/v1/completions", b'{"prompt": "the", "\\udc00": 1}', 400, None, None),
+    ("huge-max-tokens", "/v1/completions", {**GOOD, "max_tokens": 10**30}, 400, "max_tokens", "invalid_value"),
+    ("max-tokens-of-5000-digits", "/v1/completions", b'{"prompt": "the", "max_tokens": 1' + b"0" * 5000 + b"}",
+     400, None, None),
 ]
 
 
@@ -263,6 +277,42 @@ def test_bad_request_gets_openai_error_and_server_stays_up(server, client, path,
     if code:
         assert err["error"]["code"] == code
     assert client.completions.create(**GOOD).usage.completion_tokens == 2  # still serving
+
+
+def test_langchain_style_request(client):
+    """What LangChain's ChatOpenAI sends: temperature 0.7, n=1, stop ["\n\n"], streaming with
+    usage. The stream completes, and with a seed it equals the same request not streamed."""
+    kwargs = {"model": MODEL, "messages": [{"role": "system", "content": "be brief"},
+                                           {"role": "user", "content": "the house of the mother"}],
+              "temperature": 0.7, "n": 1, "stop": ["\n\n"], "max_tokens": 12, "seed": 3}
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    alone = client.chat.completions.create(**kwargs)
+    assert text and "\n\n" not in text
+    assert text == alone.choices[0].message.content and finish == [alone.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == alone.usage.completion_tokens
+
+
+def test_stop_strings(client):
+    prompt = "the people of the world"
+    full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12)
+    words = full.choices[0].text.split(" ")
+    stop = " " + words[3]
+    cut = full.choices[0].text[:full.choices[0].text.index(stop)]
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, stop=["zzz", stop])
+    assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens < full.usage.completion_tokens  # decoding stopped there
+    streamed = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == cut and streamed[-1].choices[0].finish_reason == "stop"
+    # the server keeps serving after the cancelled request
+    assert client.completions.create(model=MODEL, prompt=prompt, max_tokens=12).choices[0].text == \
+        full.choices[0].text
+
+
+def test_model_may_be_omitted(server):
+    status, body = http(server, "POST", "/v1/completions", {"prompt": "the", "max_tokens": 2})
+    assert status == 200 and body["model"] == MODEL and body["usage"]["completion_tokens"] == 2
 
 
 def test_openai_client_raises_its_error_types(client):
