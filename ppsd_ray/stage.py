@@ -202,9 +202,11 @@ class Stage:
             raise _Stale
 
     def rollback(self, seq_id: str, epoch: int) -> None:
-        """Calls of this sequence with an older epoch are stale from now on."""
+        """Calls of this sequence with an older epoch are stale from now on. A sequence not
+        held (already released: on Ray a rollback may overtake its release) is left alone."""
         with self._lock:
-            self._epochs[seq_id] = max(epoch, self._epochs.get(seq_id, 0))
+            if seq_id in self._epochs:
+                self._epochs[seq_id] = max(epoch, self._epochs[seq_id])
 
     def release(self, seq_id: str, keep: int, events: bool = False) -> StageReport:
         """Ends a sequence; positions >= keep count as stale work. Returns its report,

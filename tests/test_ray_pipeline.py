@@ -1,4 +1,5 @@
-"""The pipeline on real Ray actors: lossless in every mode, streamed, stats filled."""
+"""The pipeline on real Ray actors, on both transports: lossless in every mode, streamed,
+stats filled, requests kept apart, and no sequence state left behind."""
 import pytest
 
 from actors.pipeline import Pipeline
@@ -8,10 +9,16 @@ from ppsd_ray.config import GenerationConfig, PipelineConfig
 PROMPT = [3, 5, 78, 7, 5, 195, 4, 3]
 
 
+TRANSPORTS = ["direct", "ray"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("k", [2, 3, 4])
-def test_ray_pipeline_equals_transformers_greedy(ray_cluster, tiny_model_dir, k):
+def test_ray_pipeline_equals_transformers_greedy(ray_cluster, tiny_model_dir, k, transport):
+    import ray
+
     want = hf_greedy(tiny_model_dir, PROMPT, 40, stop_on_eos=False)
-    with Pipeline(PipelineConfig(model_dir=tiny_model_dir, stages=k)) as pipe:
+    with Pipeline(PipelineConfig(model_dir=tiny_model_dir, stages=k, transport=transport)) as pipe:
         assert [s["layers"] for s in pipe.layout][0] == [0, round(8 / k)]
         for mode in ["pp", "ppsd", "eesd"]:
             result = pipe.generate(PROMPT, GenerationConfig(mode=mode, max_new_tokens=40, stop_on_eos=False))
@@ -23,24 +30,27 @@ def test_ray_pipeline_equals_transformers_greedy(ray_cluster, tiny_model_dir, k)
                 assert stats["accepted"] < stats["drafted"] and stats["rollbacks"] > 0
                 assert stats["acceptance_rate"] == stats["accepted"] / stats["drafted"]
                 assert k > 2 or stats["accepted"] > 0  # a 2-layer exit of a random model rarely agrees
+        assert ray.get([s.sequences.remote() for s in pipe.stages]) == [[]] * k  # all released
 
 
-def test_ar_pipeline_and_stream(ray_cluster, tiny_model_dir):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_ar_pipeline_and_stream(ray_cluster, tiny_model_dir, transport):
     want = hf_greedy(tiny_model_dir, PROMPT, 20)
-    with Pipeline(PipelineConfig(model_dir=tiny_model_dir, stages=1)) as pipe:
+    with Pipeline(PipelineConfig(model_dir=tiny_model_dir, stages=1, transport=transport)) as pipe:
         items = list(pipe.stream(PROMPT, GenerationConfig(mode="ar", max_new_tokens=20)))
     assert items[:-1] == want and isinstance(items[-1], dict)
     assert items[-1]["drafted"] == 0
 
 
-def test_requests_sharing_a_pipeline_do_not_mix(ray_cluster, tiny_model_dir):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_requests_sharing_a_pipeline_do_not_mix(ray_cluster, tiny_model_dir, transport):
     """Two requests at once on the same stages: per-sequence caches and epochs keep them apart."""
     import ray
 
     prompts = [PROMPT, [1, 40, 41, 42, 43]]
     wants = [hf_greedy(tiny_model_dir, p, 30, stop_on_eos=False) for p in prompts]
     gen = GenerationConfig(mode="ppsd", max_new_tokens=30, stop_on_eos=False).model_dump()
-    with Pipeline(PipelineConfig(model_dir=tiny_model_dir, stages=2)) as pipe:
+    with Pipeline(PipelineConfig(model_dir=tiny_model_dir, stages=2, transport=transport)) as pipe:
         streams = [pipe.coordinator.generate.remote(f"seq{i}", p, gen) for i, p in enumerate(prompts)]
         outs = [[ray.get(r) for r in s][:-1] for s in streams]
     assert outs == wants
