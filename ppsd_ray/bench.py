@@ -23,8 +23,8 @@ from .simulate import Timing, calibrate_hop, decode_step_times, simulate
 from .theory import eesd_speedup, ppsd_speedup
 
 SUITE = Path(__file__).parent / "data" / "bench.jsonl"
-DEFAULT_SYSTEMS = ("hf,hf-ee,ar,pp-K2,eesd-K2-g2,eesd-K2-g4,ppsd-K2,eesd-K2-g2@lm,ppsd-K2@lm,"
-                   "pp-K3,ppsd-K3,pp-K4,ppsd-K4")
+DEFAULT_SYSTEMS = ("hf,hf-ee,ar,pp-K2,pp-K2/ray,ppsd-K2,ppsd-K2/ray,eesd-K2-g2,ppsd-K2@lm,ppsd-K2-t0.7,"
+                   "ppsd-K2-t1.0,pp-K3,pp-K3/ray,ppsd-K3,ppsd-K3/ray,pp-K4,pp-K4/ray,ppsd-K4,ppsd-K4/ray")
 
 
 @dataclass(frozen=True)
@@ -35,23 +35,38 @@ class System:
     mode: str = "ar"
     gamma: int = 4
     head: str | None = None  # None: the run's head for this K; "lm" for a "...@lm" system
+    transport: str = "direct"
+    temperature: float = 0.0
+
+    @property
+    def pipeline_key(self) -> tuple:
+        return self.stages, self.head, self.transport
+
+    @property
+    def pp_base(self) -> str:
+        """The same stages and transport without speculation."""
+        return f"pp-K{self.stages}" + ("/ray" if self.transport == "ray" else "")
 
 
-def parse_systems(spec: str) -> list[System]:
+def parse_systems(spec: str, transport: str = "direct") -> list[System]:
+    """hf, hf-ee, ar, or MODE-K<k>[-g<gamma>][@lm][/ray|/direct][-t<temperature>], e.g. ppsd-K2/ray-t0.7."""
     out = []
     for name in spec.split(","):
         if name in ("hf", "hf-ee"):
             out.append(System(name, name))
-        elif name == "ar":
-            out.append(System(name, "pipeline", 1, "ar"))
-        elif m := re.fullmatch(r"(pp|ppsd|eesd)-K(\d+)(?:-g(\d+))?(@lm)?", name):
-            mode, k, gamma = m.group(1), int(m.group(2)), int(m.group(3) or 4)
+        elif m := re.fullmatch(r"(ar|pp|ppsd|eesd)(?:-K(\d+))?(?:-g(\d+))?(@lm)?(?:/(ray|direct))?(?:-t([\d.]+))?",
+                               name):
+            mode, k, gamma = m.group(1), int(m.group(2) or 1), int(m.group(3) or 4)
             if (mode == "eesd") != (m.group(3) is not None):
                 raise ValueError(f"systems: {name}: a gamma (-gN) goes with eesd only")
-            out.append(System(name, "pipeline", k, mode, gamma, "lm" if m.group(4) else None))
+            if (mode == "ar") != (m.group(2) is None):
+                raise ValueError(f"systems: {name}: ar runs on one stage; the other modes name K (-K2)")
+            out.append(System(name, "pipeline", k, mode, gamma, "lm" if m.group(4) else None,
+                              m.group(5) or transport, float(m.group(6) or 0)))
         else:
             raise ValueError(f"systems: unknown system {name!r} (e.g. hf, hf-ee, ar, pp-K2, eesd-K2-g4, ppsd-K3, "
-                             "ppsd-K2@lm for the untrained head)")
+                             "ppsd-K2@lm for the untrained head, ppsd-K2/ray for the ray transport, "
+                             "ppsd-K2-t0.7 sampled at temperature 0.7)")
     return out
 
 
@@ -99,17 +114,20 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[Prompt], max
     def head_of(s: System) -> str:
         return s.head or heads.get(s.stages, "auto")
 
-    pipelines = {}  # one per (K, head); modes share it
-    for k, head in sorted({(s.stages, head_of(s)) for s in systems if s.kind == "pipeline"}):
-        pipelines[k, head] = Pipeline(PipelineConfig(model_dir=model_dir, stages=k, exit_layer=exit_layers.get(k),
-                                                     head=head))
+    def key(s: System) -> tuple:
+        return s.stages, head_of(s), s.transport
 
-    def run_one(system: System, prompt_ids: list[int], n: int, timeline: bool = False):
+    pipelines = {}  # one per (K, head, transport); modes share it
+    for k, head, transport in sorted({key(s) for s in systems if s.kind == "pipeline"}):
+        pipelines[k, head, transport] = Pipeline(PipelineConfig(
+            model_dir=model_dir, stages=k, exit_layer=exit_layers.get(k), head=head, transport=transport))
+
+    def run_one(system: System, prompt_ids: list[int], n: int, timeline: bool = False, seed: int = 0):
         if system.kind != "pipeline":
             return hf.run(system.kind, prompt_ids, n)
         gen = GenerationConfig(mode=system.mode, gamma=system.gamma, max_new_tokens=n, stop_on_eos=False,
-                               timeline=timeline)
-        result = pipelines[system.stages, head_of(system)].generate(prompt_ids, gen)
+                               timeline=timeline, temperature=system.temperature, seed=seed)
+        result = pipelines[key(system)].generate(prompt_ids, gen)
         return result.token_ids, result.stats
 
     try:
@@ -122,7 +140,7 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[Prompt], max
             for i, (prompt, prompt_ids) in enumerate(zip(prompts, ids)):
                 shift = (rep + i) % len(systems)
                 for system in systems[shift:] + systems[:shift]:
-                    tokens, stats = run_one(system, prompt_ids, max_new_tokens)
+                    tokens, stats = run_one(system, prompt_ids, max_new_tokens, seed=rep * len(prompts) + i)
                     if system.name == "hf":
                         reference.setdefault(i, tokens)
                     records.append({"system": system.name, "prompt": i, "category": prompt.category,
@@ -130,7 +148,7 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[Prompt], max
                     bar.update()
         bar.close()
         timeline = None
-        ppsd = [s for s in systems if s.mode == "ppsd"]
+        ppsd = [s for s in systems if s.mode == "ppsd" and not s.temperature]
         if ppsd:  # one request with every stage call's timestamps, for the timeline plot
             _, stats = run_one(ppsd[0], ids[0], min(max_new_tokens, 48), timeline=True)
             timeline = {"system": ppsd[0].name, "stats": stats}
@@ -139,14 +157,15 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[Prompt], max
             p.shutdown()
         if started_ray:
             ray.shutdown()
-    for r in records:  # lossless check against transformers' greedy output
-        r["lossless"] = r["tokens"] == reference.get(r["prompt"], r["tokens"])
+    sampled = {s.name for s in systems if s.temperature}
+    for r in records:  # lossless check against transformers' greedy output (sampled runs: None)
+        r["lossless"] = None if r["system"] in sampled else r["tokens"] == reference.get(r["prompt"], r["tokens"])
     return {"setup": machine_info() | {"model_dir": str(model_dir), "max_new_tokens": max_new_tokens,
                                        "reps": reps, "prompts": len(prompts),
                                        "systems": [asdict(s) for s in systems],
                                        "exit_layers": exit_layers,
                                        "heads": {f"K={k} {h}": describe_head(p.config.exit_head)
-                                                 for (k, h), p in pipelines.items()}},
+                                                 for (k, h, _), p in pipelines.items()}},
             "records": records, "timeline": timeline}
 
 
@@ -192,19 +211,21 @@ def summarize(result: dict, num_layers: int) -> dict:
             by_prompt.setdefault(r["prompt"], []).append(r["stats"]["tokens_per_s"])
         return _median([_median(v) for v in by_prompt.values()])
 
-    hops = {}
+    hops = {}  # per (K, transport)
     for s in systems:
         if s.mode == "pp":
             rs = rows(s.name)
             step = [_median(col) for col in zip(*(decode_step_times(r["stats"]["stages"]) for r in rs))]
             per_token = _median([(r["stats"]["wall_s"] - r["stats"]["prefill_s"]) / (r["stats"]["new_tokens"] - 1)
                                  for r in rs])
-            hops[s.stages] = calibrate_hop(step, per_token)
+            hops[s.stages, s.transport] = calibrate_hop(step, per_token)
     hop_any = _median(list(hops.values())) if hops else 0.0
 
-    out = {"systems": {}, "categories": categories, "hop_s": hops}
+    out = {"systems": {}, "categories": categories, "hop_s": {f"K{k}/{t}": h for (k, t), h in hops.items()}}
     for s in systems:
-        entry = {"stages": s.stages, "mode": s.mode, "kind": s.kind, "lossless": all(r["lossless"] for r in rows(s.name))}
+        lossless = [r["lossless"] for r in rows(s.name)]
+        entry = {"stages": s.stages, "mode": s.mode, "kind": s.kind, "transport": s.transport,
+                 "temperature": s.temperature, "lossless": None if None in lossless else all(lossless)}
         for cat in [None, *categories]:
             key = cat or "all"
             t = tps(s.name, cat)
@@ -214,7 +235,7 @@ def summarize(result: dict, num_layers: int) -> dict:
             if s.kind == "pipeline" and s.mode in ("ppsd", "eesd"):
                 drafted = sum(r["stats"]["drafted"] for r in rs)
                 alpha = sum(r["stats"]["accepted"] for r in rs) / drafted if drafted else 0.0
-                base = f"pp-K{s.stages}"  # the same stages without speculation
+                base = s.pp_base
                 measured = t / tps(base, cat) if rows(base) else None
                 ideal = (ppsd_speedup(alpha, s.stages) if s.mode == "ppsd"
                          else eesd_speedup(alpha, s.gamma, exit_layers[s.stages] / num_layers))
@@ -230,10 +251,10 @@ def summarize(result: dict, num_layers: int) -> dict:
                                   for j in range(s.stages)],
                 "stale": 1e3 * _median([r["stats"]["stale_s"] / n for r, n in zip(rs, tok)]),
                 "coordinator": 1e3 * _median([(r["stats"]["wall_s"] - r["stats"]["wait_s"]) / n for r, n in zip(rs, tok)]),
-                "hop": 1e3 * hops.get(s.stages, hop_any),
+                "hop": 1e3 * hops.get((s.stages, s.transport), hop_any),
             }
-        if s.mode == "ppsd" and (s.stages in hops or hops):
-            hop = hops.get(s.stages, hop_any)
+        if s.mode == "ppsd" and hops:
+            hop = hops.get((s.stages, s.transport), hop_any)
             predicted = []
             for r in rs:
                 st = r["stats"]
@@ -247,7 +268,8 @@ def summarize(result: dict, num_layers: int) -> dict:
     return out
 
 
-def project_gpu(gpu: dict, hop_s: float, alphas=(0.6, 0.7, 0.8), tokens: int = 2000, seed: int = 0) -> list[dict]:
+def project_gpu(gpu: dict, hop_s: float, transport: str, alphas=(0.6, 0.7, 0.8), tokens: int = 2000,
+                seed: int = 0) -> list[dict]:
     """PPSD on K GPUs for published shapes, from measured per-layer decode times: stage j
     costs its layers, one per-call overhead, and the LM head on stage 1 (exit head) and K."""
     import random
@@ -269,7 +291,8 @@ def project_gpu(gpu: dict, hop_s: float, alphas=(0.6, 0.7, 0.8), tokens: int = 2
             rng = random.Random(seed)
             trace = [rng.random() < alpha for _ in range(tokens)]
             sim = simulate(Timing(stage_s, hop_s), trace, tokens, window=k)
-            out.append({"shape": shape, "stages": k, "exit_layer": e, "alpha": alpha, "hop_ms": hop_s * 1e3,
+            out.append({"shape": shape, "stages": k, "exit_layer": e, "alpha": alpha, "transport": transport,
+                        "hop_ms": hop_s * 1e3,
                         "ar_ms_per_token": ar_s * 1e3, "ppsd_ms_per_token": sim.decode_s / tokens * 1e3,
                         "speedup": ar_s * tokens / sim.decode_s, "ideal": ppsd_speedup(alpha, k)})
     return out

@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--systems", default=None, help="comma-separated, e.g. hf,hf-ee,ar,pp-K2,eesd-K2-g4,ppsd-K2")
     p.add_argument("--exit-layers", default="", help="per K, e.g. 2:15,3:10; default L/K")
     p.add_argument("--heads", default="", help="per K, e.g. 2:lm,3:FILE; default auto (the shipped head, else lm)")
+    p.add_argument("--transport", default="direct", choices=[t.value for t in Transport],
+                   help="for systems that do not name one (ppsd-K2/ray does)")
     p.add_argument("--gpu-layers", type=Path, default=Path("bench/results/gpu_layers_h100.json"),
                    help="per-layer GPU decode times (bench/gpu_layer_latency.py) for projections")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -268,7 +270,7 @@ def _bench(args) -> int:
     from . import bench, report
 
     try:
-        systems = bench.parse_systems(args.systems or bench.DEFAULT_SYSTEMS)
+        systems = bench.parse_systems(args.systems or bench.DEFAULT_SYSTEMS, args.transport)
     except ValueError as e:
         raise UsageError(str(e)) from None
     model_dir, info = checked_model(args.model)
@@ -290,9 +292,11 @@ def _bench(args) -> int:
     projections = []
     if args.gpu_layers.exists():
         gpu = json.loads(args.gpu_layers.read_text())
-        measured_hop = statistics.median(summary["hop_s"].values()) if summary["hop_s"] else None
-        for hop in [h for h in (measured_hop, 1e-4) if h is not None]:  # Ray's hop here; a NCCL-class one
-            projections += bench.project_gpu(gpu, hop)
+        hops = {}  # per transport: the median hop measured here over K
+        for key, hop in summary["hop_s"].items():
+            hops.setdefault(key.split("/")[1], []).append(hop)
+        for transport, measured in sorted(hops.items()):
+            projections += bench.project_gpu(gpu, statistics.median(measured), transport)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(result | {"summary": summary, "projections": projections}))
     images = {}

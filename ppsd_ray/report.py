@@ -10,6 +10,10 @@ def _f(x, fmt="{:.2f}"):
     return "–" if x is None else fmt.format(x)
 
 
+def _lossless(x):
+    return "sampled" if x is None else "yes" if x else "**no**"
+
+
 def write_markdown(path: Path, result: dict, summary: dict, projections: list[dict], command: str,
                    images: dict[str, str]) -> None:
     setup = result["setup"]
@@ -40,7 +44,7 @@ def write_markdown(path: Path, result: dict, summary: dict, projections: list[di
         a = e["all"]
         lines.append(f"| {name} | {a['tokens_per_s']:.1f} | {_f(a['speedup_vs_hf'])}x | {_f(a['speedup_vs_ar'])}x | "
                      f"{_f(a.get('acceptance'))} | {_f(a.get('speedup_vs_pp'))} | {_f(a.get('ideal'))} | "
-                     f"{_f(a.get('efficiency'))} | {'yes' if e['lossless'] else '**no**'} |")
+                     f"{_f(a.get('efficiency'))} | {_lossless(e['lossless'])} |")
     lines += ["", "## Per category: tokens/s (speedup over transformers greedy)", "",
               "| system | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
     for name, e in systems.items():
@@ -73,11 +77,13 @@ def write_markdown(path: Path, result: dict, summary: dict, projections: list[di
         lines += ["", "## Projected multi-GPU speedups", "",
                   "From per-layer decode times measured on one GPU (docs/gpu.md) and the simulator: stage j costs "
                   "its layers plus one call overhead, stages 1 and K also an LM head; a synthetic accept trace at "
-                  "acceptance a. These are projections, not measurements. The paper reports 2.01x-3.81x.", "",
-                  "| shape | K | exit | acceptance | hop ms | AR ms/token | PPSD ms/token | speedup | ideal |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "acceptance a; the hop is the one measured on this machine for each transport. These are "
+                  "projections, not measurements. The paper reports 2.01x-3.81x.", "",
+                  "| shape | K | exit | acceptance | transport | hop ms | AR ms/token | PPSD ms/token | speedup | ideal |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for p in projections:
-            lines.append(f"| {p['shape']} | {p['stages']} | {p['exit_layer']} | {p['alpha']:.2f} | {p['hop_ms']:.2f} | "
+            lines.append(f"| {p['shape']} | {p['stages']} | {p['exit_layer']} | {p['alpha']:.2f} | {p['transport']} | "
+                         f"{p['hop_ms']:.2f} | "
                          f"{p['ar_ms_per_token']:.1f} | {p['ppsd_ms_per_token']:.1f} | {p['speedup']:.2f}x | "
                          f"{p['ideal']:.2f}x |")
     for title, img in images.items():

@@ -15,18 +15,25 @@ def test_bench_writes_json_markdown_and_plots(tiny_model_dir, tmp_path):
                                                         "lm_head_ms": 0.2}}}))
     run = subprocess.run([sys.executable, "-m", "ppsd_ray.cli", "bench", "--model", str(tiny_model_dir),
                           "--prompts-file", str(prompts), "--max-new-tokens", "10", "--reps", "2",
-                          "--systems", "hf,hf-ee,ar,pp-K2,eesd-K2-g2,ppsd-K2", "--out", str(out),
+                          "--systems", "hf,hf-ee,ar,pp-K2,pp-K2/ray,eesd-K2-g2,ppsd-K2,ppsd-K2/ray,ppsd-K2-t0.7",
+                          "--out", str(out),
                           "--markdown", str(md), "--gpu-layers", str(gpu)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
-    assert len(result["records"]) == 2 * 2 * 6
-    assert all(r["lossless"] for r in result["records"])
+    assert len(result["records"]) == 2 * 2 * 9
+    assert all(r["lossless"] for r in result["records"] if r["system"] != "ppsd-K2-t0.7")
+    assert all(r["lossless"] is None for r in result["records"] if r["system"] == "ppsd-K2-t0.7")
     summary = result["summary"]["systems"]
-    assert set(summary) == {"hf", "hf-ee", "ar", "pp-K2", "eesd-K2-g2", "ppsd-K2"}
+    assert set(summary) == {"hf", "hf-ee", "ar", "pp-K2", "pp-K2/ray", "eesd-K2-g2", "ppsd-K2", "ppsd-K2/ray",
+                            "ppsd-K2-t0.7"}
+    assert summary["ppsd-K2/ray"]["transport"] == "ray" and summary["ppsd-K2"]["transport"] == "direct"
+    assert set(result["summary"]["hop_s"]) == {"K2/direct", "K2/ray"}
+    assert summary["ppsd-K2-t0.7"]["all"]["acceptance"] is not None
     assert {"acceptance", "ideal", "efficiency"} <= set(summary["ppsd-K2"]["all"])
     assert "simulator" in summary["ppsd-K2"] and summary["ppsd-K2"]["code"]["tokens_per_s"] > 0
     assert [p["shape"] for p in result["projections"]][0] == "llama2-7b"
+    assert {p["transport"] for p in result["projections"]} == {"direct", "ray"}
     text = md.read_text()
     for needle in ["| ppsd-K2 |", "Simulator check", "Projected multi-GPU", "speedup_vs_acceptance.png", "timeline.png"]:
         assert needle in text
