@@ -40,8 +40,9 @@ WORDS = ("the a of to and in is it that was for on are with as be at by this hav
          "usually").split()
 
 
-def build_tiny_model(path, *, layers: int = 8, seed: int = 0, tie: bool = False) -> None:
-    """A random Llama (hidden 64) with a 256-word tokenizer and a chat template."""
+def build_tiny_model(path, *, layers: int = 8, seed: int = 0, tie: bool = False, init_scale: float = 0.02) -> None:
+    """A random Llama (hidden 64) with a 256-word tokenizer and a chat template; a larger
+    init_scale makes its next-token distributions more peaked."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -57,7 +58,7 @@ def build_tiny_model(path, *, layers: int = 8, seed: int = 0, tie: bool = False)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=tie, bos_token_id=1, eos_token_id=TINY_EOS, pad_token_id=TINY_EOS)
+                         tie_word_embeddings=tie, initializer_range=init_scale, bos_token_id=1, eos_token_id=TINY_EOS, pad_token_id=TINY_EOS)
     model = LlamaForCausalLM(config).eval()
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=TINY_EOS, pad_token_id=TINY_EOS)
     model.save_pretrained(path)
