@@ -49,7 +49,8 @@ class ServeSettings(BaseModel):
     """The application's arguments: `args:` in serve_config.yaml, or `ppsd serve` options."""
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("default", description="'default' (SmolLM2-135M-Instruct) or a model directory")
+    model: str = Field("default", description="a named model ('default': SmolLM2-135M-Instruct, "
+                                              "'gemma3-270m') or a model directory")
     stages: int = Field(2, ge=1, description="K, pipeline stages per replica")
     exit_layer: int | None = Field(None, description="E, the end of stage 1; default L/K")
     head: str = Field("auto", description="exit head: 'auto' (the shipped head, else lm), 'lm' or a trained head file")

