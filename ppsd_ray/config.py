@@ -72,6 +72,9 @@ class PipelineConfig(BaseModel):
         from .families import family_of, read_config_json
 
         family_of(read_config_json(v))  # an unsupported family is refused here, naming its model_type
+        if not any((v / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+            raise ValueError(f"no model.safetensors or model.safetensors.index.json in {v}: stages read "
+                             "safetensors weights only (save the model with save_pretrained to convert)")
         return v
 
     @field_validator("head")

@@ -161,3 +161,13 @@ def test_gemma3_270m_is_lossless():
     got, stats = generate_local(model_dir, 2, prompt, "ppsd", 16, exit_layer=9)
     assert got == hf_greedy(model_dir, prompt, 16, stop_on_eos=False)
     assert stats.drafted > 0
+
+
+def test_checkpoint_that_cannot_be_read_is_refused(tiny_model_dir, tmp_path):
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValidationError, match="safetensors weights only"):  # e.g. pytorch_model.bin only
+        PipelineConfig(model_dir=tmp_path, stages=2)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
+    with pytest.raises(ValidationError, match="quantized checkpoint"):
+        PipelineConfig(model_dir=tmp_path, stages=2)
