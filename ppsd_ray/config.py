@@ -107,6 +107,9 @@ class PipelineConfig(BaseModel):
         v = Path(v).expanduser()
         if not (v / "config.json").is_file():
             raise ValueError(f"no config.json in {v}")
+        from .families import family_of, read_config_json
+
+        family_of(read_config_json(v))  # an unsupported family is refused here, naming its model_type
         ModelInfo.read(v)
         check_weights(v)
         return v

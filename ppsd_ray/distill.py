@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from .families import build_shard, decoder, layer_prefix
 from .heads import ExitHead, build_head
 from .model import cache_dir, encode_prompt, load_tensors, model_fingerprint
 from .prompts import read_prompts
@@ -111,9 +111,9 @@ class Generator:
             mask[i, width - len(x):] = 1
         taken: dict[str, list] = {f"exit{e}": [] for e in self.exit_layers}
         taken["final"] = []
-        layers = self.model.model.layers
-        hooks = [layers[e - 1].register_forward_hook(_recorder(taken[f"exit{e}"])) for e in self.exit_layers]
-        hooks.append(self.model.model.norm.register_forward_hook(_recorder(taken["final"])))
+        body = decoder(self.model)
+        hooks = [body.layers[e - 1].register_forward_hook(_recorder(taken[f"exit{e}"])) for e in self.exit_layers]
+        hooks.append(body.norm.register_forward_hook(_recorder(taken["final"])))
         torch.manual_seed(batch["seed"])
         kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if batch["sample"] else \
             dict(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -241,20 +241,13 @@ def load_dataset(path: Path, exit_layer: int, answers: int | None = None) -> lis
 
 
 def frozen_parts(model_dir: Path):
-    """The model's final norm and LM head (frozen), and its config."""
+    """The model's final norm and LM head (frozen; the family's own classes), and its config."""
     from transformers import AutoConfig
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    config = AutoConfig.from_pretrained(model_dir)
-    names = ["model.norm.weight", "lm_head.weight", "model.embed_tokens.weight"]
-    t = load_tensors(Path(model_dir), names)
-    weight = t["lm_head.weight"] if "lm_head.weight" in t and not config.tie_word_embeddings \
-        else t["model.embed_tokens.weight"]
-    lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-    lm_head.weight = nn.Parameter(weight.float(), requires_grad=False)
-    norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-    norm.weight = nn.Parameter(t["model.norm.weight"].float(), requires_grad=False)
-    return norm, lm_head, config
+    parts = build_shard(Path(model_dir), 0, 0, embed=False, head=True)
+    for p in [*parts.final_norm.parameters(), *parts.lm_head.parameters()]:
+        p.requires_grad = False
+    return parts.final_norm, parts.lm_head, AutoConfig.from_pretrained(model_dir)
 
 
 def new_head(kind: str, model_dir: Path, exit_layer: int) -> ExitHead:
@@ -263,11 +256,11 @@ def new_head(kind: str, model_dir: Path, exit_layer: int) -> ExitHead:
     norm, lm_head, config = frozen_parts(model_dir)
     head = build_head(kind, exit_layer, norm, lm_head, config)
     if kind == "layer":
-        prefix = f"model.layers.{exit_layer}."
+        prefix = layer_prefix(model_dir, exit_layer)
         src = {n: n[len(prefix):] for n in _names(model_dir) if n.startswith(prefix)}
         state = {"body.layers.0." + v: w.float() for k, v in src.items()
                  for w in [load_tensors(Path(model_dir), [k])[k]]}
-        state["body.norm.weight"] = norm.weight.detach().clone()
+        state.update({"body.norm." + k: v.detach().clone() for k, v in norm.state_dict().items()})
         head.load_state_dict(state, strict=False)
         head.body.rotary_emb = type(head.body.rotary_emb)(config=head.config)
     for p in head.parameters():

@@ -105,15 +105,12 @@ class LayerExitHead(ExitHead):
 
     def __init__(self, exit_layer: int, config, lm_head: nn.Module):
         super().__init__(exit_layer, lm_head)
-        from transformers import AutoModel
+        from .families import base_model, shard_config
 
-        self.config = copy.deepcopy(config)
-        self.config.num_hidden_layers = 1
-        if getattr(config, "layer_types", None):
-            self.config.layer_types = [config.layer_types[min(exit_layer, len(config.layer_types) - 1)]]
-        self.body = AutoModel.from_config(self.config, dtype=lm_head.weight.dtype)
+        # a copy of layer E's kind (its attention type: sliding or full), as training initialises it
+        self.config = shard_config(config, exit_layer, exit_layer + 1)
+        self.body = base_model(self.config, lm_head.weight.dtype, lm_head.weight.device)
         self.body.embed_tokens = None
-        self.body.to(lm_head.weight.device)
         # transformers 5.24 renamed past_key_values to cache
         params = inspect.signature(self.body.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -127,9 +124,9 @@ class LayerExitHead(ExitHead):
         return out.last_hidden_state
 
     def new_cache(self):
-        from transformers import DynamicCache
+        from .families import new_cache
 
-        return DynamicCache(config=self.config)
+        return new_cache(self.config)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         state = super().trainable_state()

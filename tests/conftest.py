@@ -40,11 +40,10 @@ WORDS = ("the a of to and in is it that was for on are with as be at by this hav
          "usually").split()
 
 
-def build_tiny_model(path, *, layers: int = 8, seed: int = 0, tie: bool = False, init_scale: float = 0.02) -> None:
-    """A random Llama (hidden 64) with a 256-word tokenizer and a chat template; a larger
-    init_scale makes its next-token distributions more peaked."""
+def save_tiny_tokenizer(path) -> None:
+    """A 256-word tokenizer with a chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
     vocab = {w: i for i, w in enumerate(specials + WORDS[: 256 - len(specials)])}
@@ -55,14 +54,29 @@ def build_tiny_model(path, *, layers: int = 8, seed: int = 0, tie: bool = False,
                                         eos_token="</s>", pad_token="</s>")
     tokenizer.chat_template = ("{% for m in messages %}<|im_start|> {{ m['content'] }} <|im_end|> {% endfor %}"
                                "{% if add_generation_prompt %}<|im_start|> {% endif %}")
+    tokenizer.save_pretrained(path)
+
+
+def save_tiny_model(path, config, seed: int = 0) -> None:
+    """A random *ForCausalLM for `config` (transformers' own class) next to the tiny tokenizer."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=tie, initializer_range=init_scale, bos_token_id=1, eos_token_id=TINY_EOS, pad_token_id=TINY_EOS)
-    model = LlamaForCausalLM(config).eval()
+    model = AutoModelForCausalLM.from_config(config).eval()
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=TINY_EOS, pad_token_id=TINY_EOS)
     model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    save_tiny_tokenizer(path)
+
+
+def build_tiny_model(path, *, layers: int = 8, seed: int = 0, tie: bool = False, init_scale: float = 0.02) -> None:
+    """A random Llama (hidden 64) with a 256-word tokenizer and a chat template; a larger
+    init_scale makes its next-token distributions more peaked."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=tie, initializer_range=init_scale, bos_token_id=1, eos_token_id=TINY_EOS, pad_token_id=TINY_EOS)
+    save_tiny_model(path, config, seed)
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +93,8 @@ def hf_greedy(model_dir, prompt_ids, max_new_tokens, stop_on_eos=True):
     model = _hf_models.get(str(model_dir))
     if model is None:
         model = _hf_models[str(model_dir)] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    kwargs = {} if stop_on_eos else {"min_new_tokens": max_new_tokens}
+    # no eos: generate runs to max_new_tokens with eos an ordinary token (min_new_tokens would ban it instead)
+    kwargs = {} if stop_on_eos else {"eos_token_id": None}
     out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
                          do_sample=False, max_new_tokens=max_new_tokens, **kwargs)
     return out[0, len(prompt_ids):].tolist()
