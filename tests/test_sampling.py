@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from conftest import save_tiny_tokenizer
 from ppsd_ray.config import GenerationConfig, PipelineConfig
 from ppsd_ray.protocol import Sampling
 from ppsd_ray.sampling import processed, propose, verify
@@ -21,6 +21,8 @@ from test_schedule import local_decoder
 
 def tv_noise(p: np.ndarray, n: int, trials: int = 400, seed: int = 0) -> float:
     rng = np.random.default_rng(seed)
+    p = np.asarray(p, dtype=np.float64)
+    p = p / p.sum()
     return float(np.quantile([0.5 * np.abs(rng.multinomial(n, p) / n - p).sum() for _ in range(trials)], 0.999))
 
 
@@ -48,9 +50,9 @@ def test_verifier_output_is_distributed_as_the_full_model(top_p):
     g = torch.Generator().manual_seed(0)
     target = torch.randn(1, 12, generator=g) * 2
     n = 6000
+    accepted = 0
     for draft_logits in (torch.randn(1, 12, generator=g) * 2, target + 0.3 * torch.randn(1, 12, generator=g)):
         counts: dict = {}
-        accepted = 0
         for seed in range(n):
             s = Sampling(temperature=0.8, top_p=top_p, seed=seed)
             token, dist = propose(draft_logits[0], s, pos=5, epoch=0)
@@ -59,7 +61,7 @@ def test_verifier_output_is_distributed_as_the_full_model(top_p):
             accepted += acc
         p = processed(target, Sampling(temperature=0.8, top_p=top_p))[0].numpy()
         assert tv(counts, dict(enumerate(p)), n) < tv_noise(p, n)
-        assert 0 < accepted < n  # both branches taken
+    assert 0 < accepted < 2 * n  # both branches taken
 
 
 def test_same_seed_same_tokens_and_no_global_rng(tiny_model_dir):
@@ -80,9 +82,24 @@ def test_same_seed_same_tokens_and_no_global_rng(tiny_model_dir):
 @pytest.fixture(scope="module")
 def peaked_model_dir(tmp_path_factory):
     """A tiny random Llama whose next-token distributions are peaked (large weights), so that a
-    few thousand samples resolve the joint distribution of two tokens."""
+    few thousand samples resolve the joint distribution of three tokens; its layers after the
+    second write little into the residual stream, so early exits agree with the model often,
+    but not always."""
+    from transformers import AutoModelForCausalLM, GenerationConfig as HFGenerationConfig, LlamaConfig
+
     path = tmp_path_factory.mktemp("peaked")
-    build_tiny_model(path, layers=6, seed=3, init_scale=0.12)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=1.0, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers[2:]:
+            layer.mlp.down_proj.weight.mul_(0.1)
+            layer.self_attn.o_proj.weight.mul_(0.1)
+    model.generation_config = HFGenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model.save_pretrained(path)
+    save_tiny_tokenizer(path)
     return path
 
 
@@ -110,7 +127,7 @@ def test_ppsd_and_eesd_sample_the_full_models_joint_distribution(peaked_model_di
     prompt, depth, n = [3, 5, 78, 7], 3, 1500
     s = Sampling(temperature=temperature, top_p=0.9)
     exact = exact_joint(peaked_model_dir, prompt, s, depth)
-    noise = tv_noise(np.array(list(exact.values())) / sum(exact.values()), n)
+    noise = tv_noise(list(exact.values()), n)
     for k, mode in [(2, "ppsd"), (3, "ppsd"), (2, "eesd")]:
         decoder = local_decoder(peaked_model_dir, k, eos_token_ids=[2])
         counts: dict = {}
