@@ -122,7 +122,7 @@ def test_head_cache_follows_the_layer_caches(tiny_model_dir, layer_head_file):
     rerun = s.forward(Work("a", 1, 5, (12, 13), draft=True))  # rollback: entries >= 5 dropped first
     assert s._head_caches["a"].get_seq_length() == 7
     fresh = stage().forward(Work("b", 0, 0, tuple(prompt) + (12, 13), draft=True))
-    assert rerun.drafts == fresh.drafts and torch.equal(rerun.hidden, fresh.hidden)
+    assert rerun.drafts == fresh.drafts and torch.allclose(rerun.hidden, fresh.hidden[:, -2:], atol=1e-5)
     s.release("a", 6)
     assert "a" not in s._head_caches
 

@@ -124,7 +124,7 @@ def exact_joint(model_dir, prompt, s: Sampling, depth: int) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("temperature", [0.7, 1.0])
 def test_ppsd_and_eesd_sample_the_full_models_joint_distribution(peaked_model_dir, temperature):
-    prompt, depth, n = [3, 5, 78, 7], 3, 1500
+    prompt, depth, n = [3, 5, 78, 7], 3, 1000
     s = Sampling(temperature=temperature, top_p=0.9)
     exact = exact_joint(peaked_model_dir, prompt, s, depth)
     noise = tv_noise(list(exact.values()), n)
@@ -141,3 +141,24 @@ def test_ppsd_and_eesd_sample_the_full_models_joint_distribution(peaked_model_di
             drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
         assert 0 < accepted < drafted, (k, mode)  # the third token went through draft checks, both ways
         assert tv(counts, exact, n) < noise, (k, mode, tv(counts, exact, n), noise)
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+@pytest.mark.parametrize("k,mode,temperature", [(2, "ppsd", 0.7), (3, "ppsd", 1.0), (2, "eesd", 1.0)])
+def test_real_model_samples_its_own_joint_distribution(real_model_dir, k, mode, temperature):
+    """The first two tokens after a short raw prompt: the second is verified against a draft."""
+    from ppsd_ray.model import encode_prompt, load_tokenizer
+
+    prompt = encode_prompt(load_tokenizer(real_model_dir), "The capital of France is", raw=True)
+    depth, n = 2, 150
+    s = Sampling(temperature=temperature, top_p=0.9)
+    exact = exact_joint(real_model_dir, prompt, s, depth)
+    decoder = local_decoder(real_model_dir, k)
+    counts: dict = {}
+    for seed in range(n):
+        gen = GenerationConfig(mode=mode, gamma=2, max_new_tokens=depth, temperature=temperature, top_p=0.9,
+                               seed=seed, stop_on_eos=False)
+        key = tuple(decoder.decode(f"s{seed}", prompt, gen, RequestStats()))
+        counts[key] = counts.get(key, 0) + 1
+    assert tv(counts, exact, n) < tv_noise(list(exact.values()), n), (counts, exact)
