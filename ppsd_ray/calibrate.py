@@ -147,14 +147,16 @@ def cache_file(fingerprint: str, device: str, threads: int, dtype: str) -> Path:
     return cache_dir() / "calibration" / f"{fingerprint}-{device}-{threads}t-{dtype}.json"
 
 
-def calibration(model_dir: Path, device: str, threads: int, dtype: str, draft_keys: set[str]) -> Calibration:
-    """The cached calibration, measuring first whatever it lacks of `draft_keys`."""
+def calibration(model_dir: Path, device: str, threads: int, dtype: str, draft_keys: set[str],
+                remeasure: bool = False, runs: int | None = None) -> Calibration:
+    """The cached calibration, measuring first whatever it lacks of `draft_keys` (everything,
+    with `remeasure`)."""
     path = cache_file(model_fingerprint(model_dir), device, threads, dtype)
-    cal = _MEMO.get(path)
-    if cal is None and path.is_file():
+    cal = None if remeasure else _MEMO.get(path)
+    if cal is None and path.is_file() and not remeasure:
         cal = Calibration.model_validate_json(path.read_text())
     if cal is None or not draft_keys <= cal.draft_s.keys():
-        cal = measure(Path(model_dir), device, threads, dtype, draft_keys, cal)
+        cal = measure(Path(model_dir), device, threads, dtype, draft_keys, cal, runs)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.partial")
         tmp.write_text(cal.model_dump_json(indent=1))
@@ -165,8 +167,9 @@ def calibration(model_dir: Path, device: str, threads: int, dtype: str, draft_ke
 
 @torch.inference_mode()
 def measure(model_dir: Path, device: str, threads: int, dtype: str, draft_keys: set[str],
-            known: Calibration | None = None) -> Calibration:
-    """Times what `known` lacks. Weights other than the LM head are random: same cost."""
+            known: Calibration | None = None, runs: int | None = None) -> Calibration:
+    """Times what `known` lacks (each item the median of `runs` runs; default: about
+    BUDGET_S of runs). Weights other than the LM head's are random: the same cost."""
     from .distill import frozen_parts
     from .heads import build_head
 
@@ -197,11 +200,11 @@ def measure(model_dir: Path, device: str, threads: int, dtype: str, draft_keys: 
                 if cache is not None and cache.get_seq_length() > CONTEXT:
                     cache.crop(CONTEXT - cache.get_seq_length())  # negative: drop that many from the end
                 return head.draft(x, pos, cache) if draft else head.features(x, pos, cache)
-            return _median_s(run, device)
+            return _median_s(run, device, runs)
 
         if known is None:
             layer_s = step("layer", None, draft=False)  # one decoder layer (+ a norm)
-            lm_head_s = _median_s(lambda: lm_head(norm(x)).argmax(-1), device)
+            lm_head_s = _median_s(lambda: lm_head(norm(x)).argmax(-1), device, runs)
             known = Calibration(model_fingerprint=model_fingerprint(model_dir), device=device, threads=threads,
                                 dtype=dtype, layer_s=layer_s, lm_head_s=lm_head_s)
         draft_s = dict(known.draft_s)
@@ -211,15 +214,20 @@ def measure(model_dir: Path, device: str, threads: int, dtype: str, draft_keys: 
     return known.model_copy(update={"draft_s": draft_s})
 
 
-def _median_s(fn, device: str) -> float:
+def _median_s(fn, device: str, runs: int | None = None) -> float:
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
+    def more(times, start) -> bool:
+        if runs:
+            return len(times) < runs
+        return len(times) < MIN_RUNS or (len(times) < MAX_RUNS and time.perf_counter() - start < BUDGET_S)
+
     fn()  # warm-up
     sync()
     times, start = [], time.perf_counter()
-    while len(times) < MIN_RUNS or (len(times) < MAX_RUNS and time.perf_counter() - start < BUDGET_S):
+    while more(times, start):
         t0 = time.perf_counter()
         fn()
         sync()

@@ -42,6 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     add_eval_acceptance_parser(sub)
     add_vocab_parsers(sub)
 
+    p = sub.add_parser("calibrate", help="measure the decode-step costs of a layer, the exit heads and the LM "
+                                         "head here (cached for exit_layer auto); print them and the auto choice")
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a model directory")
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--threads", type=int, help="torch threads; default: as the stages get them")
+    p.add_argument("--drafts", default="",
+                   help="more exit heads to time, comma-separated TYPE or TYPE@VOCAB_SIZE, e.g. lm,layer@8192")
+    p.add_argument("--runs", type=int, help="runs per item, the median reported (default: about 0.25 s of runs)")
+    p.set_defaults(run=_calibrate)
+
     p = sub.add_parser("bench", help="all systems side by side; writes JSON, plots and BENCHMARKS.md")
     p.add_argument("--model", default="default", help=MODEL_HELP)
     p.add_argument("--prompts-file", type=Path, help="default: the project's suite (code, math, chat)")
@@ -354,6 +364,23 @@ def _attach_vocab(args) -> int:
                           "val_greedy": meta["val_greedy_acceptance"],
                           "full_vocab_val_greedy": meta["full_vocab_val_greedy_acceptance"],
                           "size_mb": round(Path(head).stat().st_size / 1e6, 2)}))
+    return 0
+
+
+def _calibrate(args) -> int:
+    from . import calibrate
+    from .config import ModelInfo
+
+    model_dir = resolve_model(args.model)
+    device, threads, dtype = calibrate.stage_target(args.stages, None, args.threads, "auto")
+    cands = calibrate.candidates(model_dir, ModelInfo.read(model_dir).num_layers, args.stages, None, "auto")
+    keys = {c.draft_key for c in cands} | {k.strip() for k in args.drafts.split(",") if k.strip()}
+    cal = calibrate.calibration(model_dir, device, threads, dtype, keys, remeasure=True, runs=args.runs)
+    plan = calibrate.plan(model_dir, args.stages, None, "auto", device, threads, dtype)
+    print(json.dumps({"device": device, "threads": threads, "dtype": dtype, "layer_ms": round(1e3 * cal.layer_s, 3),
+                      "lm_head_ms": round(1e3 * cal.lm_head_s, 3),
+                      "draft_ms": {k: round(1e3 * v, 3) for k, v in sorted(cal.draft_s.items())},
+                      "auto": plan.describe()}, indent=1))
     return 0
 
 
