@@ -38,8 +38,9 @@ from .theory import ppsd_token_s
 # exit are all near there, so it is taken low.
 LM_ACCEPTANCE = 0.05
 CONTEXT = 64          # cached positions a timed decode step attends over
-BUDGET_S = 0.25       # per timed item: repeat for about this long, MIN_RUNS to MAX_RUNS times
-MIN_RUNS, MAX_RUNS = 5, 50
+STACK = 4             # layers timed together (SmolLM2-135M: 4 x 14 MB, more than this CPU's 32 MB L3)
+BUDGET_S = 0.5        # per timed item: repeat for about this long, MIN_RUNS to MAX_RUNS times
+MIN_RUNS, MAX_RUNS = 5, 30
 
 
 class Calibration(BaseModel):
@@ -93,7 +94,7 @@ def candidates(model_dir: Path, num_layers: int, stages: int, exit_layer: int | 
     """'auto' head: the shipped heads for this model and 'lm'; otherwise just that head. A
     trained head is a candidate at its own exit layer only; 'lm' at every valid one. A head
     file given explicitly is taken as it is: PipelineConfig then checks it, naming the field."""
-    from .heads import read_head_meta, shipped_heads
+    from .heads import HeadMismatch, read_head_meta, shipped_heads
 
     valid = range(1, num_layers - stages + 2)
     exits = [exit_layer] if exit_layer is not None else list(valid)
@@ -103,7 +104,12 @@ def candidates(model_dir: Path, num_layers: int, stages: int, exit_layer: int | 
     files = shipped_heads() if head == "auto" else [] if head == "lm" else [Path(head)]
     fp = model_fingerprint(model_dir)
     for path in files:
-        meta = read_head_meta(path)
+        try:
+            meta = read_head_meta(path)
+        except HeadMismatch:
+            if head != "auto":
+                raise
+            continue  # not a head file: never shipped as one
         e = meta.get("exit_layer")
         if head != "auto" or (meta.get("model_fingerprint") == fp and e in valid and e in exits):
             out.append(Candidate(exit_layer=e, head=str(path), acceptance=meta.get("val_greedy_acceptance") or 0.0,
@@ -169,7 +175,11 @@ def calibration(model_dir: Path, device: str, threads: int, dtype: str, draft_ke
 def measure(model_dir: Path, device: str, threads: int, dtype: str, draft_keys: set[str],
             known: Calibration | None = None, runs: int | None = None) -> Calibration:
     """Times what `known` lacks (each item the median of `runs` runs; default: about
-    BUDGET_S of runs). Weights other than the LM head's are random: the same cost."""
+    BUDGET_S of runs). Weights other than the LM head's are random: the same cost.
+
+    Layers are timed as a chain of STACK one-layer models (each call's mask and rotary
+    set-up included), whose weights together outgrow the CPU caches, as a stage's do;
+    heads are timed each right after such a chain (untimed), so that they start cold too."""
     from .distill import frozen_parts
     from .heads import build_head
 
@@ -177,44 +187,49 @@ def measure(model_dir: Path, device: str, threads: int, dtype: str, draft_keys: 
         norm, lm_head, config = frozen_parts(model_dir)
         norm, lm_head = norm.to(device, getattr(torch, dtype)), lm_head.to(device, getattr(torch, dtype))
         x = torch.randn(1, 1, config.hidden_size, device=device, dtype=lm_head.weight.dtype)
-        heads = {}
-
-        def timed_head(kind: str, vocab_size: int | None):
-            if (kind, vocab_size) not in heads:
-                head = build_head(kind, 1, norm, lm_head, config).to(device, lm_head.weight.dtype).eval()
-                if vocab_size is not None:
-                    head.set_draft_vocab(torch.arange(vocab_size))
-                cache = head.new_cache()
-                if cache is not None:  # fill CONTEXT positions, then time the next one
-                    prefix = torch.randn(1, CONTEXT, config.hidden_size, device=device, dtype=x.dtype)
-                    head.features(prefix, torch.arange(CONTEXT, device=device)[None], cache)
-                heads[kind, vocab_size] = head, cache
-            return heads[kind, vocab_size]
-
         pos = torch.tensor([[CONTEXT]], device=device)
 
-        def step(kind, vocab_size, draft: bool):
-            head, cache = timed_head(kind, vocab_size)
+        def head_at_context(kind: str, vocab_size: int | None = None):
+            head = build_head(kind, 1, norm, lm_head, config).to(device, lm_head.weight.dtype).eval()
+            if vocab_size is not None:
+                head.set_draft_vocab(torch.arange(vocab_size))
+            cache = head.new_cache()
+            if cache is not None:  # CONTEXT positions cached; every timed call adds the next one
+                prefix = torch.randn(1, CONTEXT, config.hidden_size, device=device, dtype=x.dtype)
+                head.features(prefix, torch.arange(CONTEXT, device=device)[None], cache)
+            return head, cache
 
-            def run():
-                if cache is not None and cache.get_seq_length() > CONTEXT:
-                    cache.crop(CONTEXT - cache.get_seq_length())  # negative: drop that many from the end
-                return head.draft(x, pos, cache) if draft else head.features(x, pos, cache)
-            return _median_s(run, device, runs)
+        def at_context(cache):
+            if cache is not None and cache.get_seq_length() > CONTEXT:
+                cache.crop(CONTEXT - cache.get_seq_length())  # negative: drop that many from the end
+
+        stack = [head_at_context("layer") for _ in range(min(STACK, config.num_hidden_layers))]
+
+        def layers():
+            h = x
+            for head, cache in stack:
+                at_context(cache)
+                h = head.features(h, pos, cache)
+            return h
 
         if known is None:
-            layer_s = step("layer", None, draft=False)  # one decoder layer (+ a norm)
-            lm_head_s = _median_s(lambda: lm_head(norm(x)).argmax(-1), device, runs)
             known = Calibration(model_fingerprint=model_fingerprint(model_dir), device=device, threads=threads,
-                                dtype=dtype, layer_s=layer_s, lm_head_s=lm_head_s)
+                                dtype=dtype, layer_s=_median_s(layers, device, runs) / len(stack),
+                                lm_head_s=_median_s(lambda: lm_head(norm(x)).argmax(-1), device, runs, layers))
         draft_s = dict(known.draft_s)
         for key in sorted(draft_keys - draft_s.keys()):
             kind, _, size = key.partition("@")
-            draft_s[key] = step(kind, int(size) if size else None, draft=True)
+            head, cache = head_at_context(kind, int(size) if size else None)
+
+            def draft(head=head, cache=cache):
+                at_context(cache)
+                return head.draft(x, pos, cache)
+            draft_s[key] = _median_s(draft, device, runs, layers)
     return known.model_copy(update={"draft_s": draft_s})
 
 
-def _median_s(fn, device: str, runs: int | None = None) -> float:
+def _median_s(fn, device: str, runs: int | None = None, before=None) -> float:
+    """Median seconds of fn(); `before()` runs untimed ahead of each call."""
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -228,6 +243,9 @@ def _median_s(fn, device: str, runs: int | None = None) -> float:
     sync()
     times, start = [], time.perf_counter()
     while more(times, start):
+        if before is not None:
+            before()
+            sync()
         t0 = time.perf_counter()
         fn()
         sync()
