@@ -4,10 +4,13 @@
     python bench/draft_cost.py --threads 1 --rounds 300 [--heads ppsd_ray/heads/*.safetensors]
 
 Times, in interleaved rounds (every variant once per round, so that a busy machine
-slows them alike): the full LM head (final norm, 49152-wide matmul, argmax), the LM
+slows them alike; before each call, untimed, a 128 MB read evicts the CPU caches as
+a stage's other layers would): the full LM head (final norm, 49152-wide matmul, argmax), the LM
 head restricted to each shipped head's draft vocabulary, and each shipped head's
 whole draft (its decoder layer over a KV cache of 64 positions, then its draft
-logits and argmax) with and without its vocabulary. Prints median and minimum ms.
+logits and argmax) with and without its vocabulary; and stage 1's whole decode step
+(ppsd_ray.stage.Stage, layers [0, E) and the head, one token after a 64-token prompt)
+with each. Prints median and minimum ms.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from ppsd_ray.calibrate import CONTEXT  # noqa: E402
 from ppsd_ray.distill import frozen_parts  # noqa: E402
 from ppsd_ray.heads import load_exit_head, read_head_meta, shipped_heads  # noqa: E402
 from ppsd_ray.model import resolve_model  # noqa: E402
+from ppsd_ray.stage import Stage  # noqa: E402
 
 
 def main() -> int:
@@ -63,12 +67,26 @@ def main() -> int:
                     cache.crop(CONTEXT - cache.get_seq_length())
                 return h.draft(x, pos, cache)
             variants[name] = run
+        for vocab in (False, True):
+            if vocab and head.draft_vocab is None:
+                continue
+            stage = Stage(model_dir, 0, meta["exit_layer"], index=0, num_stages=2, head=str(path),
+                          exit_layer=meta["exit_layer"])
+            if not vocab:
+                stage.exit_head.set_draft_vocab(None)
+            stage.forward("s", 0, 0, list(range(100, 100 + CONTEXT)), heads=1)
+
+            def stage_step(stage=stage):  # the same position each time: the call first drops it
+                return stage.forward("s", 0, CONTEXT, [42], heads=1)
+            variants[f"{path.name}: stage 1 step, {'its draft' if vocab else 'full'} vocabulary"] = stage_step
     times = {k: [] for k in variants}
+    evict = torch.ones(32 << 20)
     with torch.inference_mode():
         for fn in variants.values():  # warm-up
             fn()
         for _ in range(args.rounds):
             for name, fn in variants.items():
+                evict.sum()
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
