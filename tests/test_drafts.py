@@ -15,7 +15,8 @@ from conftest import WORDS, build_tiny_model, hf_greedy
 from ppsd_ray import calibrate
 from ppsd_ray import distill as D
 from ppsd_ray.config import GenerationConfig, PipelineConfig
-from ppsd_ray.heads import HeadMismatch, build_head, load_exit_head, read_head_meta, save_head
+from ppsd_ray.heads import (HeadMismatch, build_head, load_exit_head, read_draft_vocab, read_head_meta, save_head,
+                            shipped_heads)
 from ppsd_ray.model import encode_prompt, load_tokenizer, model_fingerprint
 from ppsd_ray.schedule import Decoder, RequestStats
 from ppsd_ray.stage import Stage
@@ -253,3 +254,15 @@ def test_token_time_for_unbalanced_stages():
             assert sim.decode_s / 4000 == pytest.approx(ppsd_token_s(0.6, steps, hop), rel=0.05)
     # a heavy stage 1 is worse than a heavy last stage: a rejection waits for its stale draft
     assert ppsd_token_s(0.0, [5.0, 3.0]) == 10.0 and ppsd_token_s(0.0, [3.0, 5.0]) == 8.0
+
+
+def test_shipped_heads_are_small_and_carry_a_recorded_vocabulary():
+    assert shipped_heads()
+    for path in shipped_heads():
+        meta = read_head_meta(path)
+        assert path.stat().st_size < 20e6
+        ids = read_draft_vocab(path, meta, meta["vocab_size"])
+        assert len(ids) == meta["draft_vocab_size"] == meta["draft_vocab"]["size"]
+        assert meta["draft_vocab"]["command"].startswith("ppsd draft-vocab")
+        assert meta["attach_command"].startswith("ppsd attach-vocab") and meta["command"].startswith("python jobs/")
+        assert meta["val_greedy_acceptance"] <= meta["full_vocab_val_greedy_acceptance"] + 0.01
