@@ -29,6 +29,7 @@ from ppsd_ray.calibrate import CONTEXT  # noqa: E402
 from ppsd_ray.distill import frozen_parts  # noqa: E402
 from ppsd_ray.heads import load_exit_head, read_head_meta, shipped_heads  # noqa: E402
 from ppsd_ray.model import resolve_model  # noqa: E402
+from ppsd_ray.protocol import Work  # noqa: E402
 from ppsd_ray.stage import Stage  # noqa: E402
 
 
@@ -74,10 +75,10 @@ def main() -> int:
                           exit_layer=meta["exit_layer"])
             if not vocab:
                 stage.exit_head.set_draft_vocab(None)
-            stage.forward("s", 0, 0, list(range(100, 100 + CONTEXT)), heads=1)
+            stage.forward(Work("s", 0, 0, tuple(range(100, 100 + CONTEXT)), draft=True))
 
             def stage_step(stage=stage):  # the same position each time: the call first drops it
-                return stage.forward("s", 0, CONTEXT, [42], heads=1)
+                return stage.forward(Work("s", 0, CONTEXT, (42,), draft=True))
             variants[f"{path.name}: stage 1 step, {'its draft' if vocab else 'full'} vocabulary"] = stage_step
     times = {k: [] for k in variants}
     evict = torch.ones(32 << 20)

@@ -342,7 +342,6 @@ def _attach_vocab(args) -> int:
     import shlex
 
     from . import distill, vocab
-    from .config import ModelInfo
     from .heads import HeadMismatch, read_head_meta
 
     model_dir = resolve_model(args.model)
@@ -369,7 +368,6 @@ def _attach_vocab(args) -> int:
 
 def _calibrate(args) -> int:
     from . import calibrate
-    from .config import ModelInfo
 
     model_dir = resolve_model(args.model)
     device, threads, dtype = calibrate.stage_target(args.stages, None, args.threads, "auto")

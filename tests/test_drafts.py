@@ -18,8 +18,10 @@ from ppsd_ray.config import GenerationConfig, PipelineConfig
 from ppsd_ray.heads import (HeadMismatch, build_head, load_exit_head, read_draft_vocab, read_head_meta, save_head,
                             shipped_heads)
 from ppsd_ray.model import encode_prompt, load_tokenizer, model_fingerprint
+from ppsd_ray.protocol import Hop
 from ppsd_ray.schedule import Decoder, RequestStats
 from ppsd_ray.stage import Stage
+from ppsd_ray.transport import LocalPipe
 from ppsd_ray.theory import ppsd_speedup, ppsd_token_s
 from ppsd_ray.simulate import Timing, simulate
 from ppsd_ray.vocab import choose_vocab, read_vocab
@@ -81,12 +83,13 @@ def test_vocab_head_drafts_only_its_tokens_and_is_lossless(tiny_model_dir, vocab
     forward = stages[0].forward
 
     def recording(*args, **kwargs):
-        hidden, tokens = forward(*args, **kwargs)
-        drafts.extend(tokens or [])
-        return hidden, tokens
+        hop = forward(*args, **kwargs)
+        if isinstance(hop, Hop):
+            drafts.extend(hop.drafts)
+        return hop
 
     stages[0].forward = recording
-    decoder = Decoder(stages, eos_token_ids=config.info.eos_token_ids)
+    decoder = Decoder(LocalPipe(stages), 2, eos_token_ids=config.info.eos_token_ids)
     tok = load_tokenizer(tiny_model_dir)
     accepted = 0
     for n, prompt in enumerate(["the time of day", "water is a long way", "one two three four five"]):
@@ -99,6 +102,10 @@ def test_vocab_head_drafts_only_its_tokens_and_is_lossless(tiny_model_dir, vocab
             accepted += stats.accepted
     assert drafts and set(drafts) <= allowed
     assert accepted > 0  # drafts were both made and taken
+    drafts.clear()  # sampled drafts come from the vocabulary too
+    sampled = GenerationConfig(mode="ppsd", max_new_tokens=24, stop_on_eos=False, temperature=1.0, seed=3)
+    list(decoder.decode("t", encode_prompt(tok, "the time of day"), sampled, RequestStats()))
+    assert len(drafts) > 5 and set(drafts) <= allowed
 
 
 def test_head_file_with_vocab_round_trips(tiny_model_dir, vocab_head_file):
