@@ -135,13 +135,20 @@ def plan(model_dir: Path, stages: int, exit_layer: int | None, head: str, device
 
 
 def stage_target(stages: int, use_gpus: bool | None, threads_per_stage: int | None, dtype: str) -> tuple[str, int, str]:
-    """(device, threads, dtype) a pipeline's stages will run on, as actors/pipeline.py decides them."""
+    """(device, threads, dtype) to calibrate on: what a pipeline's stages will run on, as
+    actors/pipeline.py decides them. GPU stages configured from a process without a GPU (a
+    Serve app built on a CPU head node) are calibrated on this CPU instead, one thread, in
+    their dtype: at batch 1 both are bound by the bytes each step reads, so the relative
+    costs that decide the choice carry over roughly (each call's fixed cost, larger on a
+    GPU, does not)."""
     gpus = use_gpus if use_gpus is not None else torch.cuda.device_count() >= stages
-    device = "cuda" if gpus else "cpu"
-    threads = 1 if gpus else threads_per_stage or max(1, (os.cpu_count() or 1) // stages)
     if dtype == "auto":
         dtype = "bfloat16" if gpus else "float32"
-    return device, threads, dtype
+    if gpus and not torch.cuda.is_available():
+        return "cpu", 1, dtype
+    if gpus:
+        return "cuda", 1, dtype
+    return "cpu", threads_per_stage or max(1, (os.cpu_count() or 1) // stages), dtype
 
 
 # ---- measurement ---------------------------------------------------------------------------

@@ -233,6 +233,8 @@ def test_exit_layer_auto_is_valid_and_calibrated_once(tiny_model_dir, cache, mon
     assert one.plan is None and one.layer_ranges() == [(0, 8)]
     with pytest.raises(ValidationError, match="exit_layer"):
         PipelineConfig(model_dir=tiny_model_dir, stages=2, exit_layer="soon")
+    if not torch.cuda.is_available():  # GPU stages configured here: calibrated on this CPU instead
+        assert calibrate.stage_target(2, True, None, "auto") == ("cpu", 1, "bfloat16")
 
 
 def test_auto_balances_the_stages_by_cost(tiny_model_dir, cache):
