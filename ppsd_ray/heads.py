@@ -100,9 +100,10 @@ class ExitHead(nn.Module):
         return self.logits(self.features(hidden, position_ids, cache, attention_mask))
 
     def draft(self, hidden, position_ids=None, cache=None, last: int = 1) -> torch.Tensor | None:
-        """Stage 1's drafts: hidden [B, n, H] at the exit layer -> the draft tokens [B, last]
-        of its last `last` positions (None for 0). A head with a cache sees every
-        position, drafted or not, so that its cache follows the layer caches exactly."""
+        """Greedy drafts: hidden [B, n, H] at the exit layer -> the draft tokens [B, last] of
+        its last `last` positions (None for 0); the whole work of one draft (calibrate.py
+        times it). A head with a cache sees every position, drafted or not, so that its
+        cache follows the layer caches exactly."""
         if self.needs_cache:
             feats = self.features(hidden, position_ids, cache)
         elif last:

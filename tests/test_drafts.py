@@ -275,3 +275,14 @@ def test_shipped_heads_are_small_and_carry_a_recorded_vocabulary():
         assert meta["draft_vocab"]["command"].startswith("ppsd draft-vocab")
         assert meta["attach_command"].startswith("ppsd attach-vocab") and meta["command"].startswith("python jobs/")
         assert meta["val_greedy_acceptance"] <= meta["full_vocab_val_greedy_acceptance"] + 0.01
+
+
+def test_calibrate_command_measures_and_reports_the_choice(tiny_model_dir, cache, capsys):
+    from ppsd_ray.cli import main
+
+    assert main(["calibrate", "--model", str(tiny_model_dir), "--threads", "1", "--drafts", "layer@64",
+                 "--runs", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["layer_ms"] > 0 and out["lm_head_ms"] > 0 and {"lm", "layer@64"} <= out["draft_ms"].keys()
+    assert out["auto"].startswith("exit layer ") and "predicted stage steps" in out["auto"]
+    assert calibrate.cache_file(model_fingerprint(tiny_model_dir), "cpu", 1, "float32").is_file()
