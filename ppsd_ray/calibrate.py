@@ -3,8 +3,9 @@
 `calibration` times, on the device, dtype and thread count the stages will use,
 one decode step (a single new token over a KV cache of CONTEXT positions) of one
 decoder layer, of the full LM head (final norm, LM head, argmax), and of each
-exit head kind's draft (with its draft vocabulary size). A second or so on the
-real model, milliseconds on the tiny test model. The result is cached as JSON
+exit head kind's draft (with its draft vocabulary size). About 5 s on the real
+model (building the timed modules included), well under a second on the tiny
+test model. The result is cached as JSON
 under cache_dir()/calibration/, one file per (model fingerprint, device, threads,
 dtype); a later call measures only what the file lacks.
 
