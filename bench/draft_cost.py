@@ -65,7 +65,7 @@ def main() -> int:
 
             def run(h=h, cache=cache):
                 if cache is not None and cache.get_seq_length() > CONTEXT:
-                    cache.crop(CONTEXT - cache.get_seq_length())
+                    cache.crop(CONTEXT)
                 return h.draft(x, pos, cache)
             variants[name] = run
         for vocab in (False, True):

@@ -209,7 +209,7 @@ def measure(model_dir: Path, device: str, threads: int, dtype: str, draft_keys: 
 
         def at_context(cache):
             if cache is not None and cache.get_seq_length() > CONTEXT:
-                cache.crop(CONTEXT - cache.get_seq_length())  # negative: drop that many from the end
+                cache.crop(CONTEXT)
 
         stack = [head_at_context("layer") for _ in range(min(STACK, config.num_hidden_layers))]
 
