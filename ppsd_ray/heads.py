@@ -30,7 +30,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 META_KEY = "ppsd_head"
@@ -59,10 +58,9 @@ class ExitHead(nn.Module):
         super().__init__()
         self.exit_layer = exit_layer
         self.lm_head = lm_head
-        # non-persistent: never in a state dict, but moved and cast with the head
+        # non-persistent: never in a state dict, but moved with the head
         self.register_buffer("draft_vocab", None, persistent=False)
-        self.register_buffer("draft_weight", None, persistent=False)
-        self.register_buffer("draft_bias", None, persistent=False)
+        self.draft_lm_head: nn.Module | None = None
 
     def features(self, hidden, position_ids=None, cache=None, attention_mask=None):
         raise NotImplementedError
@@ -71,24 +69,28 @@ class ExitHead(nn.Module):
         return self.lm_head(features)
 
     def set_draft_vocab(self, ids: torch.Tensor | None) -> None:
-        """Restricts drafts to these token ids (None: the full vocabulary again); their
-        rows of the LM head are copied once here."""
+        """Restricts drafts to these token ids (None: the full vocabulary again). The draft
+        LM head is built once here: the LM head's own class (so its logit transforms, e.g.
+        soft-capping, apply alike) over only these rows."""
         if ids is None:
-            self.draft_vocab = self.draft_weight = self.draft_bias = None
+            self.draft_vocab = self.draft_lm_head = None
             return
-        weight = self.lm_head.weight.detach()
+        weight = self.lm_head.weight
         ids = check_draft_vocab(ids, weight.shape[0]).to(weight.device)
-        self.draft_vocab = ids
-        self.draft_weight = weight[ids].clone()
+        rows = {id(weight): nn.Parameter(weight.detach()[ids].clone(), requires_grad=False)}
         bias = getattr(self.lm_head, "bias", None)
-        self.draft_bias = None if bias is None else bias.detach()[ids].clone()
+        if bias is not None:
+            rows[id(bias)] = nn.Parameter(bias.detach()[ids].clone(), requires_grad=False)
+        draft = copy.deepcopy(self.lm_head, memo=rows)  # the memo hands it the rows, never copying the full matrix
+        draft.out_features = len(ids)
+        self.draft_vocab, self.draft_lm_head = ids, draft
 
     def draft_logits(self, features) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits over the draft vocabulary, and the full-vocabulary id of each of their
         columns (None: no draft vocabulary, the columns are the ids)."""
         if self.draft_vocab is None:
             return self.logits(features), None
-        return F.linear(features, self.draft_weight, self.draft_bias), self.draft_vocab
+        return self.draft_lm_head(features), self.draft_vocab
 
     def draft_tokens(self, features) -> torch.Tensor:
         """The draft: the best token of the draft vocabulary, as a full-vocabulary id."""
@@ -115,7 +117,7 @@ class ExitHead(nn.Module):
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The head's own weights: what a head file holds (never the shared LM head)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("lm_head.")}
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(("lm_head.", "draft_lm_head."))}
 
 
 class LMExitHead(ExitHead):

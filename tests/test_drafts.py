@@ -70,7 +70,13 @@ def test_restricted_logits_are_the_full_logits_columns(tiny_model_dir):
     assert torch.equal(drafts, ids[full[..., ids].argmax(-1)])
     assert set(drafts.flatten().tolist()) <= set(ids.tolist())
     assert not torch.equal(drafts, full.argmax(-1))  # the restriction changed some drafts
+    lm_head.softcap = 0.5  # a family's logit transform (Gemma 2) applies to the draft logits too
+    head.set_draft_vocab(ids)
+    capped = head.logits(feats)
+    assert capped.abs().max() <= 0.5 and not torch.allclose(capped, full)
+    torch.testing.assert_close(head.draft_logits(feats)[0], capped[..., ids])
     head.set_draft_vocab(None)
+    lm_head.softcap = None
     assert torch.equal(head.draft_tokens(feats), full.argmax(-1))
 
 
@@ -117,7 +123,8 @@ def test_head_file_with_vocab_round_trips(tiny_model_dir, vocab_head_file):
     head = load_exit_head(str(vocab_head_file), EXIT, norm, lm_head, model_dir=tiny_model_dir, config=config)
     assert torch.equal(head.draft_vocab, even_ids(vocab_size))
     assert head.draft_vocab.dtype == torch.int64
-    torch.testing.assert_close(head.draft_weight, lm_head.weight[even_ids(vocab_size)])
+    torch.testing.assert_close(head.draft_lm_head.weight, lm_head.weight[even_ids(vocab_size)])
+    assert head.lm_head.weight.shape[0] == vocab_size  # the shared LM head is untouched
     assert not any(k.startswith("draft") for k in head.trainable_state())  # weights stay the head's own
 
 
