@@ -249,6 +249,7 @@ def summarize(result: dict, num_layers: int) -> dict:
                 "wall": 1e3 * _median([r["stats"]["wall_s"] / n for r, n in zip(rs, tok)]),
                 "stage_compute": [1e3 * _median([r["stats"]["stages"][j]["compute_s"] / n for r, n in zip(rs, tok)])
                                   for j in range(s.stages)],
+                "stage_step": [1e3 * _median(col) for col in zip(*(decode_step_times(r["stats"]["stages"]) for r in rs))],
                 "stale": 1e3 * _median([r["stats"]["stale_s"] / n for r, n in zip(rs, tok)]),
                 "coordinator": 1e3 * _median([(r["stats"]["wall_s"] - r["stats"]["wait_s"]) / n for r, n in zip(rs, tok)]),
                 "hop": 1e3 * hops.get((s.stages, s.transport), hop_any),

@@ -40,6 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=_generate)
 
     add_eval_acceptance_parser(sub)
+    add_vocab_parsers(sub)
+
+    p = sub.add_parser("calibrate", help="measure the decode-step costs of a layer, the exit heads and the LM "
+                                         "head here (cached for exit_layer auto); print them and the auto choice")
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a model directory")
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--threads", type=int, help="torch threads; default: as the stages get them")
+    p.add_argument("--drafts", default="",
+                   help="more exit heads to time, comma-separated TYPE or TYPE@VOCAB_SIZE, e.g. lm,layer@8192")
+    p.add_argument("--runs", type=int, help="runs per item, the median reported (default: about 0.25 s of runs)")
+    p.set_defaults(run=_calibrate)
 
     p = sub.add_parser("bench", help="all systems side by side; writes JSON, plots and BENCHMARKS.md")
     p.add_argument("--model", default="default", help=MODEL_HELP)
@@ -48,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--systems", default=None, help="comma-separated, e.g. hf,hf-ee,ar,pp-K2,eesd-K2-g4,ppsd-K2")
-    p.add_argument("--exit-layers", default="", help="per K, e.g. 2:15,3:10; default L/K")
+    p.add_argument("--exit-layers", default="", help="per K, e.g. 2:15,3:10; default auto (calibrated)")
     p.add_argument("--heads", default="", help="per K, e.g. 2:lm,3:FILE; default auto (the shipped head, else lm)")
     p.add_argument("--transport", default="direct", choices=[t.value for t in Transport],
                    help="for systems that do not name one (ppsd-K2/ray does)")
@@ -76,10 +87,12 @@ class UsageError(Exception):
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help=MODEL_HELP)
     p.add_argument("--stages", type=int, help="K; default: one per GPU, or 2 without GPUs (1 for --mode ar)")
-    p.add_argument("--exit-layer", type=int, help="E, the end of stage 1; default L/K")
+    p.add_argument("--exit-layer", type=_exit_layer, default="auto",
+                   help="E, the end of stage 1; 'auto' (default): the E and head predicted fastest from a short, "
+                        "cached calibration of layer, exit head and LM head costs on this machine")
     p.add_argument("--head", default="auto",
-                   help="exit head: 'auto' (the shipped head for this model and exit layer if there is one, "
-                        "else 'lm'), 'lm', or a trained head file")
+                   help="exit head: 'auto' (of the shipped heads for this model and exit layer and 'lm', the one "
+                        "predicted fastest), 'lm', or a trained head file")
     p.add_argument("--transport", default="direct", choices=[t.value for t in Transport],
                    help="how hidden states move between stages: 'direct' (stage loops, ZMQ + torch.distributed) "
                         "or 'ray' (an actor call per stage per token)")
@@ -91,6 +104,15 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
     p.add_argument("--seed", type=int, help="sampling seed; with --prompts-file, prompt i uses seed + i")
+
+
+def _exit_layer(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer or 'auto': {value!r}") from None
 
 
 def pipeline_config(args, mode: str = "ppsd") -> PipelineConfig:
@@ -170,6 +192,8 @@ def _generate(args) -> int:
             where = f"prompts-file: {args.prompts_file}:{p.line}: " if p.line else ""
             raise UsageError(f"{where}{e}") from None
         prompt_ids.append(ids)
+    if config.plan:
+        print(f"[auto: {config.plan.describe()}]", file=sys.stderr)
 
     from actors.pipeline import Pipeline
 
@@ -263,6 +287,101 @@ def _eval_acceptance(args) -> int:
     return 0
 
 
+def add_vocab_parsers(sub) -> None:
+    data = Path(__file__).parent / "data"
+    p = sub.add_parser("draft-vocab", help="build a draft vocabulary (the tokens a head may propose) from "
+                                           "the model's own answers to a sample of the head-training prompts")
+    p.add_argument("--out", type=Path, required=True, help="the vocabulary file (.safetensors)")
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a model directory")
+    p.add_argument("--prompts-files", type=Path, nargs="+",
+                   default=[data / "heads_train.jsonl", data / "heads_train_stdlib.jsonl"])
+    p.add_argument("--every", type=int, default=6, help="use every N-th prompt of each file")
+    p.add_argument("--answers", type=int, default=1, help="answers per prompt, the first greedy, the rest sampled")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--coverage", type=float, default=0.99, help="of the sample's answer tokens")
+    p.add_argument("--size", type=int, help="fill up to this many ids with the lowest token ids")
+    p.add_argument("--val-prompts", type=Path, default=data / "heads_val.jsonl",
+                   help="its greedy answers give the reported validation coverage")
+    p.add_argument("--workers", type=int, default=2, help="generation actors (0: in-process)")
+    p.set_defaults(run=_draft_vocab)
+
+    p = sub.add_parser("attach-vocab", help="give trained head files a draft vocabulary (in place); "
+                                            "re-measures their validation acceptance with it")
+    p.add_argument("heads", type=Path, nargs="+")
+    p.add_argument("--vocab", type=Path, required=True, help="a file from `ppsd draft-vocab`")
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a model directory")
+    p.add_argument("--val-prompts", type=Path, default=data / "heads_val.jsonl")
+    p.add_argument("--workers", type=int, default=2, help="generation actors (0: in-process)")
+    p.set_defaults(run=_attach_vocab)
+
+
+def _draft_vocab(args) -> int:
+    import shlex
+
+    from . import vocab
+
+    if not 0 < args.coverage <= 1:
+        raise UsageError(f"coverage: must be in (0, 1], got {args.coverage}")
+    if args.every < 1 or args.answers < 1:
+        raise UsageError("every, answers: must be >= 1")
+    spec = vocab.VocabSpec(prompts_files=tuple(map(str, args.prompts_files)), every=args.every,
+                           answers=args.answers, max_new_tokens=args.max_new_tokens, coverage=args.coverage,
+                           size=args.size)
+    try:
+        ids, meta = vocab.build_vocab(resolve_model(args.model), spec, args.val_prompts,
+                                      "ppsd " + shlex.join(args.argv), args.workers)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    vocab.save_vocab(args.out, ids, meta)
+    print(json.dumps({"out": str(args.out)} | {k: meta[k] for k in ("size", "sample_coverage", "sample_tokens",
+                                                                   "sample_distinct", "val_coverage", "val_tokens")}))
+    return 0
+
+
+def _attach_vocab(args) -> int:
+    import shlex
+
+    from . import distill, vocab
+    from .heads import HeadMismatch, read_head_meta
+
+    model_dir = resolve_model(args.model)
+    num_layers = ModelInfo.read(model_dir).num_layers
+    command = "ppsd " + shlex.join(args.argv)
+    try:
+        exits = {read_head_meta(h)["exit_layer"] for h in args.heads}
+    except HeadMismatch as e:
+        raise UsageError(str(e)) from None
+    data_dir = {e: distill.build_dataset(model_dir, distill.validation_spec(args.val_prompts, num_layers, e),
+                                         args.workers, progress=False) for e in exits}
+    for head in args.heads:
+        e = read_head_meta(head)["exit_layer"]
+        try:
+            meta = vocab.attach_vocab(head, args.vocab, model_dir, distill.load_dataset(data_dir[e], e), command)
+        except HeadMismatch as err:
+            raise UsageError(str(err)) from None
+        print(json.dumps({"head": str(head), "draft_vocab_size": meta["draft_vocab_size"],
+                          "val_greedy": meta["val_greedy_acceptance"],
+                          "full_vocab_val_greedy": meta["full_vocab_val_greedy_acceptance"],
+                          "size_mb": round(Path(head).stat().st_size / 1e6, 2)}))
+    return 0
+
+
+def _calibrate(args) -> int:
+    from . import calibrate
+
+    model_dir = resolve_model(args.model)
+    device, threads, dtype = calibrate.stage_target(args.stages, None, args.threads, "auto")
+    cands = calibrate.candidates(model_dir, ModelInfo.read(model_dir).num_layers, args.stages, None, "auto")
+    keys = {c.draft_key for c in cands} | {k.strip() for k in args.drafts.split(",") if k.strip()}
+    cal = calibrate.calibration(model_dir, device, threads, dtype, keys, remeasure=True, runs=args.runs)
+    plan = calibrate.plan(model_dir, args.stages, None, "auto", device, threads, dtype)
+    print(json.dumps({"device": device, "threads": threads, "dtype": dtype, "layer_ms": round(1e3 * cal.layer_s, 3),
+                      "lm_head_ms": round(1e3 * cal.lm_head_s, 3),
+                      "draft_ms": {k: round(1e3 * v, 3) for k, v in sorted(cal.draft_s.items())},
+                      "auto": plan.describe()}, indent=1))
+    return 0
+
+
 def _per_k(spec: str, cast) -> dict:
     try:
         return {int(k): cast(v) for k, v in (item.split(":", 1) for item in spec.split(",") if item)}
@@ -279,13 +398,16 @@ def _bench(args) -> int:
         raise UsageError(str(e)) from None
     model_dir, info = checked_model(args.model)
     stage_counts = sorted({s.stages for s in systems} | {2})
-    exit_layers = {k: round(info.num_layers / k) for k in stage_counts if k > 1} | _per_k(args.exit_layers, int)
+    given = _per_k(args.exit_layers, int)
     heads = _per_k(args.heads, str)
-    for k in exit_layers:  # every pipeline config is checked before anything runs
+    exit_layers = {}
+    for k in [k for k in stage_counts if k > 1]:  # every pipeline config is checked before anything runs
         try:
-            PipelineConfig(model_dir=model_dir, stages=k, exit_layer=exit_layers[k], head=heads.get(k, "auto"))
+            config = PipelineConfig(model_dir=model_dir, stages=k, exit_layer=given.get(k, "auto"),
+                                    head=heads.get(k, "auto"))
         except ValidationError as e:
             raise UsageError(f"K={k}: {describe(e)}") from None
+        exit_layers[k] = config.exit_layer_or_default
     prompts = _prompts_file(args.prompts_file or bench.SUITE)
     if args.per_category:
         seen: dict = {}

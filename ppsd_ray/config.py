@@ -12,7 +12,7 @@ import secrets
 from enum import Enum
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -80,10 +80,14 @@ class PipelineConfig(BaseModel):
     model_dir: Path = Field(description="Hugging Face model directory (config.json + safetensors), or "
                                         "'default' (SmolLM2-135M-Instruct)")
     stages: int = Field(2, ge=1, description="K, the number of pipeline stages")
-    exit_layer: int | None = Field(None, description="E: stage 1 holds layers [0, E); default: L/K")
-    head: str = Field("auto", description="exit head: 'auto' (the shipped head for this model and exit "
-                                          "layer, else 'lm'), 'lm', or a trained head's .safetensors file "
-                                          "(its metadata must match the model and exit layer)")
+    exit_layer: int | Literal["auto"] | None = Field(
+        "auto", description="E: stage 1 holds layers [0, E). 'auto': the E (and, with head 'auto', the head) "
+                            "predicted fastest from a short calibration of layer, exit head and LM head costs on "
+                            "the stages' devices and threads (ppsd_ray/calibrate.py); None: L/K")
+    head: str = Field("auto", description="exit head: 'auto' (of the shipped heads for this model and exit "
+                                          "layer and 'lm', the one predicted fastest), 'lm', or a trained "
+                                          "head's .safetensors file (its metadata must match the model and "
+                                          "exit layer)")
     dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$")
     use_gpus: bool | None = Field(None, description="one GPU per stage; default: if the cluster has GPUs")
     threads_per_stage: int | None = Field(None, ge=1, description="torch threads per CPU stage")
@@ -147,11 +151,18 @@ class PipelineConfig(BaseModel):
         """The head stage 1 loads: 'lm' or a file ('auto' resolved)."""
         if self.head != "auto":
             return self.head
-        if self.stages == 1:
-            return "lm"
-        from .heads import resolve_head
+        return self.plan.head if self.plan else "lm"
 
-        return resolve_head("auto", self.model_dir, self.exit_layer_or_default)
+    @cached_property
+    def plan(self):
+        """calibrate.Plan: what 'auto' (exit layer or head) resolves to; None if neither is 'auto' or K = 1."""
+        if self.stages == 1 or "auto" not in (self.exit_layer, self.head):
+            return None
+        from .calibrate import plan, stage_target
+
+        fixed = None if self.exit_layer == "auto" else self.exit_layer_or_default
+        return plan(self.model_dir, self.stages, fixed, self.head,
+                    *stage_target(self.stages, self.use_gpus, self.threads_per_stage, self.dtype))
 
     @cached_property
     def info(self) -> ModelInfo:
@@ -159,17 +170,14 @@ class PipelineConfig(BaseModel):
 
     @property
     def exit_layer_or_default(self) -> int:
-        return self.exit_layer if self.exit_layer is not None else round(self.info.num_layers / self.stages)
+        if self.exit_layer == "auto" and self.plan:
+            return self.plan.exit_layer
+        if isinstance(self.exit_layer, int):
+            return self.exit_layer
+        return round(self.info.num_layers / self.stages)
 
     def layer_ranges(self) -> list[tuple[int, int]]:
-        """[start, stop) of each stage: stage 1 ends at the exit layer, the rest split evenly."""
-        layers = self.info.num_layers
-        if self.stages == 1:
-            return [(0, layers)]
-        e = self.exit_layer_or_default
-        rest, k = layers - e, self.stages - 1
-        bounds = [e + (rest * i) // k for i in range(k + 1)]
-        return [(0, e)] + list(zip(bounds[:-1], bounds[1:]))
+        return split_layers(self.info.num_layers, self.stages, self.exit_layer_or_default)
 
 
 MAX_LOGPROBS = 5
@@ -225,6 +233,15 @@ def check_prompt(prompt_ids, info: ModelInfo, gen: GenerationConfig) -> None:
     if len(prompt_ids) + gen.max_new_tokens > info.max_positions:
         raise _field_error("max_new_tokens", f"prompt ({len(prompt_ids)}) + max_new_tokens ({gen.max_new_tokens}) "
                                              f"exceeds the model's {info.max_positions} positions")
+
+
+def split_layers(num_layers: int, stages: int, exit_layer: int) -> list[tuple[int, int]]:
+    """[start, stop) of each stage: stage 1 ends at the exit layer, the rest split evenly."""
+    if stages == 1:
+        return [(0, num_layers)]
+    rest, k = num_layers - exit_layer, stages - 1
+    bounds = [exit_layer + (rest * i) // k for i in range(k + 1)]
+    return [(0, exit_layer)] + list(zip(bounds[:-1], bounds[1:]))
 
 
 def _field_error(field: str, msg: str) -> ValueError:

@@ -68,6 +68,17 @@ class DataSpec:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+VAL_DATA_LAYERS = (8, 10, 15)  # what jobs/train_exit_head.py records by default: one cached set serves all
+
+
+def validation_spec(prompts_file: Path | str, num_layers: int, exit_layer: int | None = None,
+                    max_new_tokens: int = 64) -> DataSpec:
+    """The validation data: greedy answers, with the hidden states of the default data
+    layers the model has (and `exit_layer`); the same cache the training job writes."""
+    layers = {e for e in VAL_DATA_LAYERS if e < num_layers} | ({exit_layer} if exit_layer else set())
+    return DataSpec(prompts_file=str(prompts_file), exit_layers=tuple(sorted(layers)), max_new_tokens=max_new_tokens)
+
+
 def plan_batches(tokenizer, spec: DataSpec) -> list[dict]:
     """Prompts -> batches of similar length (less padding), answer by answer; fixed by the spec."""
     prompts = read_prompts(spec.prompts_file)[:spec.max_prompts]
@@ -216,9 +227,10 @@ def _shard_name(answer: int, batch: int) -> str:
     return f"shard-a{answer}-{batch:04d}.pt"
 
 
-def load_dataset(path: Path, exit_layer: int, answers: int | None = None) -> list[dict]:
-    """Records with 'exit' (the given exit layer), 'final', 'ids', 'prompt_len', 'sampled',
-    answer by answer; with `answers`, only the first that many answers to each prompt."""
+def load_dataset(path: Path, exit_layer: int | None, answers: int | None = None) -> list[dict]:
+    """Records with 'exit' (the given exit layer; None: no hidden states, 'exit' None), 'final',
+    'ids', 'prompt_len', 'sampled', answer by answer; with `answers`, only the first that many
+    answers to each prompt."""
     def answer(shard: Path) -> int:  # shard-a{answer}-{batch}.pt
         return int(shard.stem.split("-")[1][1:])
 
@@ -229,9 +241,9 @@ def load_dataset(path: Path, exit_layer: int, answers: int | None = None) -> lis
             continue
         for r in torch.load(shard, weights_only=True):
             key = f"exit{exit_layer}"
-            if key not in r:
+            if exit_layer is not None and key not in r:
                 raise ValueError(f"exit_layer: dataset {path} has no hidden states for layer {exit_layer}")
-            records.append({"exit": r[key], "final": r["final"], "ids": r["ids"],
+            records.append({"exit": r.get(key), "final": r["final"], "ids": r["ids"],
                             "prompt_len": r["prompt_len"], "sampled": r["sampled"]})
     return records
 
@@ -436,14 +448,17 @@ def training_tokens(records: list[dict], prompt_positions: bool = False) -> int:
 @torch.no_grad()
 def acceptance(head: ExitHead, records: list[dict], batch_seqs: int = 16) -> dict:
     """Along the model's own greedy output: the head's argmax == the model's next token
-    (greedy), the model's next token in the head's top 2 (top2). fp32, no autocast."""
+    (greedy), the model's next token in the head's top 2 (top2); both as drafts are made,
+    within the head's draft vocabulary if it has one. fp32, no autocast."""
     head.eval()
     hit1 = hit2 = n = 0
     for i in range(0, len(records), batch_seqs):
         idx = list(range(i, min(i + batch_seqs, len(records))))
         x, _, att, mask, nxt = _collate(records, idx)
-        logits = head.logits(head_features(head, x, att)[mask])
+        logits, ids = head.draft_logits(head_features(head, x, att)[mask])
         top2 = logits.topk(2, dim=-1).indices
+        if ids is not None:
+            top2 = ids[top2]
         target = nxt[mask]
         hit1 += int((top2[:, 0] == target).sum())
         hit2 += int((top2 == target[:, None]).any(-1).sum())

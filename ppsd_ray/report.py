@@ -55,14 +55,18 @@ def write_markdown(path: Path, result: dict, summary: dict, projections: list[di
         if "acceptance" in e["all"]:
             lines.append(f"| {name} | " + " | ".join(_f(e[c]["acceptance"]) for c in cats) + " |")
     lines += ["", "## Where the time goes (ms per generated token, medians)", "",
-              "stage compute: each stage's busy time; stale: compute on positions later rolled back (inside "
-              "stage compute); coordinator: the coordinator's own time, not waiting; hop: one hand-off between "
-              "calls, calibrated from pp runs (pp token = sum of stage steps + (K + 1) hops).", "",
-              "| system | wall | stage compute | stale | coordinator | hop |", "|---|---|---|---|---|---|"]
+              "stage compute: each stage's busy time; stage step: each stage's mean single-token decode call "
+              "(ms per call, prefill excluded; balanced stages have equal steps); stale: compute on positions "
+              "later rolled back (inside stage compute); coordinator: the coordinator's own time, not waiting; "
+              "hop: one hand-off between calls, calibrated from pp runs (pp token = sum of stage steps + (K + 1) "
+              "hops).", "",
+              "| system | wall | stage compute | stage step | stale | coordinator | hop |",
+              "|---|---|---|---|---|---|---|"]
     for name, e in systems.items():
         b = e.get("breakdown_ms_per_token")
         if b:
             lines.append(f"| {name} | {b['wall']:.1f} | {' / '.join(f'{x:.1f}' for x in b['stage_compute'])} | "
+                         f"{' / '.join(f'{x:.1f}' for x in b['stage_step'])} | "
                          f"{b['stale']:.1f} | {b['coordinator']:.1f} | {b['hop']:.2f} |")
     sims = {n: e["simulator"] for n, e in systems.items() if "simulator" in e}
     if sims:

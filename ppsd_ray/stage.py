@@ -125,8 +125,8 @@ class Stage:
             hidden, dists = [out], (None if work.sampling.greedy else [])
             feats = self._head_features(seq, out, pos, work.chain + work.draft > 0)
             for i in range(work.chain + work.draft):
-                logits = self.exit_head.logits(feats[:, -1:])[0, -1]
-                token, dist = propose(logits, work.sampling, pos + n, work.epoch)
+                logits, vocab = self.exit_head.draft_logits(feats[:, -1:])
+                token, dist = propose(logits[0, -1], work.sampling, pos + n, work.epoch, vocab)
                 self._drafts[seq] = (pos + n, token)
                 drafts.append(token)
                 if dists is not None:

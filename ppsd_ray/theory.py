@@ -4,11 +4,29 @@ alpha: probability that a draft equals the verified token.
 """
 from __future__ import annotations
 
+import math
+from typing import Sequence
+
 
 def ppsd_speedup(alpha: float, stages: int) -> float:
     """K balanced stages, no overhead: an accepted token costs one stage step,
     a rejected one K steps (the correction crosses the whole pipe)."""
     return stages / (alpha + (1 - alpha) * stages)
+
+
+def ppsd_token_s(alpha: float, stage_s: Sequence[float], hop_s: float = 0.0) -> float:
+    """Expected seconds per token on K stages of unequal step times, window K (the schedule
+    of ppsd_ray/simulate.py). An accepted token costs the bottleneck: the slowest stage, or
+    the pipe's latency over K when the window limits. A rejected one costs the latency (the
+    corrected token crosses every stage, K + 1 hand-offs), or longer when stage 1 is still
+    busy drafting then: it drafts back to back, up to K - 1 ahead, and a started call
+    finishes. Balanced, no hops: 1 / ppsd_speedup of a forward pass."""
+    k = len(stage_s)
+    latency = sum(stage_s) + (k + 1) * hop_s
+    accepted = max(max(stage_s) + hop_s, latency / k)
+    first = stage_s[0] + hop_s  # stage 1's period while it drafts
+    rejected = max(latency, first * min(k, math.ceil(latency / first - 1e-9)))
+    return alpha * accepted + (1 - alpha) * rejected
 
 
 def eesd_speedup(alpha: float, gamma: int, exit_fraction: float) -> float:

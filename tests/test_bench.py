@@ -35,6 +35,9 @@ def test_bench_writes_json_markdown_and_plots(tiny_model_dir, tmp_path):
     assert [p["shape"] for p in result["projections"]][0] == "llama2-7b"
     assert {p["transport"] for p in result["projections"]} == {"direct", "ray"}
     text = md.read_text()
+    steps = summary["ppsd-K2"]["breakdown_ms_per_token"]["stage_step"]
+    assert len(steps) == 2 and all(x > 0 for x in steps)
+    assert "| stage step |" in text and f"{steps[0]:.1f} / {steps[1]:.1f}" in text
     for needle in ["| ppsd-K2 |", "Simulator check", "Projected multi-GPU", "speedup_vs_acceptance.png", "timeline.png"]:
         assert needle in text
     assert (out / "speedup_vs_acceptance.png").stat().st_size > 10_000

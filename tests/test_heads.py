@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from conftest import WORDS, build_tiny_model, hf_greedy
 from ppsd_ray import distill as D
 from ppsd_ray.config import GenerationConfig, PipelineConfig
-from ppsd_ray.heads import HeadMismatch, load_exit_head, read_head_meta, resolve_head, save_head
+from ppsd_ray.heads import HeadMismatch, load_exit_head, read_head_meta, save_head
 from ppsd_ray.model import encode_prompt, load_tokenizer, model_fingerprint
 from ppsd_ray.prompts import read_prompts
 from ppsd_ray.protocol import Work
@@ -144,8 +144,8 @@ def test_head_for_another_model_or_exit_is_refused(tiny_model_dir, layer_head_fi
 
 
 def test_auto_head_is_lm_without_a_shipped_head(tiny_model_dir):
-    assert resolve_head("auto", tiny_model_dir, EXIT) == "lm"
-    assert resolve_head("lm", tiny_model_dir, EXIT) == "lm"
+    assert PipelineConfig(model_dir=tiny_model_dir, stages=2, exit_layer=EXIT).exit_head == "lm"
+    assert PipelineConfig(model_dir=tiny_model_dir, stages=2, exit_layer=EXIT, head="lm").exit_head == "lm"
 
 
 def test_training_resumes_after_interruption(tiny_model_dir, dataset, tmp_path):
