@@ -2,6 +2,7 @@
 streams committed tokens to the caller as soon as they are verified."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -20,41 +21,103 @@ WATCH_S = 1.0  # how often the direct transport's coordinator checks that every 
 @ray.remote(num_cpus=0, max_concurrency=8, concurrency_groups={"control": 1})
 class Coordinator:
     """Each request runs on its own thread with its own sequence id, so requests can
-    share the stages; their calls interleave in the stages' queues."""
+    share the stages; their calls interleave in the stages' queues.
+
+    It also keeps the pipeline whole: stage actors restart (Ray's max_restarts) when their
+    process dies; a request that breaks on it calls `repair`, which waits for the restarted
+    stage, reconnects the direct transport, and lets every request go on from its committed
+    tokens (Decoder.decode)."""
 
     def __init__(self, stages: list, eos_token_ids: list[int], window: int | None, transport: str,
-                 timeout_s: float):
+                 timeout_s: float, backend: str = "gloo"):
         self.stages = stages
-        if Transport(transport) == Transport.direct:
+        self.transport, self.backend, self.timeout_s = Transport(transport), backend, timeout_s
+        if self.transport == Transport.direct:
             self.pipe = DirectPipe(ray.util.get_node_ip_address(), timeout_s)
             get = self.pipe.get
         else:
             self.pipe = RayPipe(stages)
-            get = lambda ref: ray.get(ref, timeout=timeout_s)  # noqa: E731
-        self.decoder = Decoder(self.pipe, len(stages), get=get, eos_token_ids=eos_token_ids, window=window)
+            get = self._ray_get
+        self.generation = 0
+        self._repair_lock = threading.Lock()
+        self._pids = self._stage_pids()
+        self.decoder = Decoder(self.pipe, len(stages), get=get, eos_token_ids=eos_token_ids, window=window,
+                               repair=self)
         self.metrics = PipelineMetrics()
         self._running: set[str] = set()
         self._cancelled: set[str] = set()
+        if self.transport == Transport.direct:
+            self._connect_direct()
+            threading.Thread(target=self._watch, daemon=True, name="ppsd-watch").start()
 
-    @ray.method(concurrency_group="control")
-    def inbox(self) -> str:
-        """direct: the address the last stage sends verdicts and every stage its reports to."""
-        return self.pipe.address
+    def _ray_get(self, ref):
+        try:
+            return ray.get(ref, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise StageError(None, f"no answer within {self.timeout_s:.0f} s") from None
 
-    @ray.method(concurrency_group="control")
-    def connect(self, stage_addresses: list[str]) -> None:
-        self.pipe.connect(stage_addresses)
-        threading.Thread(target=self._watch, daemon=True, name="ppsd-watch").start()
+    def _stage_pids(self) -> list[int]:
+        """Each stage's process id; waits for a restarting stage (up to timeout_s)."""
+        return [r["pid"] for r in self._ready()]
+
+    def _ready(self) -> list[dict]:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return ray.get([s.ready.remote() for s in self.stages], timeout=self.timeout_s)
+            except ray.exceptions.ActorUnavailableError:  # restarting: ask again
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def _connect_direct(self) -> None:
+        """Opens every inbox, forms the stages' tensor group and starts the loops; after this no
+        token travels through Ray. Run again, whole, after a stage was rebuilt."""
+        wait = self.timeout_s
+        inboxes = ray.get([s.open_inbox.remote() for s in self.stages], timeout=wait)
+        if len(self.stages) > 1:
+            master = ray.get(self.stages[0].free_port.remote(), timeout=wait)
+            ray.get([s.join_group.remote(len(self.stages), master, self.backend) for s in self.stages],
+                    timeout=wait)
+        nexts = inboxes[1:] + [self.pipe.address]
+        ray.get([s.start_loop.remote(n, self.pipe.address) for s, n in zip(self.stages, nexts)], timeout=wait)
+        self.pipe.connect(inboxes)
 
     def _watch(self) -> None:
-        """direct: a dead stage fails every waiting request within seconds, naming the stage."""
+        """direct: a stage that died or restarted is noticed within seconds and the pipeline
+        repaired, even with no request running."""
         while True:
+            time.sleep(WATCH_S)
+            generation = self.generation
             for i, stage in enumerate(self.stages):
                 try:
-                    ray.get(stage.ready.remote(), timeout=10 * WATCH_S)
+                    pid = ray.get(stage.ready.remote(), timeout=10 * WATCH_S)["pid"]
                 except Exception as e:
-                    self.pipe.fail(StageError(i, f"not answering ({type(e).__name__})"))
-            time.sleep(WATCH_S)
+                    pid = f"unreachable ({type(e).__name__})"
+                if pid != self._pids[i] and generation == self.generation:
+                    with contextlib.suppress(Exception):  # a stage that cannot come back fails its requests
+                        self(StageError(i, "died" if isinstance(pid, str) else "restarted"), generation)
+                    break
+
+    def __call__(self, error: Exception, generation: int) -> None:
+        """Decoder's repair: returns once the pipeline is whole again, or re-raises `error`
+        (naming the hung stage) when no stage died."""
+        with self._repair_lock:
+            if generation != self.generation:
+                return  # another request repaired it meanwhile
+            pids = self._stage_pids()
+            if pids == self._pids:
+                busy = [r["busy_s"] for r in self._ready()]
+                if isinstance(error, StageError) and error.index is None and max(busy) > 0:
+                    i = busy.index(max(busy))
+                    raise StageError(i, f"hung: one call running for {busy[i]:.0f} s ({error})") from error
+                raise error
+            if self.transport == Transport.direct:
+                self.pipe.fail(StageError(None, "rebuilding"))
+                self._connect_direct()
+                self.pipe.clear_failures()
+            self._pids = pids
+            self.generation += 1
 
     @ray.method(num_returns="streaming")
     def generate(self, seq_id: str, prompt_ids: list[int], gen: dict):

@@ -18,7 +18,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ppsd_ray.config import GenerationConfig, PipelineConfig, Transport, check_prompt
+from ppsd_ray.config import GenerationConfig, PipelineConfig, check_prompt
 
 from .coordinator import Coordinator
 from .stage import StageActor
@@ -78,7 +78,8 @@ class Pipeline:
                         PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=first_bundle + i)}
             else:
                 opts = {"num_cpus": config.cpus_per_stage}
-            self.stages.append(StageActor.options(**opts).remote(
+            # a stage whose process dies restarts in its bundle; the coordinator repairs the pipeline
+            self.stages.append(StageActor.options(max_restarts=config.max_restarts, **opts).remote(
                 str(config.model_dir), start, stop, i, k, config.exit_head, config.exit_layer_or_default,
                 config.dtype, None if gpus else threads))
         self.layout = ray.get([s.ready.remote() for s in self.stages], timeout=config.timeout_s * 5)
@@ -87,22 +88,9 @@ class Pipeline:
             coordinator = Coordinator.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
                 pg, placement_group_bundle_index=0))
         self.coordinator = coordinator.remote(self.stages, list(config.info.eos_token_ids), config.window,
-                                              config.transport.value, config.timeout_s)
-        if config.transport == Transport.direct:
-            self._connect_direct(backend="nccl" if gpus else "gloo")
-
-    def _connect_direct(self, backend: str) -> None:
-        """Opens every inbox, joins the stages' torch.distributed group and starts the loops;
-        after this no token travels through Ray."""
-        wait = self.config.timeout_s
-        inboxes = ray.get([s.open_inbox.remote() for s in self.stages], timeout=wait)
-        coordinator = ray.get(self.coordinator.inbox.remote(), timeout=wait)
-        if len(self.stages) > 1:
-            master = ray.get(self.stages[0].free_port.remote(), timeout=wait)
-            ray.get([s.join_group.remote(len(self.stages), master, backend) for s in self.stages], timeout=wait)
-        ray.get([s.start_loop.remote(nxt, coordinator) for s, nxt in zip(self.stages, inboxes[1:] + [coordinator])],
-                timeout=wait)
-        ray.get(self.coordinator.connect.remote(inboxes), timeout=wait)
+                                              config.transport.value, config.timeout_s,
+                                              "nccl" if gpus else "gloo")
+        ray.get(self.coordinator.__ray_ready__.remote(), timeout=config.timeout_s)
 
     def stream(self, prompt_ids: list[int], gen: GenerationConfig | None = None) -> Iterator[int | dict]:
         """Yields each token id as soon as it is verified (a TokenLogprobs when gen.logprobs is

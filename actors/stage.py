@@ -11,12 +11,14 @@ no actor call carries a token.
 """
 from __future__ import annotations
 
+import os
+
 import ray
 import torch
 
 from ppsd_ray.protocol import Work
 from ppsd_ray.stage import Stage
-from ppsd_ray.transport import StageLoop, free_port, join_group
+from ppsd_ray.transport import StageLoop, TensorGroup, free_port
 
 
 @ray.remote(concurrency_groups={"compute": 1, "control": 1})
@@ -34,9 +36,10 @@ class StageActor:
 
     @ray.method(concurrency_group="control")
     def ready(self) -> dict:
+        """Where the stage runs; `pid` tells a restarted stage from the one before."""
         return {"index": self.stage.index, "layers": [self.stage.start, self.stage.stop],
                 "device": str(self.stage.device), "threads": torch.get_num_threads(),
-                "node": ray.util.get_node_ip_address()}
+                "node": ray.util.get_node_ip_address(), "pid": os.getpid(), "busy_s": self.stage.busy_s()}
 
     @ray.method(concurrency_group="control")
     def node_id(self) -> str:
@@ -64,6 +67,9 @@ class StageActor:
 
     @ray.method(concurrency_group="control")
     def open_inbox(self) -> str:
+        """A new loop (after stopping any old one: a rebuilt pipeline reconnects everything)."""
+        if self.loop is not None:
+            self.loop.stop()
         self.loop = StageLoop(self.stage, ray.util.get_node_ip_address())
         return self.loop.address
 
@@ -74,7 +80,7 @@ class StageActor:
 
     @ray.method(concurrency_group="compute")
     def join_group(self, world: int, master: str, backend: str) -> None:
-        join_group(self.stage.index, world, master, backend)
+        self.loop.group = TensorGroup(self.stage.index, world, master, backend)
 
     @ray.method(concurrency_group="control")
     def start_loop(self, next_address: str, coordinator_address: str) -> None:

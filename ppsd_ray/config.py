@@ -95,6 +95,7 @@ class PipelineConfig(BaseModel):
     window: int | None = Field(None, ge=1, description="ppsd: tokens in flight; default K")
     transport: Transport = Field(Transport.direct, description="how hidden states move between stages")
     timeout_s: float = Field(120.0, gt=0, description="longest wait for any one answer from the stages")
+    max_restarts: int = Field(10, ge=0, description="times each stage's process is restarted after dying")
 
     @field_validator("model_dir", mode="before")
     @classmethod

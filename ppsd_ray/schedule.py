@@ -54,6 +54,7 @@ class RequestStats:
     drafted: int = 0
     accepted: int = 0
     rollbacks: int = 0
+    repairs: int = 0  # times the pipeline broke under this request and was made whole again
     wait_s: float = 0.0  # the coordinator blocked on answers; the rest of wall_s is its own work
     trace: list[bool] = field(default_factory=list)  # per verified draft, in order: accepted?
     stages: list[StageReport] = field(default_factory=list)
@@ -70,7 +71,7 @@ class RequestStats:
         return {
             "new_tokens": self.new_tokens, "wall_s": self.wall_s, "tokens_per_s": self.tokens_per_s,
             "drafted": self.drafted, "accepted": self.accepted, "acceptance_rate": self.acceptance_rate,
-            "rollbacks": self.rollbacks, "prefill_s": self.prefill_s, "wait_s": self.wait_s,
+            "rollbacks": self.rollbacks, "repairs": self.repairs, "prefill_s": self.prefill_s, "wait_s": self.wait_s,
             "stage_compute_s": [s.compute_s for s in self.stages],
             "stale_s": sum(s.stale_s for s in self.stages),
             "stages": [s.to_dict() for s in self.stages],
@@ -78,25 +79,40 @@ class RequestStats:
         }
 
 
+class Repair(Protocol):
+    """Makes a broken pipeline whole again (a dead stage rebuilt, the transport reconnected).
+    `generation` counts rebuilds; a call with an older generation returns at once."""
+    generation: int
+
+    def __call__(self, error: Exception, generation: int) -> None: ...  # re-raises error if it cannot
+
+
+MAX_REPAIRS = 3  # per request
+
+
 class Decoder:
     def __init__(self, pipe: Pipe, stages: int, get: Callable[[Any], Any] = lambda x: x,
-                 eos_token_ids: Sequence[int] = (), window: int | None = None):
+                 eos_token_ids: Sequence[int] = (), window: int | None = None, repair: Repair | None = None):
         self.pipe = pipe
         self.k = stages
         self.get = get
         self.eos = frozenset(eos_token_ids)
         self.window = window or stages
+        self.repair = repair
 
     def decode(self, seq_id: str, prompt: Sequence[int], gen: GenerationConfig,
                stats: RequestStats) -> Iterator[int | TokenLogprobs]:
-        """Yields each committed token as soon as it is verified; fills `stats`."""
+        """Yields each committed token as soon as it is verified; fills `stats`. If the pipeline
+        breaks and `repair` makes it whole, the request goes on from its committed tokens:
+        every stage's KV is filled again from the prompt and them, nothing is lost or repeated."""
         k = self.k
         if gen.mode == Mode.ar and k != 1:
             raise ValueError(f"mode: ar runs on a 1-stage pipeline, this one has {k} stages")
         if gen.mode in (Mode.ppsd, Mode.eesd) and k < 2:
             raise ValueError(f"mode: {gen.mode.value} needs at least 2 stages")
         t0 = time.perf_counter()
-        committed, epoch = 0, [0]
+        done: list[int] = []
+        epoch = [0]
         sampling = gen.sampling()
 
         def get(answer) -> Verdict:
@@ -105,39 +121,53 @@ class Decoder:
             stats.wait_s += time.perf_counter() - t
             return value
 
+        run = self._eesd if gen.mode == Mode.eesd else self._pipelined
         try:
-            loop = self._eesd if gen.mode == Mode.eesd else self._pipelined
-            for token in loop(seq_id, list(prompt), gen, sampling, stats, t0, get, epoch):
-                committed += 1
-                stats.new_tokens = committed
-                yield token
-                if committed >= gen.max_new_tokens or (gen.stop_on_eos and int(token) in self.eos):
-                    break
+            while True:
+                generation = self.repair.generation if self.repair else 0
+                try:
+                    for token in run(seq_id, list(prompt), list(done), gen, sampling, stats, t0, get, epoch):
+                        done.append(int(token))
+                        stats.new_tokens = len(done)
+                        yield token
+                        if len(done) >= gen.max_new_tokens or (gen.stop_on_eos and int(token) in self.eos):
+                            return
+                    return
+                except Exception as e:
+                    if self.repair is None or stats.repairs >= MAX_REPAIRS:
+                        raise
+                    self.repair(e, generation)
+                    stats.repairs += 1
+                    epoch[0] += 1  # whatever was in flight before is stale
         finally:
             stats.wall_s = time.perf_counter() - t0
             # calls still queued are skipped, then the sequence is dropped everywhere. KV is
             # valid for the prompt and every committed token but the newest.
             self.pipe.rollback(seq_id, epoch[0] + 1)
-            answers = self.pipe.release(seq_id, len(prompt) + committed - 1, gen.timeline)
+            answers = self.pipe.release(seq_id, len(prompt) + len(done) - 1, gen.timeline)
             try:
                 stats.stages = [self.get(a) for a in answers]
             except Exception:  # a dead stage must not hide the error that ended the request
                 stats.stages = []
 
-    def _prefill(self, seq_id, prompt, sampling, stats, t0, get) -> Verdict:
-        verdict = get(self.pipe.submit(Work(seq_id, 0, 0, tuple(prompt), sampling=sampling)))
+    def _start(self, seq_id, prompt, done, sampling, stats, t0, get, epoch):
+        """Fills every stage's KV: the prompt, yielding the first token; or, resuming, the prompt
+        and the committed tokens but the newest. Returns (token entering next, its position)."""
+        if done:
+            get(self.pipe.submit(Work(seq_id, epoch[0], 0, tuple(prompt + done[:-1]), sampling=sampling)))
+            return done[-1], len(prompt) + len(done) - 1
+        verdict = get(self.pipe.submit(Work(seq_id, epoch[0], 0, tuple(prompt), sampling=sampling)))
         stats.prefill_s = time.perf_counter() - t0
-        return verdict
-
-    def _pipelined(self, seq_id, prompt, gen, sampling, stats, t0, get, epoch) -> Iterator:
-        verdict = self._prefill(seq_id, prompt, sampling, stats, t0, get)
         yield from _committed(verdict)
-        token = verdict.tokens[-1]
+        return verdict.tokens[-1], len(prompt)
+
+    def _pipelined(self, seq_id, prompt, done, gen, sampling, stats, t0, get, epoch) -> Iterator:
+        token, next_pos = yield from self._start(seq_id, prompt, done, sampling, stats, t0, get, epoch)
         speculate = gen.mode == Mode.ppsd
         window = self.window if speculate else 1
         last_pos = len(prompt) + gen.max_new_tokens - 2  # the last position whose output we need
         in_flight: deque = deque()  # (pos, answer)
-        next_in, next_pos = (token,), len(prompt)
+        next_in = (token,)
         while True:
             while len(in_flight) < window and next_pos <= last_pos:
                 work = Work(seq_id, epoch[0], next_pos, next_in, draft=speculate, sampling=sampling)
@@ -159,16 +189,14 @@ class Decoder:
                 next_in, next_pos = (verdict.tokens[0],), pos + 1
             yield from _committed(verdict)
 
-    def _eesd(self, seq_id, prompt, gen, sampling, stats, t0, get, epoch) -> Iterator:
-        verdict = self._prefill(seq_id, prompt, sampling, stats, t0, get)
-        yield from _committed(verdict)
-        token = verdict.tokens[-1]
-        pos, remaining = len(prompt), gen.max_new_tokens - 1
+    def _eesd(self, seq_id, prompt, done, gen, sampling, stats, t0, get, epoch) -> Iterator:
+        token, pos = yield from self._start(seq_id, prompt, done, sampling, stats, t0, get, epoch)
+        remaining = len(prompt) + gen.max_new_tokens - 1 - pos  # tokens still to commit
         while remaining > 0:
             gamma = min(gen.gamma, remaining - 1)
             # stage 1 drafts gamma tokens alone, each feeding the next; the other stages
             # verify all gamma + 1 positions in one pass
-            verdict = get(self.pipe.submit(Work(seq_id, 0, pos, (token,), chain=gamma, verify=gamma + 1,
+            verdict = get(self.pipe.submit(Work(seq_id, epoch[0], pos, (token,), chain=gamma, verify=gamma + 1,
                                                 sampling=sampling)))
             n = verdict.accepted
             stats.drafted += gamma

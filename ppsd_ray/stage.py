@@ -57,6 +57,7 @@ class Stage:
         self._stats: dict[str, _SeqStats] = {}
         self._lock = threading.Lock()
         self._running: Work | None = None  # the call computing now, checked between layers
+        self._started = 0.0
         for layer in self.body.layers:
             layer.register_forward_pre_hook(self._check_stale)
 
@@ -87,7 +88,7 @@ class Stage:
             return None
         stats = self._stats.setdefault(seq, _SeqStats(StageReport(index=self.index)))
         t0, wall0 = time.perf_counter(), time.time()
-        self._running = work
+        self._running, self._started = work, t0
         try:
             out, n = self._run(work, hop, stats)
         except _Stale:
@@ -188,6 +189,10 @@ class Stage:
         if not events:
             report.events = []
         return report
+
+    def busy_s(self) -> float:
+        """How long the call computing now has been running (0 when idle): names a hung stage."""
+        return time.perf_counter() - self._started if self._running is not None else 0.0
 
     def sequences(self) -> list[str]:
         """Sequences holding state here (empty once every request has ended)."""

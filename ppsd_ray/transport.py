@@ -57,12 +57,15 @@ class LocalPipe:
 
 
 class StageError(RuntimeError):
-    """A stage failed, died or stopped answering; names the stage."""
+    """A stage failed, died or stopped answering; names the stage (1-based in the message)."""
 
     def __init__(self, index: int | None, message: str):
         where = f"stage {index + 1}" if index is not None else "pipeline"
         super().__init__(f"{where}: {message}")
         self.index = index
+
+    def __reduce__(self):  # crosses Ray with its stage
+        return type(self), (self.index, str(self).split(": ", 1)[1])
 
 
 def _bind_inbox(ctx, host: str):
@@ -89,14 +92,27 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def join_group(rank: int, world: int, master: str, backend: str, timeout_s: float = 120) -> None:
-    """This process's place in the stages' torch.distributed group (rank = stage index)."""
-    import datetime
+class TensorGroup:
+    """The stages' torch.distributed point-to-point group (gloo; NCCL when the stages own GPUs).
+    Each loop owns its group object rather than torch's global default group, so a pipeline
+    whose stage was rebuilt simply makes a new one. Rank = stage index; rank 0 hosts the store."""
 
-    import torch.distributed as dist
+    def __init__(self, rank: int, world: int, master: str, backend: str, timeout_s: float = 120):
+        import datetime
 
-    dist.init_process_group(backend, init_method=f"tcp://{master}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+        import torch.distributed as dist
+
+        host, port = master.rsplit(":", 1)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.store = dist.TCPStore(host, int(port), world, is_master=rank == 0, timeout=timeout)
+        self.pg = (dist.ProcessGroupNCCL(self.store, rank, world) if backend == "nccl"
+                   else dist.ProcessGroupGloo(self.store, rank, world, timeout))
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        self.pg.send([tensor], dst, 0).wait()
+
+    def recv(self, tensor: torch.Tensor, src: int) -> None:
+        self.pg.recv([tensor], src, 0).wait()
 
 
 class StageLoop:
@@ -106,7 +122,8 @@ class StageLoop:
     running calls it makes stale are dropped), a hop's hidden state is received from the
     previous rank right after its header; work, hops and releases queue, in order, for the
     compute thread, which runs them and sends each result on: a Hop to the next stage, a
-    Verdict, a StageReport or an error to the coordinator."""
+    Verdict, a StageReport or an error to the coordinator. A failure of the transport itself
+    (a peer died) ends the loop after telling the coordinator; the pipeline then rebuilds it."""
 
     def __init__(self, stage, host: str):
         import zmq
@@ -114,6 +131,7 @@ class StageLoop:
         self.stage = stage
         self.ctx = zmq.Context()
         self.inbox, self.address = _bind_inbox(self.ctx, host)
+        self.group: TensorGroup | None = None
         self._queue: queue.Queue = queue.Queue()
         self._threads: list[threading.Thread] = []
 
@@ -127,31 +145,32 @@ class StageLoop:
             t.start()
 
     def _receive(self) -> None:
-        import torch.distributed as dist
-
         index = self.stage.index
-        while True:
-            msg = pickle.loads(self.inbox.recv())
-            kind = msg[0]
-            if kind == "rollback":
-                self.stage.rollback(msg[1], msg[2])
-            elif kind == "hop":
-                _, entries, shape, dtype = msg
-                hidden = torch.empty(shape, dtype=dtype, device=self.stage.device)
-                dist.recv(hidden, src=index - 1)
-                for (work, n, drafts, dists), part in zip(entries, hidden.split([e[1] for e in entries], dim=1)):
-                    self._queue.put(("run", work, Hop(work, part, drafts, dists)))
-            elif kind == "work":
-                for work in msg[1]:
-                    self._queue.put(("run", work, None))
-            else:
-                self._queue.put(msg)
-                if kind == "stop":
+        try:
+            while True:
+                msg = pickle.loads(self.inbox.recv())
+                kind = msg[0]
+                if kind == "rollback":
+                    self.stage.rollback(msg[1], msg[2])
+                elif kind == "hop":
+                    _, entries, shape, dtype = msg
+                    hidden = torch.empty(shape, dtype=dtype, device=self.stage.device)
+                    self.group.recv(hidden, src=index - 1)
+                    for (work, n, drafts, dists), part in zip(entries, hidden.split([e[1] for e in entries], dim=1)):
+                        self._queue.put(("run", work, Hop(work, part, drafts, dists)))
+                elif kind == "work":
+                    for work in msg[1]:
+                        self._queue.put(("run", work, None))
+                elif kind == "stop":
                     return
+                else:
+                    self._queue.put(msg)
+        except Exception as e:  # the transport broke (a peer died): this loop is over
+            self._queue.put(("broken", f"receiving: {type(e).__name__}: {e}"))
+        finally:
+            self._queue.put(("stop",))
 
     def _compute(self) -> None:
-        import torch.distributed as dist
-
         index = self.stage.index
         while True:
             msg = self._queue.get()
@@ -159,31 +178,36 @@ class StageLoop:
             if kind == "stop":
                 return
             try:
-                if kind == "release":
+                if kind == "broken":
+                    self._coordinator.send(pickle.dumps(("error", None, index, msg[1])))
+                elif kind == "release":
                     _, seq_id, keep, events = msg
                     self._coordinator.send(pickle.dumps(("report", seq_id, index,
                                                          self.stage.release(seq_id, keep, events))))
-                    continue
-                _, work, hop = msg
-                out = self.stage.forward(work, hop)
-                if isinstance(out, Verdict):
-                    self._coordinator.send(pickle.dumps(("verdict", out)))
-                elif out is not None:
-                    entries = [(out.work, out.hidden.shape[1], out.drafts, out.draft_dists)]
-                    self._next.send(pickle.dumps(("hop", entries, tuple(out.hidden.shape), out.hidden.dtype)))
-                    dist.send(out.hidden.contiguous(), dst=index + 1)
+                else:
+                    _, work, hop = msg
+                    out = self.stage.forward(work, hop)
+                    if isinstance(out, Verdict):
+                        self._coordinator.send(pickle.dumps(("verdict", out)))
+                    elif out is not None:
+                        entries = [(out.work, out.hidden.shape[1], out.drafts, out.draft_dists)]
+                        self._next.send(pickle.dumps(("hop", entries, tuple(out.hidden.shape), out.hidden.dtype)))
+                        self.group.send(out.hidden.contiguous(), dst=index + 1)
             except Exception as e:  # the coordinator fails the request and names this stage
-                self._coordinator.send(pickle.dumps(("error", msg[1].seq_id if kind == "run" else msg[1],
-                                                     index, f"{type(e).__name__}: {e}")))
+                seq_id = msg[1].seq_id if kind == "run" else msg[1] if kind == "release" else None
+                self._coordinator.send(pickle.dumps(("error", seq_id, index, f"{type(e).__name__}: {e}")))
 
     def stop(self) -> None:
+        """Ends both threads (a thread stuck on a dead peer is left behind as a daemon)."""
         import zmq
 
         with self.ctx.socket(zmq.PUSH) as s:
+            s.setsockopt(zmq.LINGER, 1000)
             s.connect(self.address)
             s.send(pickle.dumps(("stop",)))
         for t in self._threads:
             t.join(timeout=5)
+        self.ctx.destroy(linger=0)
 
 
 class DirectPipe:
@@ -204,7 +228,11 @@ class DirectPipe:
         threading.Thread(target=self._receive, daemon=True, name="ppsd-verdicts").start()
 
     def connect(self, stage_addresses: Sequence[str]) -> None:
-        self._stages = [_push(self.ctx, a) for a in stage_addresses]
+        """To every stage's inbox (again, after a rebuild)."""
+        with self._lock:
+            for sock in self._stages:
+                sock.close(linger=0)
+            self._stages = [_push(self.ctx, a) for a in stage_addresses]
 
     def _send(self, index: int, msg) -> None:
         data = pickle.dumps(msg)
@@ -247,17 +275,22 @@ class DirectPipe:
         except TimeoutError:
             raise StageError(None, f"no answer within {self.timeout_s:.0f} s") from None
 
-    def fail(self, error: StageError) -> None:
-        """Every request waiting on the pipeline gets `error` (a stage died or hung)."""
+    def fail(self, error: StageError, seq_id: str | None = None) -> None:
+        """The requests waiting on `seq_id`, or on the pipeline at all, get `error`."""
         with self._lock:
-            pending = list(self._verdicts.values()) + list(self._reports.values())
-            for seq in {k[0] for k in self._verdicts}:
+            verdicts = [k for k in self._verdicts if seq_id in (None, k[0])]
+            reports = [k for k in self._reports if seq_id in (None, k[0])]
+            pending = [self._verdicts.pop(k) for k in verdicts] + [self._reports.pop(k) for k in reports]
+            for seq in {k[0] for k in verdicts} | ({seq_id} if seq_id else set()):
                 self._failed[seq] = error
-            self._verdicts.clear()
-            self._reports.clear()
         for fut in pending:
             if not fut.done():
                 fut.set_exception(error)
+
+    def clear_failures(self) -> None:
+        """After a rebuild: requests may submit again."""
+        with self._lock:
+            self._failed.clear()
 
     def _receive(self) -> None:
         while True:
@@ -269,16 +302,12 @@ class DirectPipe:
                     fut = self._verdicts.pop((v.seq_id, v.epoch, v.pos), None)
                 elif kind == "report":
                     fut = self._reports.pop((msg[1], msg[2]), None)
-                else:  # an error: every answer this sequence waits for fails
+                else:  # an error: every answer this sequence waits for fails (all of them: the transport's)
                     _, seq_id, index, text = msg
                     error = StageError(index, text)
-                    self._failed[seq_id] = error
-                    futs = [self._verdicts.pop(k) for k in [k for k in self._verdicts if k[0] == seq_id]]
                     fut = None
             if kind == "verdict" or kind == "report":
                 if fut is not None and not fut.done():
                     fut.set_result(msg[1] if kind == "verdict" else msg[3])
             else:
-                for f in futs:
-                    if not f.done():
-                        f.set_exception(error)
+                self.fail(error, seq_id)
