@@ -433,7 +433,9 @@ def _bench(args) -> int:
         report.plot_timeline(args.out / "timeline.png", result["timeline"])
         images["Pipeline timeline of one request"] = str(rel / "timeline.png")
     command = "ppsd " + " ".join(args.argv)
-    report.write_markdown(args.markdown, result, summary, projections, command, images)
+    kills = args.out / "kills.json"  # bench/kill_stages.py's last result, if any
+    report.write_markdown(args.markdown, result, summary, projections, command, images,
+                          json.loads(kills.read_text()) if kills.exists() else None)
     print(f"wrote {args.markdown}, {args.out}/bench.json and plots", file=sys.stderr)
     return 0
 

@@ -15,7 +15,7 @@ def _lossless(x):
 
 
 def write_markdown(path: Path, result: dict, summary: dict, projections: list[dict], command: str,
-                   images: dict[str, str]) -> None:
+                   images: dict[str, str], kills: dict | None = None) -> None:
     setup = result["setup"]
     systems = summary["systems"]
     cats = summary["categories"]
@@ -90,6 +90,15 @@ def write_markdown(path: Path, result: dict, summary: dict, projections: list[di
                          f"{p['hop_ms']:.2f} | "
                          f"{p['ar_ms_per_token']:.1f} | {p['ppsd_ms_per_token']:.1f} | {p['speedup']:.2f}x | "
                          f"{p['ideal']:.2f}x |")
+    if kills:
+        k = kills["setup"]
+        lines += ["", "## Reliability: stages killed during generations", "",
+                  f"`{k['command']}` on {k['date']} ({k['cpu']}, {k['cores']} cores; model `{k['model_dir']}`, "
+                  f"K = {k['stages']}, {k['max_new_tokens']} new tokens): each kill is a SIGKILL to a random stage's "
+                  "process after a random number of committed tokens; the output must equal the uninterrupted one.",
+                  "", "| transport | kills | outputs identical | repairs | wall s |", "|---|---|---|---|---|"]
+        for name, t in kills["transports"].items():
+            lines.append(f"| {name} | {t['kills']} | {t['identical']} | {t['repairs']} | {t['wall_s']:.0f} |")
     for title, img in images.items():
         lines += ["", f"## {title}", "", f"![{title}]({img})"]
     path.write_text("\n".join(lines) + "\n")
