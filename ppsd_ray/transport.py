@@ -86,6 +86,14 @@ def _push(ctx, address: str):
     return sock
 
 
+def _prompt_thread_switches() -> None:
+    """A message handed from one thread to another (socket to queue, verdict to future) waits
+    for the GIL; Python's default 5 ms switch interval would add up to that to every hop."""
+    import sys
+
+    sys.setswitchinterval(2e-4)
+
+
 def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -128,6 +136,7 @@ class StageLoop:
     def __init__(self, stage, host: str):
         import zmq
 
+        _prompt_thread_switches()
         self.stage = stage
         self.ctx = zmq.Context()
         self.inbox, self.address = _bind_inbox(self.ctx, host)
@@ -217,6 +226,7 @@ class DirectPipe:
     def __init__(self, host: str, timeout_s: float = 120.0):
         import zmq
 
+        _prompt_thread_switches()
         self.timeout_s = timeout_s
         self.ctx = zmq.Context()
         self.inbox, self.address = _bind_inbox(self.ctx, host)
