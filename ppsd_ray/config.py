@@ -42,11 +42,11 @@ class ModelInfo(BaseModel):
     @classmethod
     def read(cls, model_dir: Path) -> "ModelInfo":
         """ValueError naming the file and key if config.json does not describe a model."""
-        cfg = _read_json_object(model_dir / "config.json")
+        cfg = read_json_object(model_dir / "config.json")
         eos = cfg.get("eos_token_id")
         gen_file = model_dir / "generation_config.json"
         if gen_file.exists():  # generate() stops on generation_config's eos, so do we
-            eos = _read_json_object(gen_file).get("eos_token_id", eos)
+            eos = read_json_object(gen_file).get("eos_token_id", eos)
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         missing = [k for k in ("num_hidden_layers", "hidden_size", "vocab_size") if k not in cfg]
         if missing:
@@ -63,7 +63,8 @@ class ModelInfo(BaseModel):
             raise ValueError(f"{model_dir / 'config.json'}: {describe(e)}") from None
 
 
-def _read_json_object(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object (config.json, generation_config.json); ValueError naming the file."""
     try:
         obj = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -68,7 +68,9 @@ _WHY_NOT = {
 
 
 def read_config_json(model_dir: Path) -> dict:
-    return json.loads((Path(model_dir) / "config.json").read_text())
+    from .config import read_json_object
+
+    return read_json_object(Path(model_dir) / "config.json")
 
 
 def family_of(cfg: dict) -> Family:

@@ -16,8 +16,10 @@ from ppsd_ray.config import GenerationConfig, PipelineConfig
 from ppsd_ray.families import FAMILIES, base_model, new_cache, shard_config
 from ppsd_ray.heads import save_head
 from ppsd_ray.model import model_fingerprint
+from ppsd_ray.protocol import Work
 from ppsd_ray.schedule import Decoder, RequestStats
 from ppsd_ray.stage import Stage
+from ppsd_ray.transport import LocalPipe
 
 WINDOW = 8  # the sliding window of the families that have one: every test sequence is longer
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
@@ -58,7 +60,8 @@ def generate_local(model_dir, k: int, prompt: list[int], mode: str, max_new_toke
               for i, (a, b) in enumerate(config.layer_ranges())]
     stats = RequestStats()
     gen = GenerationConfig(mode=mode, max_new_tokens=max_new_tokens, gamma=3, stop_on_eos=False)
-    out = list(Decoder(stages, eos_token_ids=config.info.eos_token_ids).decode("s", prompt, gen, stats))
+    decoder = Decoder(LocalPipe(stages), k, eos_token_ids=config.info.eos_token_ids)
+    out = list(decoder.decode("s", prompt, gen, stats))
     return out, stats
 
 
@@ -107,14 +110,13 @@ def test_stage_cache_rolls_back_past_the_window(family_dir):
     stage then recomputes exactly what a fresh stage computes."""
     stage = Stage(family_dir, 0, 3, index=0, num_stages=2)
     ids = [(7 * i) % 250 + 5 for i in range(3 * WINDOW)]
-    stage.forward("a", 0, 0, ids, heads=0)
+    stage.forward(Work("a", 0, 0, tuple(ids)))
     cache = stage._caches["a"]
     assert cache.get_seq_length() == 3 * WINDOW
-    hidden, _ = stage.forward("a", 1, WINDOW + 1, [9, 10], heads=0)  # rollback past the window
+    hidden = stage.forward(Work("a", 1, WINDOW + 1, (9, 10))).hidden  # rollback past the window
     assert cache.get_seq_length() == WINDOW + 3
-    fresh, _ = Stage(family_dir, 0, 3, index=0, num_stages=2).forward("b", 0, 0, ids[:WINDOW + 1] + [9, 10],
-                                                                        heads=0)
-    torch.testing.assert_close(hidden, fresh[:, -2:], rtol=1e-5, atol=1e-5)
+    fresh = Stage(family_dir, 0, 3, index=0, num_stages=2).forward(Work("b", 0, 0, tuple(ids[:WINDOW + 1]) + (9, 10)))
+    torch.testing.assert_close(hidden, fresh.hidden[:, -2:], rtol=1e-5, atol=1e-5)
     cache.crop(0)
     assert cache.get_seq_length() == 0
     with pytest.raises(ValueError, match="keep"):
@@ -166,7 +168,7 @@ def test_gemma3_270m_is_lossless():
 def test_checkpoint_that_cannot_be_read_is_refused(tiny_model_dir, tmp_path):
     config = json.loads((tiny_model_dir / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValidationError, match="safetensors weights only"):  # e.g. pytorch_model.bin only
+    with pytest.raises(ValidationError, match="neither model.safetensors nor model.safetensors.index.json"):  # e.g. pytorch_model.bin only
         PipelineConfig(model_dir=tmp_path, stages=2)
     (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
     with pytest.raises(ValidationError, match="quantized checkpoint"):
