@@ -159,6 +159,15 @@ async def _authenticate(request: Request, call_next):
 # ---------------------------------------------------------------- the deployment
 
 
+def failure_reason(e: BaseException) -> str:
+    """A Ray error as one line for the client: what failed, without Ray's traceback."""
+    if isinstance(e, ray.exceptions.RayActorError):
+        return "the pipeline's coordinator died or cannot be reached"
+    if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None:
+        return f"{type(e.cause).__name__}: {e.cause}"
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 @serve.deployment
 @serve.ingress(app)
 class PPSDServer:
@@ -262,14 +271,6 @@ class PPSDServer:
         submitted = asyncio.get_running_loop().run_in_executor(self._submitter, method, *args)
         return await asyncio.wait_for(submitted, self.settings.timeout_s)
 
-
-def failure_reason(e: BaseException) -> str:
-    """A Ray error as one line for the client: what failed, without Ray's traceback."""
-    if isinstance(e, ray.exceptions.RayActorError):
-        return "the pipeline's coordinator died or cannot be reached"
-    if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None:
-        return f"{type(e.cause).__name__}: {e.cause}"
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 # ---------------------------------------------------------------- `ppsd serve`

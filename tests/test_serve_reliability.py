@@ -3,6 +3,7 @@ cancels reach queued requests, a dead coordinator is noticed, nothing waits fore
 no sequence is left behind in a stage, and concurrent clients get their sequential answers."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -137,16 +138,16 @@ def client(server):
 
 
 def coordinator_pid() -> int:
-    """The process of this application's coordinator (in its replica's placement group)."""
-    import ray
-    from ray.util.state import list_actors
+    """The process of the one coordinator in this session's Ray (a child of its raylet, a child of ours)."""
+    import psutil
 
-    groups = {g for g, info in ray.util.placement_group_table().items()
-              if info["name"].startswith(f"SERVE_REPLICA::{APP}#") and info["state"] == "CREATED"}
-    actors = [a for a in list_actors(filters=[("class_name", "=", "Coordinator"), ("state", "=", "ALIVE")],
-                                     detail=True) if a.placement_group_id in groups]
-    assert len(actors) == 1, actors
-    return actors[0].pid
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if (p.cmdline() or [""])[0].startswith("ray::Coordinator"):
+                found.append(p.pid)
+    assert len(found) == 1, found
+    return found[0]
 
 
 def test_health_reports_a_decoded_token_and_no_sequences(client):
@@ -183,13 +184,13 @@ def test_client_disconnect_stops_the_request_in_every_stage(client):
     closed = time.monotonic()
     health = wait_until(lambda: (h := client.get("/health")[1])["running"] == 0 and not any(h["sequences"]) and h,
                         15, "the cancelled request left every stage")
+    cancelled_in = time.monotonic() - closed
     assert health["sequences"] == [0, 0]
-    # the same request, not cut short, takes longer than the cancel did
+    # the same request, not cut short, takes far longer than the cancel did
     full = client.complete(LONG, LIMIT, stream=False)
-    assert full.tokens == LIMIT and full.total_s > time.monotonic() - closed
+    assert full.tokens == LIMIT and full.total_s > 2 * cancelled_in, (full.total_s, cancelled_in)
 
 
-@pytest.mark.slow
 def test_a_burst_with_cancels_leaves_no_sequence_in_any_stage(client):
     """200 mixed requests, a fifth of them streams the client closes early: no errors, and
     afterwards no stage holds a sequence."""
