@@ -44,6 +44,18 @@ class _Generated:
         return self.detok.feed(token)
 
 
+class _StreamingResponse(StreamingResponse):
+    """Closes its body however the response ends. A client that goes away cancels the response,
+    often while it sends; Starlette then leaves the body, and with it the request in the
+    pipeline, to the garbage collector."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 class OpenAIServing:
     def __init__(self, tokenizer, model_id: str, eos_token_ids, context: int, max_tokens_limit: int,
                  mode: Mode, stages: int, tokens: TokenSource, timeout_s: float):
@@ -193,7 +205,7 @@ class OpenAIServing:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = self._stream(rid, ids, gen, out, chat, include_usage)
-            return StreamingResponse(events, media_type="text/event-stream",
+            return _StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             async with aclosing(self._generate(ids, gen, out)) as texts:

@@ -251,6 +251,34 @@ def test_a_stream_closed_early_closes_the_token_stream(tokenizer):
     assert run(read_two_then_close()) == [True]
 
 
+def test_a_response_cancelled_while_it_sends_closes_the_token_stream(tokenizer):
+    """Serve cancels the response of a client that went away, often while it waits in `send`:
+    the request is cancelled then, not when the garbage collector finds the stream."""
+    api, engine = serving(tokenizer, "one two three four")
+
+    async def cancel_while_sending():
+        response = await api.completions(CompletionRequest(prompt="the", max_tokens=4, stream=True))
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+            if len(sent) == 3:  # the start, one chunk, then the client stops reading
+                await asyncio.Event().wait()
+
+        async def receive():
+            await asyncio.Event().wait()
+
+        task = asyncio.create_task(response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send))
+        while len(sent) < 3:
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return list(engine.closed_early)
+
+    assert run(cancel_while_sending()) == [True]
+
+
 @pytest.mark.parametrize("failure", [RuntimeError("the pipeline's coordinator died"), None], ids=["dies", "hangs"])
 def test_a_pipeline_that_fails_midway_ends_the_request_with_an_error_naming_the_tokens_done(tokenizer, failure):
     """Streaming: an error event, then [DONE]; not streaming: a 5xx with OpenAI's body. A pipeline
