@@ -1,7 +1,7 @@
 """Load and soak tests of a running server (`ppsd serve`), over HTTP with the standard library.
 
     python -m ppsd_ray.loadtest load --url http://127.0.0.1:8000 --clients 32 --max-tokens 64
-    python -m ppsd_ray.loadtest soak --url http://127.0.0.1:8000 --minutes 20 --clients 8
+    python -m ppsd_ray.loadtest soak --url http://127.0.0.1:8000 --minutes 20 --clients 8 --server-pid PID
 
 load: each prompt alone, one after another (its sequential greedy answer), then all of
 them at once, streaming; every concurrent answer must equal its sequential one (text and
@@ -239,15 +239,24 @@ def mixed_requests(client: Client, prompts: list[str], max_tokens: int, clients:
     return mix
 
 
-def ray_workers() -> dict[int, tuple[str, float]]:
-    """This user's Ray worker processes on this machine: pid -> (process title, RSS in MiB)."""
+def ray_workers(server_pid: int | None = None) -> dict[int, tuple[str, float]]:
+    """Ray worker processes: pid -> (process title, RSS in MiB). Those started under server_pid
+    (`ppsd serve` starts its own Ray), else every one of this user's on this machine."""
     import psutil
 
+    if server_pid is not None:
+        candidates = psutil.Process(server_pid).children(recursive=True)
+    else:
+        me = psutil.Process().username()
+        candidates = [p for p in psutil.process_iter() if p.username() == me]
     found = {}
-    for p in psutil.process_iter(["pid", "cmdline", "username", "memory_info"]):
-        cmd = p.info["cmdline"] or []
-        if cmd and cmd[0].startswith("ray::") and p.info["username"] == psutil.Process().username():
-            found[p.info["pid"]] = (cmd[0], p.info["memory_info"].rss / 2**20)
+    for p in candidates:
+        try:
+            cmd = p.cmdline()
+            if cmd and cmd[0].startswith("ray::"):
+                found[p.pid] = (cmd[0], p.memory_info().rss / 2**20)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
     return found
 
 
@@ -263,13 +272,14 @@ def wait_for_no_sequences(client: Client, timeout_s: float = 30) -> dict:
         time.sleep(0.5)
 
 
-def soak(client: Client, prompts: list[str], max_tokens: int, clients: int, minutes: float) -> dict:
-    before = ray_workers()
+def soak(client: Client, prompts: list[str], max_tokens: int, clients: int, minutes: float,
+         server_pid: int | None = None) -> dict:
+    before = ray_workers(server_pid)
     t0 = time.perf_counter()
     mix = mixed_requests(client, prompts, max_tokens, clients, seconds=minutes * 60)
     wall = time.perf_counter() - t0
     health = wait_for_no_sequences(client)
-    after = ray_workers()
+    after = ray_workers(server_pid)
     processes = [{"pid": pid, "title": title, "rss_mib_start": rss, "rss_mib_end": after.get(pid, (None, None))[1]}
                  for pid, (title, rss) in sorted(before.items())]
     processes += [{"pid": pid, "title": title, "rss_mib_start": None, "rss_mib_end": rss}
@@ -299,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--max-tokens", type=int, default=64 if name == "load" else 32)
         p.add_argument("--clients", type=int, default=32 if name == "load" else 8)
     sub.choices["soak"].add_argument("--minutes", type=float, default=20)
+    sub.choices["soak"].add_argument("--server-pid", type=int, help="the `ppsd serve` process: only the Ray "
+                                     "workers it started are measured (default: all of this user's)")
     args = parser.parse_args(argv)
     for option in ("clients", "max_tokens"):
         if getattr(args, option) < 1:
@@ -310,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "load":
         report = load(client, [prompts[i % len(prompts)] for i in range(args.clients)], args.max_tokens)
     else:
-        report = soak(client, prompts, args.max_tokens, args.clients, args.minutes)
+        report = soak(client, prompts, args.max_tokens, args.clients, args.minutes, args.server_pid)
     print(json.dumps(report, indent=1))
     return 0 if report["ok"] else 1
 
