@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import uuid
+from dataclasses import dataclass
 
 import ray
 
@@ -16,9 +18,18 @@ from .metrics import PipelineMetrics
 from .stage import RayPipe
 
 WATCH_S = 1.0  # how often the direct transport's coordinator checks that every stage is alive
+CANCEL_MEMORY_S = 300.0  # how long a cancel waits for its request to start (it may be queued)
 
 
-@ray.remote(num_cpus=0, max_concurrency=8, concurrency_groups={"control": 1})
+@dataclass(frozen=True)
+class Health:
+    """The answer to a health probe."""
+    token: int                    # the probe's greedy token: every stage computed
+    running: int                  # requests being decoded
+    sequences: list[list[str]]    # per stage: the sequence ids holding state there
+
+
+@ray.remote(num_cpus=0, max_concurrency=8, concurrency_groups={"control": 1, "health": 1})
 class Coordinator:
     """Each request runs on its own thread with its own sequence id, so requests can
     share the stages; their calls interleave in the stages' queues.
@@ -45,7 +56,7 @@ class Coordinator:
                                repair=self)
         self.metrics = PipelineMetrics()
         self._running: set[str] = set()
-        self._cancelled: set[str] = set()
+        self._cancelled: dict[str, float] = {}  # seq_id: when cancel() came
         if self.transport == Transport.direct:
             self._connect_direct()
             threading.Thread(target=self._watch, daemon=True, name="ppsd-watch").start()
@@ -122,7 +133,7 @@ class Coordinator:
     @ray.method(num_returns="streaming")
     def generate(self, seq_id: str, prompt_ids: list[int], gen: dict):
         """Yields token ids, then one final dict: the request's stats. Stops early, between
-        tokens, after cancel(seq_id)."""
+        tokens, after cancel(seq_id); yields nothing when cancelled before it started."""
         stats = RequestStats()
         gen = GenerationConfig(**gen)
         mode, status, t0, first = gen.mode.value, "error", time.perf_counter(), True
@@ -130,6 +141,9 @@ class Coordinator:
         self.metrics.started()
         self._running.add(seq_id)
         try:
+            if seq_id in self._cancelled:  # cancelled while queued for a thread: no prefill
+                status = "cancelled"
+                return
             for token in tokens:
                 if first:
                     self.metrics.first_token(mode, time.perf_counter() - t0)
@@ -141,13 +155,31 @@ class Coordinator:
             status = "ok"
         finally:
             self._running.discard(seq_id)
-            self._cancelled.discard(seq_id)
+            self._cancelled.pop(seq_id, None)
             tokens.close()  # releases the sequence on every stage, fills stats.stages
             self.metrics.finished(mode, status, len(prompt_ids), stats, time.perf_counter() - t0)
         yield stats.to_dict()
 
     @ray.method(concurrency_group="control")
     def cancel(self, seq_id: str) -> None:
-        """Stops a running request after its next token (its caller went away)."""
-        if seq_id in self._running:
-            self._cancelled.add(seq_id)
+        """Stops a request after its next token, or before its prefill when it still waits
+        for a thread (its caller went away). Unclaimed cancels are forgotten after a while."""
+        now = time.monotonic()
+        for old in [s for s, t in list(self._cancelled.items()) if now - t > CANCEL_MEMORY_S]:
+            self._cancelled.pop(old, None)
+        self._cancelled[seq_id] = now
+
+    @ray.method(concurrency_group="health")
+    def health(self, prompt_ids: list[int], mode: str, timeout_s: float) -> Health:
+        """A health probe: one greedy token of prompt_ids through every stage, then what each
+        stage holds. On a thread of its own, so it never waits behind requests; not counted
+        in the metrics."""
+        stats = RequestStats()
+        gen = GenerationConfig(mode=mode, max_new_tokens=1)
+        tokens = self.decoder.decode(f"health-{uuid.uuid4().hex}", prompt_ids, gen, stats)
+        try:
+            token = int(next(tokens))
+        finally:
+            tokens.close()  # releases the probe's sequence on every stage
+        sequences = ray.get([s.sequences.remote() for s in self.stages], timeout=timeout_s)
+        return Health(token, len(self._running), sequences)

@@ -1,8 +1,10 @@
 """Answers OpenAI requests from a token stream: prompts to ids, ids back to text, stop
 strings, logprobs, streaming. No Ray here: actors/serve.py hands in the stream (the
-coordinator's), tests a fake one."""
+coordinator's), tests a fake one. Every wait for the next token has a deadline, and a
+request that fails midway tells the client what failed and how many tokens were done."""
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from contextlib import aclosing
@@ -42,9 +44,21 @@ class _Generated:
         return self.detok.feed(token)
 
 
+class _StreamingResponse(StreamingResponse):
+    """Closes its body however the response ends. A client that goes away cancels the response,
+    often while it sends; Starlette then leaves the body, and with it the request in the
+    pipeline, to the garbage collector."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 class OpenAIServing:
     def __init__(self, tokenizer, model_id: str, eos_token_ids, context: int, max_tokens_limit: int,
-                 mode: Mode, stages: int, tokens: TokenSource):
+                 mode: Mode, stages: int, tokens: TokenSource, timeout_s: float):
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.eos = frozenset(eos_token_ids)
@@ -52,6 +66,7 @@ class OpenAIServing:
         self.max_tokens_limit = min(max_tokens_limit, context - 1)
         self.mode, self.stages = mode, stages
         self.tokens = tokens
+        self.timeout_s = timeout_s  # the longest wait for the next token
         self.created = int(time.time())
 
     # -- endpoints
@@ -140,9 +155,17 @@ class OpenAIServing:
 
     async def _generate(self, ids: list[int], gen: GenerationConfig, out: _Generated) -> AsyncIterator[str]:
         """Feeds `out` and yields each piece of text as it becomes safe to show. Stops the
-        request (closing the token stream cancels it) as soon as a stop string appears."""
+        request (closing the token stream cancels it) as soon as a stop string appears, or
+        when no token came for timeout_s (a 504 APIError)."""
         async with aclosing(self.tokens(ids, gen)) as items:
-            async for item in items:
+            while True:
+                try:
+                    item = await asyncio.wait_for(anext(items), self.timeout_s)
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise APIError(504, f"timed out after {len(out.tokens)} tokens: the pipeline sent no token "
+                                        f"for {self.timeout_s:g} s", type="server_error", code="timeout") from None
                 if isinstance(item, dict):
                     out.stats = item
                     continue
@@ -151,6 +174,13 @@ class OpenAIServing:
                     yield text
                 if out.detok.stopped:
                     return
+
+    @staticmethod
+    def _failure(e: Exception, out: _Generated) -> APIError:
+        """A request that failed midway: the error says how many tokens were done."""
+        if isinstance(e, APIError):
+            return e
+        return APIError(500, f"generation failed after {len(out.tokens)} tokens: {e}", type="server_error")
 
     def _finish_reason(self, out: _Generated) -> str:
         """"stop" at a stop string or EOS, else the max_tokens limit ended it."""
@@ -175,14 +205,14 @@ class OpenAIServing:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = self._stream(rid, ids, gen, out, chat, include_usage)
-            return StreamingResponse(events, media_type="text/event-stream",
+            return _StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             async with aclosing(self._generate(ids, gen, out)) as texts:
                 async for _ in texts:
                     pass
         except Exception as e:
-            raise APIError(500, f"generation failed: {e}", type="server_error") from None
+            raise self._failure(e, out) from None
         text = out.detok.text + out.detok.finish()
         logprobs = self._logprobs(out.logprobs, chat, len(text)) if gen.logprobs is not None else None
         common = {"id": rid, "created": int(time.time()), "model": self.model_id,
@@ -219,7 +249,7 @@ class OpenAIServing:
                 async for text in texts:
                     yield chunk(text)
         except Exception as e:
-            yield sse(APIError(500, f"generation failed: {e}", type="server_error").body())
+            yield sse(self._failure(e, out).body())
             yield sse("[DONE]")
             return
         yield chunk(out.detok.finish() or None, finish=self._finish_reason(out), ppsd=self._ppsd(out))

@@ -12,6 +12,10 @@ coordinator also runs) and one per stage (bundles 1..K), reserved together
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
 GET /health. The requests and responses are in actors/openai_api.py, how they
 are answered in actors/openai_serving.py. See docs/serving.md.
+
+Nothing waits forever: every wait on the coordinator has a deadline (timeout_s,
+health_check_timeout_s), and Serve's health check decodes a token through the
+whole pipeline, so a replica whose coordinator or stages broke is replaced.
 """
 # No `from __future__ import annotations`: FastAPI reads the endpoints' body types at runtime.
 import asyncio
@@ -23,7 +27,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import ray
 from fastapi import FastAPI, Request
@@ -31,13 +35,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ray import serve
 
 from ppsd_ray.config import GenerationConfig, Mode, PipelineConfig, describe
-from ppsd_ray.model import load_tokenizer
+from ppsd_ray.model import encode_prompt, load_tokenizer
 from ppsd_ray.schedule import TokenLogprobs
 
 from .openai_api import APIError, ChatCompletionRequest, CompletionRequest, install_error_handlers
 from .openai_serving import OpenAIServing
 
+if TYPE_CHECKING:  # the coordinator's module imports torch: only the replica needs it
+    from .coordinator import Health
+
 API_KEY_ENV = "PPSD_API_KEY"
+PROBE_PROMPT = "Hello"  # the health probe decodes one greedy token of it
 
 
 # ---------------------------------------------------------------- settings
@@ -57,6 +65,14 @@ class ServeSettings(BaseModel):
     max_tokens_limit: int = Field(2048, ge=1, description="the largest max_tokens a request may ask for")
     max_ongoing_requests: int = Field(8, ge=1, description="requests one replica decodes at once; more wait")
     replica_cpus: float = Field(0.1, gt=0, description="CPU reservation of the replica (bundle 0)")
+    timeout_s: float = Field(150.0, gt=0, description="longest a request waits for the pipeline's next token "
+                                                      "(or any call to the coordinator), then a 504 naming it; "
+                                                      "above pipeline.timeout_s so that a stage the pipeline "
+                                                      "gives up on is named first")
+    health_check_period_s: float = Field(10.0, gt=0, description="how often Serve probes each replica: one "
+                                                                 "token decoded through every stage")
+    health_check_timeout_s: float = Field(30.0, gt=0, description="the probe's deadline; after three failed "
+                                                                  "probes in a row Serve replaces the replica")
 
     @model_validator(mode="after")
     def _mode_fits_stages(self) -> "ServeSettings":
@@ -111,6 +127,9 @@ def build_app(args: dict) -> serve.Application:
         placement_group_bundles=settings.bundles(gpus),
         placement_group_strategy="PACK",
         max_ongoing_requests=settings.max_ongoing_requests,
+        health_check_period_s=settings.health_check_period_s,
+        # Serve's own deadline, a little later than ours, so that the failure logged is ours (it names what failed)
+        health_check_timeout_s=settings.health_check_timeout_s + 5,
         ray_actor_options={"num_cpus": settings.replica_cpus},
     ).bind(settings.model_dump(mode="json"))
 
@@ -140,7 +159,16 @@ async def _authenticate(request: Request, call_next):
 # ---------------------------------------------------------------- the deployment
 
 
-@serve.deployment(max_ongoing_requests=8, health_check_period_s=10, health_check_timeout_s=60)
+def failure_reason(e: BaseException) -> str:
+    """A Ray error as one line for the client: what failed, without Ray's traceback."""
+    if isinstance(e, ray.exceptions.RayActorError):
+        return "the pipeline's coordinator died or cannot be reached"
+    if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None:
+        return f"{type(e.cause).__name__}: {e.cause}"
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+@serve.deployment
 @serve.ingress(app)
 class PPSDServer:
     def __init__(self, settings: dict):
@@ -153,10 +181,12 @@ class PPSDServer:
         pg = ray.util.get_current_placement_group()  # the replica's own: bundle 0 is this actor
         self.pipe = Pipeline(config, pg=pg, first_bundle=1 if pg is not None else 0)
         self._submitter = ThreadPoolExecutor(1, thread_name_prefix="ppsd-submit")
+        tokenizer = load_tokenizer(config.model_dir)
+        self._probe_ids = encode_prompt(tokenizer, PROBE_PROMPT, raw=True)
         self.openai = OpenAIServing(
-            load_tokenizer(config.model_dir), self.settings.model_name or Path(config.model_dir).name,
+            tokenizer, self.settings.model_name or Path(config.model_dir).name,
             config.info.eos_token_ids, config.info.max_positions, self.settings.max_tokens_limit,
-            self.mode, config.stages, self._tokens)
+            self.mode, config.stages, self._tokens, self.settings.timeout_s)
 
     def __del__(self):  # Serve calls this when the replica shuts down
         pipe = getattr(self, "pipe", None)
@@ -167,15 +197,31 @@ class PPSDServer:
                 pass
 
     async def check_health(self) -> None:
-        """Serve's replica health check: every stage actor answers."""
-        await asyncio.gather(*[s.ready.remote() for s in self.pipe.stages])
+        """Serve's replica health check (every health_check_period_s): raises when the probe fails."""
+        await self._probe()
+
+    async def _probe(self) -> "Health":
+        """The coordinator decodes one greedy token through every stage within
+        health_check_timeout_s; else an APIError (503) naming what failed."""
+        deadline = self.settings.health_check_timeout_s
+        try:
+            ref = await self._submit(self.pipe.coordinator.health.remote, self._probe_ids, self.mode.value, deadline)
+            return await asyncio.wait_for(ref, deadline)
+        except asyncio.TimeoutError:
+            reason = f"the pipeline decoded no token within {deadline:g} s"
+        except Exception as e:
+            reason = failure_reason(e)
+        raise APIError(503, f"unhealthy: {reason}", type="server_error", code="unhealthy")
 
     # -- endpoints
 
     @app.get("/health")
     async def health(self) -> dict:
+        """503 unless the health probe passes; `sequences`: per stage, how many hold state."""
+        probe = await self._probe()
         return {"status": "ok", "model": self.openai.model_id, "stages": self.pipe.config.stages,
-                "mode": self.mode.value, "layout": self.pipe.layout}
+                "mode": self.mode.value, "layout": self.pipe.layout, "running": probe.running,
+                "sequences": [len(s) for s in probe.sequences]}
 
     @app.get("/v1/models")
     async def models(self) -> dict:
@@ -209,8 +255,10 @@ class PPSDServer:
                 if isinstance(item, dict):
                     done = True
                 yield item
+        except ray.exceptions.RayError as e:
+            raise RuntimeError(failure_reason(e)) from e
         finally:
-            if not done:  # stop decoding after the next token
+            if not done:  # stop decoding after the next token, or before the prefill if still queued
                 await self._submit(coordinator.cancel.remote, seq_id)
 
     async def _submit(self, method, *args):
@@ -218,8 +266,11 @@ class PPSDServer:
         child of the request's Ray task. When a client disconnects, Serve cancels that task
         with ray.cancel(recursive=True), which would also cancel the coordinator's queued
         calls to the stages; Ray 2.60 then leaves a gap in the stage actor's call sequence
-        and the next request on that stage stalls for 30 s and fails."""
-        return await asyncio.get_running_loop().run_in_executor(self._submitter, method, *args)
+        and the next request on that stage stalls for 30 s and fails. Submitting does not
+        wait for the call, but it too has a deadline."""
+        submitted = asyncio.get_running_loop().run_in_executor(self._submitter, method, *args)
+        return await asyncio.wait_for(submitted, self.settings.timeout_s)
+
 
 
 # ---------------------------------------------------------------- `ppsd serve`

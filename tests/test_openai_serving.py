@@ -54,16 +54,22 @@ def test_detokenizer_cuts_before_a_stop_string_and_holds_back_its_start():
 
 class FakeEngine:
     """The coordinator's stream: fixed tokens (TokenLogprobs when logprobs are asked for),
-    then stats; records each GenerationConfig and whether the stream was closed early."""
+    then stats; records each GenerationConfig and whether the stream was closed early.
+    With `broken_after`: after that many tokens it raises `failure`, or hangs when that is None."""
 
-    def __init__(self, tokens: list[int]):
+    def __init__(self, tokens: list[int], broken_after: int | None = None, failure: Exception | None = None):
         self.tokens, self.gens, self.closed_early = tokens, [], []
+        self.broken_after, self.failure = broken_after, failure
 
     async def __call__(self, ids, gen: GenerationConfig):
         self.gens.append(gen)
         done = False
         try:
             for i, t in enumerate(self.tokens[:gen.max_new_tokens]):
+                if i == self.broken_after:
+                    if self.failure is None:
+                        await asyncio.Event().wait()  # forever
+                    raise self.failure
                 if gen.logprobs is None:
                     yield t
                 else:
@@ -82,9 +88,9 @@ def tokenizer(tiny_model_dir):
     return load_tokenizer(tiny_model_dir)
 
 
-def serving(tokenizer, words: str, eos: bool = True) -> tuple[OpenAIServing, FakeEngine]:
-    engine = FakeEngine(tokenizer(words).input_ids + ([TINY_EOS] if eos else []))
-    return OpenAIServing(tokenizer, "tiny", [TINY_EOS], 512, 400, Mode.ppsd, 2, engine), engine
+def serving(tokenizer, words: str, eos: bool = True, timeout_s: float = 60, **broken) -> tuple[OpenAIServing, FakeEngine]:
+    engine = FakeEngine(tokenizer(words).input_ids + ([TINY_EOS] if eos else []), **broken)
+    return OpenAIServing(tokenizer, "tiny", [TINY_EOS], 512, 400, Mode.ppsd, 2, engine, timeout_s), engine
 
 
 def run(coro):
@@ -243,3 +249,51 @@ def test_a_stream_closed_early_closes_the_token_stream(tokenizer):
         return list(engine.closed_early)
 
     assert run(read_two_then_close()) == [True]
+
+
+def test_a_response_cancelled_while_it_sends_closes_the_token_stream(tokenizer):
+    """Serve cancels the response of a client that went away, often while it waits in `send`:
+    the request is cancelled then, not when the garbage collector finds the stream."""
+    api, engine = serving(tokenizer, "one two three four")
+
+    async def cancel_while_sending():
+        response = await api.completions(CompletionRequest(prompt="the", max_tokens=4, stream=True))
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+            if len(sent) == 3:  # the start, one chunk, then the client stops reading
+                await asyncio.Event().wait()
+
+        async def receive():
+            await asyncio.Event().wait()
+
+        task = asyncio.create_task(response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send))
+        while len(sent) < 3:
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return list(engine.closed_early)
+
+    assert run(cancel_while_sending()) == [True]
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("the pipeline's coordinator died"), None], ids=["dies", "hangs"])
+def test_a_pipeline_that_fails_midway_ends_the_request_with_an_error_naming_the_tokens_done(tokenizer, failure):
+    """Streaming: an error event, then [DONE]; not streaming: a 5xx with OpenAI's body. A pipeline
+    that hangs is given up on after timeout_s (504), and its request is cancelled."""
+    api, engine = serving(tokenizer, "one two three four", timeout_s=0.3, broken_after=2, failure=failure)
+    status, code, reason = (500, None, "coordinator died") if failure else (504, "timeout", "no token for 0.3 s")
+
+    stream = events(run(api.completions(CompletionRequest(prompt="the", max_tokens=20, stream=True))))
+    assert "".join(c["choices"][0]["text"] for c in stream[:-1]) == "one two"
+    error = stream[-1]["error"]
+    assert error["type"] == "server_error" and error["code"] == code
+    assert "after 2 tokens" in error["message"] and reason in error["message"]
+
+    with pytest.raises(APIError) as e:
+        run(api.chat(ChatCompletionRequest(**CHAT, max_tokens=20)))
+    assert e.value.status == status and "after 2 tokens" in e.value.message and reason in e.value.message
+    assert set(e.value.body()["error"]) == {"message", "type", "param", "code"}
+    assert engine.closed_early == [True, True]  # the token stream was closed: the request cancelled
