@@ -8,7 +8,6 @@ every run is checked token for token against transformers' greedy output.
 """
 from __future__ import annotations
 
-import json
 import platform
 import re
 import statistics

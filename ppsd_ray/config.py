@@ -12,9 +12,12 @@ import secrets
 from enum import Enum
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from .protocol import Sampling
 
 
 class Mode(str, Enum):

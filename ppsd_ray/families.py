@@ -25,7 +25,6 @@ here would give wrong tokens without an error.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 from .config import GenerationConfig, Mode
-from .protocol import Sampling, StageReport, Verdict, Work
+from .protocol import StageReport, Verdict, Work
 
 
 class Pipe(Protocol):

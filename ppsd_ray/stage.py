@@ -7,16 +7,18 @@ start) and given only this range's weights from the safetensors files; what
 differs by model family (checkpoint names, embedding scales, logit transforms,
 caches that roll back past a sliding window) lives in families.py.
 
-Hidden states flow: stage 1 embeds token ids and runs layers [0, E); its exit
-head turns the result into draft tokens. Every later stage takes the hidden
-state of the stage before. The last stage applies the final norm and LM head
-and returns the verified (argmax) tokens.
+Hidden states flow (protocol.py): stage 1 embeds token ids and runs layers
+[0, E); its exit head proposes the draft (sampling.propose), which travels on in
+the Hop with the hidden state. Every later stage takes the Hop of the stage
+before. The last stage applies the final norm and LM head, verifies the drafts
+(sampling.verify) and answers with the Verdict.
 
 KV caches are per sequence id and always hold exactly the positions before the
 call's `pos`: a call at `pos` first drops entries >= pos. That drop is the
 rollback; `rollback()` only raises the sequence's epoch, so that calls queued
-before the rollback are skipped without computing. An exit head that attends
-(type 'layer') keeps its own cache per sequence under the same rule.
+before the rollback are skipped without computing, and a call already running
+stops at its next layer. An exit head that attends (type 'layer') keeps its own
+cache per sequence under the same rule.
 """
 from __future__ import annotations
 
@@ -122,7 +124,7 @@ class Stage:
         out, n = self._layers(x, pos, cache), x.shape[1]
         if self.first and not self.last:
             # each chained draft runs as the next position right away (eesd); a trailing
-            # draft waits for the next call (ppsd: OWN_DRAFT)
+            # draft waits for the next call (ppsd: stage 1's own draft, work.tokens None)
             hidden, dists = [out], (None if work.sampling.greedy else [])
             feats = self._head_features(seq, out, pos, work.chain + work.draft > 0)
             for i in range(work.chain + work.draft):

@@ -22,7 +22,6 @@ import pickle
 import queue
 import socket
 import threading
-import time
 from concurrent.futures import Future
 from typing import Sequence
 

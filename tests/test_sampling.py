@@ -5,14 +5,13 @@ Distributions are compared by total variation against the noise threshold: the 9
 percentile of the TV distance between the exact distribution and N exact samples from it."""
 from __future__ import annotations
 
-import itertools
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import save_tiny_tokenizer
-from ppsd_ray.config import GenerationConfig, PipelineConfig
+from ppsd_ray.config import GenerationConfig
 from ppsd_ray.protocol import Sampling
 from ppsd_ray.sampling import processed, propose, verify
 from ppsd_ray.schedule import RequestStats
