@@ -76,7 +76,7 @@ class Coordinator:
         while True:
             try:
                 return ray.get([s.ready.remote() for s in self.stages], timeout=self.timeout_s)
-            except ray.exceptions.ActorUnavailableError:  # restarting: ask again
+            except ray.exceptions.RayActorError:  # died under this call, or restarting: ask again
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)

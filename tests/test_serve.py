@@ -4,7 +4,6 @@ greedy output, streaming, overlapping requests, bad requests, placement, metrics
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -13,17 +12,11 @@ import urllib.request
 import openai
 import pytest
 
-from conftest import TINY_EOS, hf_greedy
+from conftest import TINY_EOS, free_ports, hf_greedy
 
 
 MODEL = "tiny"
 LIMIT = 400  # the server's max_tokens limit; a LIMIT-token stream outlives a client disconnect
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +25,7 @@ def server(ray_cluster, tiny_model_dir):
 
     from actors.serve import build_app
 
-    port = free_port()
+    port, = free_ports(1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"pipeline": {"model_dir": str(tiny_model_dir), "stages": 2}, "model_name": MODEL,
                          "max_tokens_limit": LIMIT, "max_ongoing_requests": 4}),

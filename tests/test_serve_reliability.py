@@ -6,13 +6,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import threading
 import time
 
 import pytest
 
-from conftest import hf_greedy
+from conftest import free_ports, hf_greedy
 
 APP = "reliable"
 LIMIT = 400
@@ -109,19 +108,13 @@ def test_generate_raises_generation_error_with_the_committed_tokens_when_the_coo
 # ---------------------------------------------------------------- the Serve application
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(ray_cluster, tiny_model_dir):
     from ray import serve
 
     from actors.serve import build_app
 
-    port = free_port()
+    port, = free_ports(1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"pipeline": {"model_dir": str(tiny_model_dir), "stages": 2}, "max_tokens_limit": LIMIT,
                          "timeout_s": TIMEOUT_S, "health_check_period_s": 1, "health_check_timeout_s": 5}),
