@@ -53,7 +53,9 @@ def main() -> int:
               "transports": {}}
     try:
         for transport in args.transports.split(","):
-            config = PipelineConfig(model_dir=model_dir, stages=args.stages, transport=transport)
+            # every kill may hit the same stage: its restart budget must cover all of them
+            config = PipelineConfig(model_dir=model_dir, stages=args.stages, transport=transport,
+                                    max_restarts=args.kills)
             with Pipeline(config) as pipe:
                 gens = {m: GenerationConfig(mode=m, max_new_tokens=args.max_new_tokens, stop_on_eos=False)
                         for m in ("ppsd", "eesd")}
