@@ -86,10 +86,5 @@ class StageReport:
     skipped: int = 0
     events: list[tuple[float, float, int, int]] = field(default_factory=list)
 
-    @property
-    def decode_step_s(self) -> float:
-        """The mean decode step (prefill call excluded)."""
-        return (self.compute_s - self.prefill_s) / max(1, self.calls - 1)
-
     def to_dict(self) -> dict:
         return asdict(self)
