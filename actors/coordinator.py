@@ -40,9 +40,11 @@ class Coordinator:
     tokens (Decoder.decode)."""
 
     def __init__(self, stages: list, eos_token_ids: list[int], window: int | None, transport: str,
-                 timeout_s: float, backend: str = "gloo"):
+                 timeout_s: float, tensor_group: str | None = None):
+        """tensor_group, direct transport only: None sends hidden states inside the stages'
+        messages (CPU stages); "nccl" (GPU stages) or "gloo" by torch.distributed point-to-point."""
         self.stages = stages
-        self.transport, self.backend, self.timeout_s = Transport(transport), backend, timeout_s
+        self.transport, self.tensor_group, self.timeout_s = Transport(transport), tensor_group, timeout_s
         if self.transport == Transport.direct:
             self.pipe = DirectPipe(ray.util.get_node_ip_address(), timeout_s)
             get = self.pipe.get
@@ -86,9 +88,9 @@ class Coordinator:
         token travels through Ray. Run again, whole, after a stage was rebuilt."""
         wait = self.timeout_s
         inboxes = ray.get([s.open_inbox.remote() for s in self.stages], timeout=wait)
-        if len(self.stages) > 1:
+        if self.tensor_group and len(self.stages) > 1:
             master = ray.get(self.stages[0].free_port.remote(), timeout=wait)
-            ray.get([s.join_group.remote(len(self.stages), master, self.backend) for s in self.stages],
+            ray.get([s.join_group.remote(len(self.stages), master, self.tensor_group) for s in self.stages],
                     timeout=wait)
         nexts = inboxes[1:] + [self.pipe.address]
         ray.get([s.start_loop.remote(n, self.pipe.address) for s, n in zip(self.stages, nexts)], timeout=wait)

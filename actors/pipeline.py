@@ -89,7 +89,7 @@ class Pipeline:
                 pg, placement_group_bundle_index=0))
         self.coordinator = coordinator.remote(self.stages, list(config.info.eos_token_ids), config.window,
                                               config.transport.value, config.timeout_s,
-                                              "nccl" if gpus else "gloo")
+                                              "nccl" if gpus else None)
         ray.get(self.coordinator.__ray_ready__.remote(), timeout=config.timeout_s)
 
     def stream(self, prompt_ids: list[int], gen: GenerationConfig | None = None) -> Iterator[int | dict]:

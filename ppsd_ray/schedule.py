@@ -168,11 +168,16 @@ class Decoder:
         last_pos = len(prompt) + gen.max_new_tokens - 2  # the last position whose output we need
         in_flight: deque = deque()  # (pos, answer)
         next_in = (token,)
-        while True:
+
+        def fill():
+            nonlocal next_in, next_pos
             while len(in_flight) < window and next_pos <= last_pos:
                 work = Work(seq_id, epoch[0], next_pos, next_in, draft=speculate, sampling=sampling)
                 in_flight.append((next_pos, self.pipe.submit(work)))
                 next_in, next_pos = None, next_pos + 1  # None: stage 1's own draft
+
+        fill()
+        while in_flight:
             pos, answer = in_flight.popleft()
             verdict = get(answer)
             if in_flight:  # the draft for pos + 1 is already in the pipe behind this token
@@ -187,24 +192,32 @@ class Decoder:
                     in_flight.clear()
             if not in_flight:
                 next_in, next_pos = (verdict.tokens[0],), pos + 1
+            fill()  # the stages work on while the caller takes the token
             yield from _committed(verdict)
 
     def _eesd(self, seq_id, prompt, done, gen, sampling, stats, t0, get, epoch) -> Iterator:
         token, pos = yield from self._start(seq_id, prompt, done, sampling, stats, t0, get, epoch)
         remaining = len(prompt) + gen.max_new_tokens - 1 - pos  # tokens still to commit
-        while remaining > 0:
-            gamma = min(gen.gamma, remaining - 1)
+
+        def submit():
             # stage 1 drafts gamma tokens alone, each feeding the next; the other stages
             # verify all gamma + 1 positions in one pass
-            verdict = get(self.pipe.submit(Work(seq_id, epoch[0], pos, (token,), chain=gamma, verify=gamma + 1,
-                                                sampling=sampling)))
+            gamma = min(gen.gamma, remaining - 1)
+            work = Work(seq_id, epoch[0], pos, (token,), chain=gamma, verify=gamma + 1, sampling=sampling)
+            return gamma, self.pipe.submit(work)
+
+        call = submit() if remaining > 0 else None
+        while call:
+            gamma, answer = call
+            verdict = get(answer)
             n = verdict.accepted
             stats.drafted += gamma
             stats.accepted += n
             stats.rollbacks += n < gamma
             stats.trace += [True] * n + [False] * (n < gamma)
-            yield from _committed(verdict)
             token, pos, remaining = verdict.tokens[-1], pos + n + 1, remaining - (n + 1)
+            call = submit() if remaining > 0 else None  # the stages work on while the caller takes the tokens
+            yield from _committed(verdict)
 
 
 def _committed(verdict: Verdict) -> Iterator[int | TokenLogprobs]:

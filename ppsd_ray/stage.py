@@ -59,6 +59,7 @@ class Stage:
         self._stats: dict[str, _SeqStats] = {}
         self._lock = threading.Lock()
         self._running: Work | None = None  # the call computing now, checked between layers
+        self.between_layers = None  # a transport's inbox drain: rollbacks arrive while a call runs
         self._started = 0.0
         for layer in self.body.layers:
             layer.register_forward_pre_hook(self._check_stale)
@@ -166,6 +167,8 @@ class Stage:
 
     def _check_stale(self, module, args):
         """Between layers: a call whose sequence was rolled back meanwhile stops here."""
+        if self.between_layers is not None:
+            self.between_layers()
         work = self._running
         if work is not None and work.epoch < self._epochs.get(work.seq_id, 0):
             raise _Stale

@@ -5,9 +5,11 @@ Decoder the same Pipe (submit, rollback, release):
 
 - LocalPipe: the stages in this process, called in turn (tests, the reference).
 - direct: each stage runs a persistent loop (StageLoop) in its own process. Headers
-  and control messages go over ZMQ sockets (PUSH to the next stage's PULL inbox);
-  hidden states go by torch.distributed point-to-point (gloo for CPU tensors, NCCL
-  when every stage owns a GPU). The coordinator's DirectPipe sends Work to stage 1
+  and control messages go over ZMQ sockets (PUSH to the next stage's PULL inbox).
+  A CPU hidden state (a few KB per token) rides in the same message as a second
+  frame: one send, no second channel to wait on. Between GPUs it goes by NCCL
+  point-to-point in a torch.distributed group the loops own (gloo works too, for
+  tests of that path on CPU). The coordinator's DirectPipe sends Work to stage 1
   and control to every stage, and receives Verdicts and StageReports from the last
   stage on its own inbox. Per token there is no Ray call and no object ref: Ray only
   places the processes and starts the loops (actors.stage).
@@ -19,9 +21,9 @@ sequences can later share a forward without a new protocol.
 from __future__ import annotations
 
 import pickle
-import queue
 import socket
 import threading
+from collections import deque
 from concurrent.futures import Future
 from typing import Sequence
 
@@ -123,98 +125,114 @@ class TensorGroup:
 
 
 class StageLoop:
-    """Runs one Stage behind the direct transport, in the stage's own process.
+    """Runs one Stage behind the direct transport, in the stage's own process, on one thread.
 
-    A receiver thread reads the inbox: a rollback takes effect at once (so queued and
-    running calls it makes stale are dropped), a hop's hidden state is received from the
-    previous rank right after its header; work, hops and releases queue, in order, for the
-    compute thread, which runs them and sends each result on: a Hop to the next stage, a
+    The loop reads its inbox in order: work and hops queue for the stage, a rollback takes
+    effect at once, so queued calls it makes stale are skipped. While a call computes, the
+    stage drains the inbox between layers (Stage.between_layers), so a rollback also stops
+    the running call; no message waits for a thread hand-off. A hop's hidden state comes as
+    the message's second frame, or, with a tensor group (NCCL between GPUs), from the
+    previous rank right after its header. Each result goes on: a Hop to the next stage, a
     Verdict, a StageReport or an error to the coordinator. A failure of the transport itself
     (a peer died) ends the loop after telling the coordinator; the pipeline then rebuilds it."""
 
     def __init__(self, stage, host: str):
         import zmq
 
-        _prompt_thread_switches()
         self.stage = stage
         self.ctx = zmq.Context()
         self.inbox, self.address = _bind_inbox(self.ctx, host)
         self.group: TensorGroup | None = None
-        self._queue: queue.Queue = queue.Queue()
-        self._threads: list[threading.Thread] = []
+        self._pending: deque = deque()
+        self._thread: threading.Thread | None = None
 
     def start(self, next_address: str, coordinator_address: str) -> None:
         self._next = _push(self.ctx, next_address)
         self._coordinator = (self._next if next_address == coordinator_address
                              else _push(self.ctx, coordinator_address))
-        self._threads = [threading.Thread(target=self._receive, daemon=True, name="ppsd-receive"),
-                         threading.Thread(target=self._compute, daemon=True, name="ppsd-compute")]
-        for t in self._threads:
-            t.start()
+        self.stage.between_layers = self._drain
+        self._thread = threading.Thread(target=self._run, daemon=True, name="ppsd-stage")
+        self._thread.start()
 
-    def _receive(self) -> None:
-        index = self.stage.index
-        try:
-            while True:
-                msg = pickle.loads(self.inbox.recv())
-                kind = msg[0]
-                if kind == "rollback":
-                    self.stage.rollback(msg[1], msg[2])
-                elif kind == "hop":
-                    _, entries, shape, dtype = msg
-                    hidden = torch.empty(shape, dtype=dtype, device=self.stage.device)
-                    self.group.recv(hidden, src=index - 1)
-                    for (work, n, drafts, dists), part in zip(entries, hidden.split([e[1] for e in entries], dim=1)):
-                        self._queue.put(("run", work, Hop(work, part, drafts, dists)))
-                elif kind == "work":
-                    for work in msg[1]:
-                        self._queue.put(("run", work, None))
-                elif kind == "stop":
-                    return
-                else:
-                    self._queue.put(msg)
-        except Exception as e:  # the transport broke (a peer died): this loop is over
-            self._queue.put(("broken", f"receiving: {type(e).__name__}: {e}"))
-        finally:
-            self._queue.put(("stop",))
-
-    def _compute(self) -> None:
+    def _run(self) -> None:
         index = self.stage.index
         while True:
-            msg = self._queue.get()
-            kind = msg[0]
-            if kind == "stop":
+            try:
+                if not self._pending:
+                    self._read(self.inbox.recv_multipart())
+                self._drain()
+            except Exception as e:  # the transport broke (a peer died): this loop is over
+                self._send_coordinator(("error", None, index, f"receiving: {type(e).__name__}: {e}"))
+                return
+            if not self._pending:
+                continue
+            msg = self._pending.popleft()
+            if msg[0] == "stop":
                 return
             try:
-                if kind == "broken":
-                    self._coordinator.send(pickle.dumps(("error", None, index, msg[1])))
-                elif kind == "release":
-                    _, seq_id, keep, events = msg
-                    self._coordinator.send(pickle.dumps(("report", seq_id, index,
-                                                         self.stage.release(seq_id, keep, events))))
-                else:
-                    _, work, hop = msg
-                    out = self.stage.forward(work, hop)
-                    if isinstance(out, Verdict):
-                        self._coordinator.send(pickle.dumps(("verdict", out)))
-                    elif out is not None:
-                        entries = [(out.work, out.hidden.shape[1], out.drafts, out.draft_dists)]
-                        self._next.send(pickle.dumps(("hop", entries, tuple(out.hidden.shape), out.hidden.dtype)))
-                        self.group.send(out.hidden.contiguous(), dst=index + 1)
+                self._handle(msg)
             except Exception as e:  # the coordinator fails the request and names this stage
-                seq_id = msg[1].seq_id if kind == "run" else msg[1] if kind == "release" else None
-                self._coordinator.send(pickle.dumps(("error", seq_id, index, f"{type(e).__name__}: {e}")))
+                seq_id = msg[1].seq_id if msg[0] == "run" else msg[1]
+                self._send_coordinator(("error", seq_id, index, f"{type(e).__name__}: {e}"))
+
+    def _drain(self) -> None:
+        import zmq
+
+        while self.inbox.poll(0, zmq.POLLIN):
+            self._read(self.inbox.recv_multipart())
+
+    def _read(self, frames: list[bytes]) -> None:
+        msg = pickle.loads(frames[0])
+        kind = msg[0]
+        if kind == "rollback":
+            self.stage.rollback(msg[1], msg[2])
+        elif kind == "hop":
+            _, entries, shape, dtype = msg
+            if self.group is None:
+                hidden = torch.frombuffer(bytearray(frames[1]), dtype=dtype).reshape(shape)
+            else:
+                hidden = torch.empty(shape, dtype=dtype, device=self.stage.device)
+                self.group.recv(hidden, src=self.stage.index - 1)
+            for (work, n, drafts, dists), part in zip(entries, hidden.split([e[1] for e in entries], dim=1)):
+                self._pending.append(("run", work, Hop(work, part, drafts, dists)))
+        elif kind == "work":
+            self._pending.extend(("run", work, None) for work in msg[1])
+        else:  # release, stop
+            self._pending.append(msg)
+
+    def _handle(self, msg) -> None:
+        if msg[0] == "release":
+            _, seq_id, keep, events = msg
+            self._send_coordinator(("report", seq_id, self.stage.index, self.stage.release(seq_id, keep, events)))
+            return
+        _, work, hop = msg
+        out = self.stage.forward(work, hop)
+        if isinstance(out, Verdict):
+            self._send_coordinator(("verdict", out))
+        elif out is not None:
+            hidden = out.hidden.contiguous()
+            header = pickle.dumps(("hop", [(out.work, hidden.shape[1], out.drafts, out.draft_dists)],
+                                   tuple(hidden.shape), hidden.dtype))
+            if self.group is None:
+                self._next.send_multipart([header, hidden.view(torch.uint8).numpy()])
+            else:
+                self._next.send(header)
+                self.group.send(hidden, dst=self.stage.index + 1)
+
+    def _send_coordinator(self, msg) -> None:
+        self._coordinator.send(pickle.dumps(msg))
 
     def stop(self) -> None:
-        """Ends both threads (a thread stuck on a dead peer is left behind as a daemon)."""
+        """Ends the loop (a thread stuck on a dead peer is left behind as a daemon)."""
         import zmq
 
         with self.ctx.socket(zmq.PUSH) as s:
             s.setsockopt(zmq.LINGER, 1000)
             s.connect(self.address)
             s.send(pickle.dumps(("stop",)))
-        for t in self._threads:
-            t.join(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.stage.between_layers = None
         self.ctx.destroy(linger=0)
 
 

@@ -1,0 +1,108 @@
+"""The direct transport without Ray: StageLoops and a DirectPipe in this process, talking
+over ZMQ on loopback exactly as they do between stage processes."""
+import threading
+import time
+
+import pytest
+
+from conftest import free_ports, hf_greedy
+from ppsd_ray.config import GenerationConfig
+from ppsd_ray.protocol import Sampling, Work
+from ppsd_ray.schedule import Decoder, RequestStats
+from ppsd_ray.stage import Stage
+from ppsd_ray.transport import DirectPipe, LocalPipe, StageLoop, TensorGroup
+from test_schedule import PROMPTS, local_stages
+
+HOST = "127.0.0.1"
+
+
+def direct_pipe(stages, tensor_group: str | None = None):
+    """What the Coordinator sets up through Ray (actors.coordinator._connect_direct)."""
+    pipe = DirectPipe(HOST, timeout_s=30)
+    loops = [StageLoop(stage, HOST) for stage in stages]
+    if tensor_group:
+        master = f"{HOST}:{free_ports(1)[0]}"
+
+        def join(loop):  # every rank joins at once
+            loop.group = TensorGroup(loop.stage.index, len(loops), master, tensor_group)
+
+        joins = [threading.Thread(target=join, args=(loop,)) for loop in loops]
+        for t in joins:
+            t.start()
+        for t in joins:
+            t.join()
+    nexts = [loop.address for loop in loops[1:]] + [pipe.address]
+    for loop, n in zip(loops, nexts):
+        loop.start(n, pipe.address)
+    pipe.connect([loop.address for loop in loops])
+    return pipe, loops
+
+
+@pytest.mark.parametrize("tensor_group", [None, "gloo"])
+def test_direct_transport_equals_transformers_greedy(tiny_model_dir, tensor_group):
+    pipe, loops = direct_pipe(local_stages(tiny_model_dir, 3), tensor_group)
+    decoder = Decoder(pipe, 3, get=pipe.get)
+    try:
+        for prompt in PROMPTS[:2]:
+            want = hf_greedy(tiny_model_dir, prompt, 24, stop_on_eos=False)
+            for mode in ["pp", "ppsd", "eesd"]:
+                stats = RequestStats()
+                out = list(decoder.decode("s", prompt, GenerationConfig(mode=mode, max_new_tokens=24,
+                                                                        stop_on_eos=False), stats))
+                assert out == want, (mode, prompt)
+                assert [s.index for s in stats.stages] == [0, 1, 2]
+        assert [loop.stage.sequences() for loop in loops] == [[]] * 3
+    finally:
+        for loop in loops:
+            loop.stop()
+
+
+def test_a_rollback_reaches_a_running_call_between_layers(tiny_model_dir):
+    """The loop has one thread: the rollback arrives on the inbox while stage 1 computes,
+    and the stage's drain between layers applies it, so the call stops there."""
+    first, last = local_stages(tiny_model_dir, 2)
+    pipe, loops = direct_pipe([first, last])
+    ran = []
+
+    def slow_layer_one(module, args):  # the rollback lands while layer 0 runs
+        ran.append(module)
+        if len(ran) == 1:
+            pipe.rollback("s", 1)
+            time.sleep(0.2)
+
+    try:
+        assert pipe.get(pipe.submit(Work("s", 0, 0, (5, 6, 7)))).tokens
+        first.body.layers[0].register_forward_pre_hook(slow_layer_one)
+        stopped = pipe.submit(Work("s", 0, 3, (8,)))
+        deadline = time.monotonic() + 10
+        while not ran and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)  # the drain at layer 1 has run
+        assert ran == [first.body.layers[0]]  # layers 1..3 never ran
+        assert not stopped.done()  # a stale call has no answer
+        reports = [pipe.get(f) for f in pipe.release("s", keep=3)]
+        assert reports[0].skipped == 1 and reports[0].stale_s > 0 and reports[1].calls == 1
+    finally:
+        for loop in loops:
+            loop.stop()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_hidden_state_travels_bit_exact(tiny_model_dir, dtype):
+    """In the message or by the gloo group, the last stage sees the very bytes stage 1 made:
+    its logprobs equal those of the stages called in-process."""
+    stages = [Stage(tiny_model_dir, 0, 4, index=0, num_stages=2, dtype=dtype),
+              Stage(tiny_model_dir, 4, 8, index=1, num_stages=2, dtype=dtype)]
+    work = Work("s", 0, 0, (5, 6, 7, 8), sampling=Sampling(logprobs=3))
+    want = LocalPipe(stages).submit(work)
+    for stage in stages:
+        stage.release("s", keep=0)
+    for group in [None, "gloo"]:
+        pipe, loops = direct_pipe(stages, group)
+        try:
+            got = pipe.get(pipe.submit(work))
+            [pipe.get(f) for f in pipe.release("s", keep=0)]
+        finally:
+            for loop in loops:
+                loop.stop()
+        assert got.tokens == want.tokens and got.logprobs == want.logprobs, group
