@@ -67,7 +67,15 @@ class Pipeline:
                 raise ValueError(f"placement group: {k} stages from bundle {first_bundle} "
                                  f"need {first_bundle + k} bundles, it has {pg.bundle_count}")
             gpus = all(b.get("GPU", 0) >= 1 for b in specs)
-        elif gpus:  # one bundle per stage, reserved together
+        else:  # an actor that cannot be placed would wait forever: say which setting asks too much
+            have = ray.cluster_resources()
+            need = {"GPU": k, "CPU": k} if gpus else {"CPU": k * config.cpus_per_stage}
+            for name, n in need.items():
+                if have.get(name, 0) < n:
+                    field = "use_gpus" if name == "GPU" else "stages" if gpus else "cpus_per_stage"
+                    raise ValueError(f"{field}: {k} stages need {n:g} {name} in the Ray cluster, "
+                                     f"it has {have.get(name, 0):g}")
+        if pg is None and gpus:  # one bundle per stage, reserved together
             self._pg, first_bundle = placement_group([{"GPU": 1, "CPU": 1}] * k, strategy="PACK"), 0
             ray.get(self._pg.ready(), timeout=600)
         threads = config.threads_per_stage or max(1, int(ray.cluster_resources().get("CPU", 1)) // k)

@@ -5,6 +5,8 @@ if they are reached."""
 import json
 import shutil
 
+import time
+
 import pytest
 import ray
 import torch
@@ -216,6 +218,19 @@ def test_python_api_refuses_bad_prompts_before_any_actor_call(ray_cluster, tiny_
         pipe.coordinator = coordinator
         prompt = [5, 17, 42, 99]
         assert pipe.generate(prompt, gen).token_ids == hf_greedy(tiny_model_dir, prompt, 10)
+
+
+def test_a_pipeline_the_cluster_cannot_place_fails_at_once_naming_the_setting(ray_cluster, tiny_model_dir):
+    """Not a wait for actors that would never start: a ValueError naming the field, nothing left running."""
+    import ray
+
+    cpus = ray.cluster_resources()["CPU"]
+    for config, field in [(PipelineConfig(model_dir=tiny_model_dir, stages=2, cpus_per_stage=cpus), "cpus_per_stage"),
+                          (PipelineConfig(model_dir=tiny_model_dir, stages=2, use_gpus=True), "use_gpus")]:
+        t0 = time.monotonic()
+        with pytest.raises(ValueError, match=f"^{field}: 2 stages need"):
+            Pipeline(config)
+        assert time.monotonic() - t0 < 5 and ray.is_initialized()  # the caller's Ray stays up
 
 
 def test_training_job_checks_every_prompts_file_first(tiny_model_dir, tmp_path, monkeypatch, no_ray):
