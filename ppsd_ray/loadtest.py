@@ -13,7 +13,8 @@ sampled) from --clients threads for --minutes; reports the RSS of every Ray work
 on this machine at the start and the end, and fails (exit code 1) on an error or when a
 stage still holds a sequence after the end (GET /health). Run it on the server's machine.
 
-The API key comes from --api-key or $PPSD_API_KEY. Each prints one JSON report.
+The API key comes from --api-key or $PPSD_API_KEY. Each prints one JSON report (and writes it
+to --out, with the machine and the command, for BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -308,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--prompts-file", type=Path, default=SUITE, help="default: the benchmark suite")
         p.add_argument("--max-tokens", type=int, default=64 if name == "load" else 32)
         p.add_argument("--clients", type=int, default=32 if name == "load" else 8)
+        p.add_argument("--out", type=Path, help="also write the report here (`ppsd bench` puts "
+                       "bench/results/load.json and soak.json into BENCHMARKS.md)")
+        p.add_argument("--server", default="", help="how the server was started, recorded with the report")
     sub.choices["soak"].add_argument("--minutes", type=float, default=20)
     sub.choices["soak"].add_argument("--server-pid", type=int, help="the `ppsd serve` process: only the Ray "
                                      "workers it started are measured (default: all of this user's)")
@@ -324,6 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         report = soak(client, prompts, args.max_tokens, args.clients, args.minutes, args.server_pid)
     print(json.dumps(report, indent=1))
+    if args.out:
+        from .bench import machine_info
+
+        command = "python -m ppsd_ray.loadtest " + " ".join(argv if argv is not None else sys.argv[1:])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"setup": machine_info() | {"command": command, "server": args.server},
+                                        **report}, indent=1))
     return 0 if report["ok"] else 1
 
 
