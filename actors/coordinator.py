@@ -27,6 +27,8 @@ class Health:
     token: int                    # the probe's greedy token: every stage computed
     running: int                  # requests being decoded
     sequences: list[list[str]]    # per stage: the sequence ids holding state there
+    stage_pids: list[int]         # per stage: the process the pipeline was last built on
+    repairs: int                  # times the pipeline was rebuilt after a stage died
 
 
 @ray.remote(num_cpus=0, max_concurrency=8, concurrency_groups={"control": 1, "health": 1})
@@ -184,4 +186,4 @@ class Coordinator:
         finally:
             tokens.close()  # releases the probe's sequence on every stage
         sequences = ray.get([s.sequences.remote() for s in self.stages], timeout=timeout_s)
-        return Health(token, len(self._running), sequences)
+        return Health(token, len(self._running), sequences, list(self._pids), self.generation)

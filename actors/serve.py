@@ -217,11 +217,13 @@ class PPSDServer:
 
     @app.get("/health")
     async def health(self) -> dict:
-        """503 unless the health probe passes; `sequences`: per stage, how many hold state."""
+        """503 unless the health probe passes; `sequences`: per stage, how many hold state;
+        `repairs`: pipeline rebuilds after a stage process died (`stage_pids`: the current ones)."""
         probe = await self._probe()
         return {"status": "ok", "model": self.openai.model_id, "stages": self.pipe.config.stages,
                 "mode": self.mode.value, "layout": self.pipe.layout, "running": probe.running,
-                "sequences": [len(s) for s in probe.sequences]}
+                "sequences": [len(s) for s in probe.sequences], "stage_pids": probe.stage_pids,
+                "repairs": probe.repairs}
 
     @app.get("/v1/models")
     async def models(self) -> dict:

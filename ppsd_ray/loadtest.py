@@ -15,6 +15,9 @@ stage still holds a sequence after the end (GET /health). Run it on the server's
 
 The API key comes from --api-key or $PPSD_API_KEY. Each prints one JSON report (and writes it
 to --out, with the machine and the command, for BENCHMARKS.md).
+
+streams_with_kills (bench/kill_stages.py --via serve, and the tests): streaming clients
+while stage processes are killed; every answer must equal its uninterrupted one.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import http.client
 import json
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -48,6 +52,7 @@ class Client:
     def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 300):
         parts = urlsplit(url)
         self.host, self.port = parts.hostname, parts.port or 80
+        self.prefix = parts.path.rstrip("/")  # an application under a route prefix
         self.headers = {"Content-Type": "application/json"}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
@@ -56,7 +61,7 @@ class Client:
     def get(self, path: str) -> tuple[int, dict]:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
         try:
-            conn.request("GET", path, headers=self.headers)
+            conn.request("GET", self.prefix + path, headers=self.headers)
             r = conn.getresponse()
             return r.status, json.loads(r.read())
         finally:
@@ -79,7 +84,7 @@ class Client:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
         t0 = time.perf_counter()
         try:
-            conn.request("POST", path, json.dumps(body), self.headers)
+            conn.request("POST", self.prefix + path, json.dumps(body), self.headers)
             r = conn.getresponse()
             if r.status != 200 or not stream:
                 data = json.loads(r.read())
@@ -261,16 +266,19 @@ def ray_workers(server_pid: int | None = None) -> dict[int, tuple[str, float]]:
     return found
 
 
-def wait_for_no_sequences(client: Client, timeout_s: float = 30) -> dict:
-    """GET /health until no request runs and no stage holds a sequence (cancels land after the
-    next token), or timeout_s; the last answer."""
+def poll_health(client: Client, until, timeout_s: float) -> dict:
+    """GET /health until until(health) holds for a 200, or timeout_s; the last answer."""
     deadline = time.monotonic() + timeout_s
     while True:
         status, health = client.get("/health")
-        clean = status == 200 and health["running"] == 0 and not any(health["sequences"])
-        if clean or time.monotonic() > deadline:
+        if (status == 200 and until(health)) or time.monotonic() > deadline:
             return health
         time.sleep(0.5)
+
+
+def wait_for_no_sequences(client: Client, timeout_s: float = 30) -> dict:
+    """Until no request runs and no stage holds a sequence (cancels land after the next token)."""
+    return poll_health(client, lambda h: h["running"] == 0 and not any(h["sequences"]), timeout_s)
 
 
 def soak(client: Client, prompts: list[str], max_tokens: int, clients: int, minutes: float,
@@ -293,6 +301,70 @@ def soak(client: Client, prompts: list[str], max_tokens: int, clients: int, minu
         "rss_mib_total": {"start": sum(r for _, r in before.values()), "end": sum(r for _, r in after.values())},
         "processes": processes,
     }
+
+
+# ---------------------------------------------------------------- kills
+
+
+@dataclass
+class KillReport:
+    """Stage processes killed while streams ran: what the clients saw."""
+    kills: int
+    streams: int          # requests sent
+    hit: int              # of those, running when a stage was killed
+    identical: int        # of those, equal to the prompt's uninterrupted answer
+    errors: list[dict]    # failed requests: an error status or event, or a client-side failure
+    repairs: int          # pipeline rebuilds after a stage died
+    leaked: bool          # a stage still held a sequence afterwards
+    wall_s: float
+
+
+def streams_with_kills(client: Client, prompts: list[str | list[int]], max_tokens: int, clients: int, kills: int,
+                       seed: int = 0, repair_timeout_s: float = 120) -> KillReport:
+    """`clients` threads stream completions of the prompts in turn while, `kills` times, a
+    random stage's process gets SIGKILL at a random moment, each once the pipeline was repaired
+    from the one before (GET /health names the stages' processes). Each answer must equal its
+    prompt's uninterrupted one, asked first, one at a time. Run it on the server's machine."""
+    rng = random.Random(seed)
+    reference = [client.complete(p, max_tokens) for p in prompts]
+    pause = 2 * sum(a.total_s for a in reference) / len(prompts)  # moments spread over whole streams
+    answers: list[tuple[int, float, Answer]] = []  # (prompt, start, answer)
+    killed_at: list[float] = []
+    stop = threading.Event()
+    health = poll_health(client, lambda h: True, repair_timeout_s)
+    repairs_before, t0 = health["repairs"], time.perf_counter()
+
+    def stream(i: int) -> None:
+        while not stop.is_set():
+            start = time.perf_counter()
+            answer = _safely(lambda: client.complete(prompts[i % len(prompts)], max_tokens))
+            answers.append((i % len(prompts), start, answer))
+            i += 1
+
+    def kill() -> None:
+        nonlocal health
+        try:
+            for _ in range(kills):
+                time.sleep(rng.uniform(0, pause))
+                victim = rng.choice(health["stage_pids"])
+                os.kill(victim, signal.SIGKILL)
+                killed_at.append(time.perf_counter())
+                health = poll_health(client, lambda h: victim not in h["stage_pids"], repair_timeout_s)
+                if victim in health.get("stage_pids", [victim]):
+                    return  # not repaired: the report counts fewer kills
+        finally:
+            stop.set()
+
+    _in_threads(clients + 1, lambda i: kill() if i == clients else stream(i))
+    wall = time.perf_counter() - t0
+    after = wait_for_no_sequences(client)
+    failed = [a for _, _, a in answers if a.error or a.status != 200]
+    return KillReport(
+        kills=len(killed_at), streams=len(answers),
+        hit=sum(any(start <= t <= start + a.total_s for t in killed_at) for _, start, a in answers),
+        identical=sum((a.text, a.tokens) == (reference[p].text, reference[p].tokens) for p, _, a in answers),
+        errors=[asdict(a) for a in failed], repairs=after.get("repairs", repairs_before) - repairs_before,
+        leaked=after.get("running") != 0 or any(after.get("sequences", [1])), wall_s=wall)
 
 
 # ---------------------------------------------------------------- command line

@@ -94,11 +94,17 @@ def write_markdown(path: Path, result: dict, summary: dict, projections: list[di
         k = kills["setup"]
         lines += ["", "## Reliability: stages killed during generations", "",
                   f"`{k['command']}` on {k['date']} ({k['cpu']}, {k['cores']} cores; model `{k['model_dir']}`, "
-                  f"K = {k['stages']}, {k['max_new_tokens']} new tokens): each kill is a SIGKILL to a random stage's "
-                  "process after a random number of committed tokens; the output must equal the uninterrupted one.",
-                  "", "| transport | kills | outputs identical | repairs | wall s |", "|---|---|---|---|---|"]
-        for name, t in kills["transports"].items():
-            lines.append(f"| {name} | {t['kills']} | {t['identical']} | {t['repairs']} | {t['wall_s']:.0f} |")
+                  f"K = {k['stages']}, up to {k['max_new_tokens']} new tokens): each kill is a SIGKILL to a random "
+                  "stage's process at a random moment; every output must equal the uninterrupted one. via python: "
+                  "one `Pipeline.stream` per kill (ppsd or eesd), killed after a random number of committed tokens; "
+                  "via serve: concurrent clients (`--clients`) streaming /v1/completions (ppsd) without a pause, one "
+                  "kill at a time; hit: streams running at a kill; repairs: pipeline rebuilds.",
+                  "", "| transport | via | kills | streams (hit) | outputs identical | errors | repairs | "
+                  "stage left holding a sequence | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in kills["runs"]:
+            leaked = {None: "–", True: "**yes**", False: "no"}[r["leaked"]]  # None: not checked (older runs)
+            lines.append(f"| {r['transport']} | {r['via']} | {r['kills']} | {r['streams']} ({r['hit']}) | "
+                         f"{r['identical']} | {len(r['errors'])} | {r['repairs']} | {leaked} | {r['wall_s']:.0f} |")
     for title, img in images.items():
         lines += ["", f"## {title}", "", f"![{title}]({img})"]
     path.write_text("\n".join(lines) + "\n")

@@ -192,6 +192,35 @@ def test_a_burst_with_cancels_leaves_no_sequence_in_any_stage(client):
     assert health["running"] == 0 and health["sequences"] == [0, 0]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["direct", "ray"])
+def test_streams_through_killed_stages_equal_their_uninterrupted_answers(server, client, tiny_model_dir, transport):
+    """Four streaming clients while a random stage's process gets SIGKILL twice, at random
+    moments: every stream ends without an error and equals its uninterrupted answer, the
+    pipeline was rebuilt on new stage processes each time, and no stage holds a sequence after."""
+    from ray import serve
+
+    from actors.serve import build_app
+    from ppsd_ray.loadtest import Client, streams_with_kills
+
+    if transport == "ray":  # an application of its own, beside the fixture's (direct)
+        serve.run(build_app({"pipeline": {"model_dir": str(tiny_model_dir), "stages": 2, "transport": "ray"},
+                             "max_tokens_limit": LIMIT, "timeout_s": TIMEOUT_S}),
+                  name=f"{APP}-ray", route_prefix="/ray")
+        client = Client(f"{server}/ray", timeout_s=60)
+    try:
+        before = client.get("/health")[1]["stage_pids"]
+        prompts = [LONG, "the house of the mother", [3, 5, 78, 7, 5, 195, 4, 3], "why do we go"]
+        report = streams_with_kills(client, prompts, max_tokens=40, clients=4, kills=2, seed=transport)
+        after = client.get("/health")[1]["stage_pids"]
+    finally:
+        if transport == "ray":
+            serve.delete(f"{APP}-ray")
+    assert report.kills == 2 and report.hit >= 2, report
+    assert not report.errors and report.identical == report.streams, report
+    assert report.repairs == 2 and set(after) != set(before) and not report.leaked, report
+
+
 def test_a_hung_coordinator_gives_a_504_naming_what_timed_out(client):
     """The coordinator stops (SIGSTOP): a request is answered 504 after timeout_s, not never."""
     pid = coordinator_pid()
