@@ -433,9 +433,10 @@ def _bench(args) -> int:
         report.plot_timeline(args.out / "timeline.png", result["timeline"])
         images["Pipeline timeline of one request"] = str(rel / "timeline.png")
     command = "ppsd " + " ".join(args.argv)
-    kills = args.out / "kills.json"  # bench/kill_stages.py's last result, if any
-    report.write_markdown(args.markdown, result, summary, projections, command, images,
-                          json.loads(kills.read_text()) if kills.exists() else None)
+    # the last results of bench/kill_stages.py and ppsd_ray.loadtest (load, soak), if any
+    reliability = {name: json.loads((args.out / f"{name}.json").read_text()) for name in ("kills", "load", "soak")
+                   if (args.out / f"{name}.json").exists()}
+    report.write_markdown(args.markdown, result, summary, projections, command, images, reliability)
     print(f"wrote {args.markdown}, {args.out}/bench.json and plots", file=sys.stderr)
     return 0
 

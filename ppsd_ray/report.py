@@ -15,7 +15,9 @@ def _lossless(x):
 
 
 def write_markdown(path: Path, result: dict, summary: dict, projections: list[dict], command: str,
-                   images: dict[str, str], kills: dict | None = None) -> None:
+                   images: dict[str, str], reliability: dict[str, dict] | None = None) -> None:
+    """reliability: the last results of the commands run beside the bench, by name (kills, load,
+    soak: bench/results/NAME.json), each shown with its own command and date."""
     setup = result["setup"]
     systems = summary["systems"]
     cats = summary["categories"]
@@ -90,24 +92,65 @@ def write_markdown(path: Path, result: dict, summary: dict, projections: list[di
                          f"{p['hop_ms']:.2f} | "
                          f"{p['ar_ms_per_token']:.1f} | {p['ppsd_ms_per_token']:.1f} | {p['speedup']:.2f}x | "
                          f"{p['ideal']:.2f}x |")
-    if kills:
-        k = kills["setup"]
-        lines += ["", "## Reliability: stages killed during generations", "",
-                  f"`{k['command']}` on {k['date']} ({k['cpu']}, {k['cores']} cores; model `{k['model_dir']}`, "
-                  f"K = {k['stages']}, up to {k['max_new_tokens']} new tokens): each kill is a SIGKILL to a random "
-                  "stage's process at a random moment; every output must equal the uninterrupted one. via python: "
-                  "one `Pipeline.stream` per kill (ppsd or eesd), killed after a random number of committed tokens; "
-                  "via serve: concurrent clients (`--clients`) streaming /v1/completions (ppsd) without a pause, one "
-                  "kill at a time; hit: streams running at a kill; repairs: pipeline rebuilds.",
-                  "", "| transport | via | kills | streams (hit) | outputs identical | errors | repairs | "
-                  "stage left holding a sequence | wall s |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in kills["runs"]:
-            leaked = {None: "–", True: "**yes**", False: "no"}[r["leaked"]]  # None: not checked (older runs)
-            lines.append(f"| {r['transport']} | {r['via']} | {r['kills']} | {r['streams']} ({r['hit']}) | "
-                         f"{r['identical']} | {len(r['errors'])} | {r['repairs']} | {leaked} | {r['wall_s']:.0f} |")
+    reliability = reliability or {}
+    for name, section in (("kills", _kills), ("load", _load), ("soak", _soak)):
+        if name in reliability:
+            lines += section(reliability[name])
     for title, img in images.items():
         lines += ["", f"## {title}", "", f"![{title}]({img})"]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _kills(kills: dict) -> list[str]:
+    k = kills["setup"]
+    lines = ["", "## Reliability: stages killed during generations", "",
+              f"`{k['command']}` on {k['date']} ({k['cpu']}, {k['cores']} cores; model `{k['model_dir']}`, "
+              f"K = {k['stages']}, up to {k['max_new_tokens']} new tokens): each kill is a SIGKILL to a random "
+              "stage's process at a random moment; every output must equal the uninterrupted one. via python: "
+              "one `Pipeline.stream` per kill (ppsd or eesd), killed after a random number of committed tokens; "
+              "via serve: concurrent clients (`--clients`) streaming /v1/completions (ppsd) without a pause, one "
+              "kill at a time; hit: streams running at a kill; repairs: pipeline rebuilds.",
+              "", "| transport | via | kills | streams (hit) | outputs identical | errors | repairs | "
+              "stage left holding a sequence | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in kills["runs"]:
+        leaked = {None: "–", True: "**yes**", False: "no"}[r["leaked"]]  # None: not checked (older runs)
+        lines.append(f"| {r['transport']} | {r['via']} | {r['kills']} | {r['streams']} ({r['hit']}) | "
+                     f"{r['identical']} | {len(r['errors'])} | {r['repairs']} | {leaked} | {r['wall_s']:.0f} |")
+    return lines
+
+
+def _spread_ms(spread: dict) -> str:
+    return " / ".join(_f(spread.get(q) and 1e3 * spread[q], "{:.0f}") for q in ("p50", "p99"))
+
+
+def _load(load: dict) -> list[str]:
+    k = load["setup"]
+    alone = load["alone"]
+    return ["", "## Serving: concurrent streaming clients", "",
+            f"`{k['command']}` against `{k['server']}` on {k['date']} ({k['cpu']}, {k['cores']} cores): each "
+            "prompt alone, one after another, then all at once, one streaming client each; every concurrent "
+            "answer must equal its sequential one.", "",
+            "| clients | identical | errors | TTFT p50 / p99 ms | tokens/s (all clients) | tokens/s per client p50 "
+            "| alone: TTFT p50 ms | alone: tokens/s p50 |", "|---|---|---|---|---|---|---|---|",
+            f"| {load['clients']} | {load['identical']} | {len(load['errors'])} | {_spread_ms(load['ttft_s'])} | "
+            f"{load['tokens_per_s']:.1f} | {_f(load['client_tokens_per_s'].get('p50'), '{:.2f}')} | "
+            f"{_f(alone['ttft_s'].get('p50') and 1e3 * alone['ttft_s']['p50'], '{:.0f}')} | "
+            f"{_f(alone['tokens_per_s'].get('p50'), '{:.1f}')} |"]
+
+
+def _soak(soak: dict) -> list[str]:
+    k = soak["setup"]
+    rss = soak["rss_mib_total"]
+    growth = (rss["end"] - rss["start"]) / rss["start"] if rss["start"] else None
+    return ["", "## Serving: soak", "",
+            f"`{k['command']}` against `{k['server']}` on {k['date']} ({k['cpu']}, {k['cores']} cores): mixed "
+            "requests (plain, streamed, streams the client closes early, stop strings, sampled) from "
+            f"{soak['clients']} client threads; RSS summed over the server's Ray worker processes.", "",
+            "| minutes | requests | errors | latency p50 / p99 ms | stage left holding a sequence | RSS start MiB "
+            "| RSS end MiB | RSS change |", "|---|---|---|---|---|---|---|---|",
+            f"| {soak['minutes']:.1f} | {soak['requests']} | {soak['error_count']} | {_spread_ms(soak['latency_s'])} | "
+            f"{'**yes**' if soak['leaked'] else 'no'} | {rss['start']:.0f} | {rss['end']:.0f} | "
+            f"{_f(growth and 100 * growth, '{:+.1f}%')} |"]
 
 
 def plot_speedup(path: Path, summary: dict, num_layers: int, exit_layers: dict[int, int]) -> None:

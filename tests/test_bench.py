@@ -11,6 +11,17 @@ def test_bench_writes_json_markdown_and_plots(tiny_model_dir, tmp_path):
                        '{"prompt": "water is good for life", "category": "chat"}\n')
     out, md = tmp_path / "out", tmp_path / "B.md"
     gpu = tmp_path / "gpu.json"
+    # the last load test and soak (ppsd_ray.loadtest --out) are shown with their own command
+    setup = {"command": "python -m ppsd_ray.loadtest X", "server": "ppsd serve", "date": "2026-11-28 01:00 UTC",
+             "cpu": "cpu", "cores": 2}
+    out.mkdir()
+    (out / "load.json").write_text(json.dumps({
+        "setup": setup, "clients": 32, "identical": 32, "errors": [], "ttft_s": {"p50": 0.25, "p99": 1.5},
+        "tokens_per_s": 21.0, "client_tokens_per_s": {"p50": 0.7, "p99": 0.9},
+        "alone": {"ttft_s": {"p50": 0.1, "p99": 0.2}, "tokens_per_s": {"p50": 14.0, "p99": 15.0}}}))
+    (out / "soak.json").write_text(json.dumps({
+        "setup": setup, "minutes": 20.0, "clients": 8, "requests": 900, "error_count": 0,
+        "latency_s": {"p50": 2.0, "p99": 9.0}, "leaked": False, "rss_mib_total": {"start": 2000, "end": 2030}}))
     gpu.write_text(json.dumps({"shapes": {"llama2-7b": {"full_layers": 32, "per_layer_ms": 0.5, "fixed_ms": 1.0,
                                                         "lm_head_ms": 0.2}}}))
     run = subprocess.run([sys.executable, "-m", "ppsd_ray.cli", "bench", "--model", str(tiny_model_dir),
@@ -38,6 +49,8 @@ def test_bench_writes_json_markdown_and_plots(tiny_model_dir, tmp_path):
     steps = summary["ppsd-K2"]["breakdown_ms_per_token"]["stage_step"]
     assert len(steps) == 2 and all(x > 0 for x in steps)
     assert "| stage step |" in text and f"{steps[0]:.1f} / {steps[1]:.1f}" in text
+    assert "| 32 | 32 | 0 | 250 / 1500 | 21.0 | 0.70 | 100 | 14.0 |" in text
+    assert "| 20.0 | 900 | 0 | 2000 / 9000 | no | 2000 | 2030 | +1.5% |" in text
     for needle in ["| ppsd-K2 |", "Simulator check", "Projected multi-GPU", "speedup_vs_acceptance.png", "timeline.png"]:
         assert needle in text
     assert (out / "speedup_vs_acceptance.png").stat().st_size > 10_000
