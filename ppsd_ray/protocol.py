@@ -76,12 +76,14 @@ class Verdict:
 @dataclass
 class StageReport:
     """One stage's work on one sequence: seconds computing (the first call, the prefill,
-    also alone), seconds on positions later rolled back, calls computed and skipped as
-    stale, and with a timeline each computed call's (start, end, pos, n)."""
+    also alone), seconds on positions later rolled back (of those, seconds in calls stopped
+    between layers), calls computed and skipped as stale, and with a timeline each computed
+    call's (start, end, pos, n)."""
     index: int = 0
     compute_s: float = 0.0
     prefill_s: float = 0.0
     stale_s: float = 0.0
+    stopped_s: float = 0.0
     calls: int = 0
     skipped: int = 0
     events: list[tuple[float, float, int, int]] = field(default_factory=list)

@@ -58,7 +58,7 @@ def write_markdown(path: Path, result: dict, summary: dict, projections: list[di
             lines.append(f"| {name} | " + " | ".join(_f(e[c]["acceptance"]) for c in cats) + " |")
     lines += ["", "## Where the time goes (ms per generated token, medians)", "",
               "stage compute: each stage's busy time; stage step: each stage's mean single-token decode call "
-              "(ms per call, prefill excluded; balanced stages have equal steps); stale: compute on positions "
+              "(ms per call, prefill and calls stopped between layers excluded; balanced stages have equal steps); stale: compute on positions "
               "later rolled back (inside stage compute); coordinator: the coordinator's own time, not waiting; "
               "hop: one hand-off between calls, calibrated from pp runs (pp token = sum of stage steps + (K + 1) "
               "hops).", "",

@@ -109,5 +109,7 @@ def calibrate_hop(stage_s: Sequence[float], pp_token_s: float) -> float:
 
 
 def decode_step_times(stage_stats: Sequence[dict]) -> list[float]:
-    """Each stage's mean decode step from a request's stats (prefill call excluded)."""
-    return [(s["compute_s"] - s["prefill_s"]) / max(1, s["calls"] - 1) for s in stage_stats]
+    """Each stage's mean decode call from a request's stats (prefill excluded, and calls
+    stopped between layers: their time is in compute_s but they are not in calls)."""
+    return [(s["compute_s"] - s["prefill_s"] - s["stopped_s"]) / max(1, s["calls"] - 1)
+            for s in stage_stats]

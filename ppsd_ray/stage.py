@@ -103,6 +103,7 @@ class Stage:
         if out is None:  # stopped between layers: all of it was stale work
             report.skipped += 1
             report.stale_s += dt
+            report.stopped_s += dt
             report.compute_s += dt
             return None
         if not report.calls:

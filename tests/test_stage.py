@@ -51,7 +51,7 @@ def test_a_call_rolled_back_while_running_stops_between_layers(tiny_model_dir):
     want = fresh.forward(Work("f", 0, 3, (9,), draft=True))
     assert torch.equal(hop.hidden, want.hidden) and hop.drafts == want.drafts
     report = stage.release("s", keep=4)
-    assert report.skipped == 1 and report.stale_s > 0
+    assert report.skipped == 1 and report.stale_s >= report.stopped_s > 0
 
 
 def test_a_call_at_pos_drops_later_kv_entries(tiny_model_dir):

@@ -50,4 +50,6 @@ def test_hops_cost_what_the_schedule_says():
     pp = simulate(timing, [], 5, window=1)
     assert pp.decode_s == pytest.approx(5 * 5.0 + 5 * 3 * 0.5)  # every input crosses from the coordinator
     assert calibrate_hop([2.0, 3.0], 5.0 + 3 * 0.5) == pytest.approx(0.5)
-    assert decode_step_times([{"compute_s": 10.0, "prefill_s": 4.0, "calls": 4}]) == [2.0]
+    assert decode_step_times([{"compute_s": 10.0, "prefill_s": 4.0, "stopped_s": 0.0, "calls": 4}]) == [2.0]
+    # a call stopped between layers spent time but is not a step
+    assert decode_step_times([{"compute_s": 11.5, "prefill_s": 4.0, "stopped_s": 1.5, "calls": 4}]) == [2.0]
