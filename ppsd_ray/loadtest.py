@@ -59,11 +59,13 @@ class Client:
         self.timeout_s = timeout_s
 
     def get(self, path: str) -> tuple[int, dict]:
+        """(status, body); a body that is not JSON (Serve's own plain-text 503 while a replica
+        is replaced) comes back as an OpenAI-style error."""
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
         try:
             conn.request("GET", self.prefix + path, headers=self.headers)
             r = conn.getresponse()
-            return r.status, json.loads(r.read())
+            return r.status, _json_body(r)
         finally:
             conn.close()
 
@@ -87,7 +89,7 @@ class Client:
             conn.request("POST", self.prefix + path, json.dumps(body), self.headers)
             r = conn.getresponse()
             if r.status != 200 or not stream:
-                data = json.loads(r.read())
+                data = _json_body(r)
                 answer = Answer(r.status, total_s=time.perf_counter() - t0, error=data.get("error"))
                 if r.status == 200:
                     choice = data["choices"][0]
@@ -97,6 +99,14 @@ class Client:
             return _read_stream(r, t0, close_after)
         finally:
             conn.close()  # mid-stream: the server sees the client go away
+
+
+def _json_body(r) -> dict:
+    body = r.read()
+    try:
+        return json.loads(body)
+    except ValueError:
+        return {"error": {"message": body.decode(errors="replace")[:500]}}
 
 
 def _read_stream(r, t0: float, close_after: int | None) -> Answer:
