@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="per-layer GPU decode times (bench/gpu_layer_latency.py) for projections")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
+    p.add_argument("--report-only", action="store_true", help="run nothing: write --markdown again from "
+                   "OUT/bench.json and the kill, load and soak results next to it (after one of those ran)")
     p.set_defaults(run=_bench)
 
     add_serve_parser(sub)
@@ -392,6 +394,10 @@ def _per_k(spec: str, cast) -> dict:
 def _bench(args) -> int:
     from . import bench, report
 
+    if args.report_only:
+        stored = json.loads((args.out / "bench.json").read_text())
+        _bench_report(args, stored, stored["summary"], stored["projections"], stored["command"])
+        return 0
     try:
         systems = bench.parse_systems(args.systems or bench.DEFAULT_SYSTEMS, args.transport)
     except ValueError as e:
@@ -423,22 +429,29 @@ def _bench(args) -> int:
             hops.setdefault(key.split("/")[1], []).append(hop)
         for transport, measured in sorted(hops.items()):
             projections += bench.project_gpu(gpu, statistics.median(measured), transport)
+    command = "ppsd " + " ".join(args.argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(result | {"summary": summary, "projections": projections}))
-    images = {}
-    rel = Path(os.path.relpath(args.out, args.markdown.parent))
+    (args.out / "bench.json").write_text(json.dumps(result | {"summary": summary, "projections": projections,
+                                                              "command": command}))
     report.plot_speedup(args.out / "speedup_vs_acceptance.png", summary, info.num_layers, exit_layers)
-    images["Speedup against acceptance"] = str(rel / "speedup_vs_acceptance.png")
     if result["timeline"]:
         report.plot_timeline(args.out / "timeline.png", result["timeline"])
+    _bench_report(args, result, summary, projections, command)
+    return 0
+
+
+def _bench_report(args, result: dict, summary: dict, projections: list[dict], command: str) -> None:
+    from . import report
+
+    rel = Path(os.path.relpath(args.out, args.markdown.parent))
+    images = {"Speedup against acceptance": str(rel / "speedup_vs_acceptance.png")}
+    if result["timeline"]:
         images["Pipeline timeline of one request"] = str(rel / "timeline.png")
-    command = "ppsd " + " ".join(args.argv)
     # the last results of bench/kill_stages.py and ppsd_ray.loadtest (load, soak), if any
     reliability = {name: json.loads((args.out / f"{name}.json").read_text()) for name in ("kills", "load", "soak")
                    if (args.out / f"{name}.json").exists()}
     report.write_markdown(args.markdown, result, summary, projections, command, images, reliability)
-    print(f"wrote {args.markdown}, {args.out}/bench.json and plots", file=sys.stderr)
-    return 0
+    print(f"wrote {args.markdown} from {args.out}", file=sys.stderr)
 
 
 def add_serve_parser(sub) -> None:

@@ -28,7 +28,7 @@ def write_markdown(path: Path, result: dict, summary: dict, projections: list[di
         "",
         f"- Machine: {setup['cpu']}, {setup['cores']} cores, {setup['memory']}, no GPU; "
         f"Python {setup['python']}, torch {setup['torch']}, transformers {setup['transformers']}, ray {setup['ray']}.",
-        f"- Model: `{setup['model_dir']}`, fp32. Exit layers per K: {setup['exit_layers']}; heads per K: {setup['heads']}.",
+        f"- Model: `{setup['model_dir']}`, fp32. Exit layers per K: { {int(k): e for k, e in setup['exit_layers'].items()} }; heads per K: {setup['heads']}.",
         f"- Suite: {setup['prompts']} prompts ({', '.join(cats)}), {setup['max_new_tokens']} new tokens each "
         f"(EOS does not stop), chat template; {setup['reps']} repetitions. Systems interleave: each prompt runs "
         "every system in turn, in an order rotated per prompt and repetition.",

@@ -55,6 +55,12 @@ def test_bench_writes_json_markdown_and_plots(tiny_model_dir, tmp_path):
         assert needle in text
     assert (out / "speedup_vs_acceptance.png").stat().st_size > 10_000
     assert (out / "timeline.png").stat().st_size > 10_000
+    # after a kill, load or soak run the report is written again from what was stored, unchanged
+    md.unlink()
+    again = subprocess.run([sys.executable, "-m", "ppsd_ray.cli", "bench", "--report-only", "--out", str(out),
+                            "--markdown", str(md)], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert md.read_text() == text
 
 
 def test_bad_system_names_fail_early(tiny_model_dir):
