@@ -26,6 +26,7 @@ import http.client
 import json
 import os
 import random
+import shlex
 import signal
 import sys
 import threading
@@ -413,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         from .bench import machine_info
 
-        command = "python -m ppsd_ray.loadtest " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python -m ppsd_ray.loadtest " + shlex.join(argv if argv is not None else sys.argv[1:])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"setup": machine_info() | {"command": command, "server": args.server},
                                         **report}, indent=1))
