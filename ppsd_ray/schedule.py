@@ -87,7 +87,9 @@ class Repair(Protocol):
     def __call__(self, error: Exception, generation: int) -> None: ...  # re-raises error if it cannot
 
 
-MAX_REPAIRS = 3  # per request
+# repairs in a row with no token committed between them: a request whose own input keeps
+# killing a stage fails, one that only met several unrelated deaths goes on
+MAX_REPAIRS = 3
 
 
 class Decoder:
@@ -122,6 +124,7 @@ class Decoder:
             return value
 
         run = self._eesd if gen.mode == Mode.eesd else self._pipelined
+        stalled, last_repair_at = 0, 0  # repairs since the last committed token
         try:
             while True:
                 generation = self.repair.generation if self.repair else 0
@@ -134,7 +137,9 @@ class Decoder:
                             return
                     return
                 except Exception as e:
-                    if self.repair is None or stats.repairs >= MAX_REPAIRS:
+                    stalled = 1 if len(done) > last_repair_at else stalled + 1
+                    last_repair_at = len(done)
+                    if self.repair is None or stalled > MAX_REPAIRS:
                         raise
                     self.repair(e, generation)
                     stats.repairs += 1

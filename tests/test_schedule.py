@@ -148,3 +148,47 @@ def test_mode_needs_matching_stage_count(tiny_model_dir):
         run(local_decoder(tiny_model_dir, 2), [1], mode="ar")
     with pytest.raises(ValueError, match="mode"):
         run(local_decoder(tiny_model_dir, 1), [1], mode="ppsd")
+
+
+class FailingPipe(LocalPipe):
+    """A LocalPipe whose submit raises, as a dead stage would, on the calls `fails` says."""
+
+    def __init__(self, stages, fails):
+        super().__init__(stages)
+        self.fails, self.calls = fails, 0
+
+    def submit(self, work):
+        self.calls += 1
+        if self.fails(self.calls, work):
+            raise RuntimeError(f"stage died under call {self.calls}")
+        return super().submit(work)
+
+
+class CountingRepair:
+    generation = 0
+
+    def __call__(self, error, generation):
+        self.generation += 1
+
+
+def test_a_request_survives_any_number_of_repairs_that_each_follow_progress(tiny_model_dir):
+    """Five deaths, each after new tokens were committed: more than MAX_REPAIRS in all, and the
+    output still equals the uninterrupted one."""
+    from ppsd_ray.schedule import MAX_REPAIRS
+
+    flaky = FailingPipe(local_stages(tiny_model_dir, 2), lambda n, work: n % 9 == 0 and n <= 45)
+    decoder = Decoder(flaky, 2, repair=CountingRepair())
+    out, stats = run(decoder, PROMPTS[0], mode="ppsd", max_new_tokens=40, stop_on_eos=False)
+    assert out == hf_greedy(tiny_model_dir, PROMPTS[0], 40, stop_on_eos=False)
+    assert stats.repairs == 5 > MAX_REPAIRS
+
+
+def test_a_request_that_kills_a_stage_every_time_fails_after_max_repairs(tiny_model_dir):
+    from ppsd_ray.schedule import MAX_REPAIRS
+
+    repair = CountingRepair()
+    poison = FailingPipe(local_stages(tiny_model_dir, 2), lambda n, work: n > 3)  # never again a token
+    decoder = Decoder(poison, 2, repair=repair)
+    with pytest.raises(RuntimeError, match="stage died"):
+        run(decoder, PROMPTS[0], mode="ppsd", max_new_tokens=40, stop_on_eos=False)
+    assert repair.generation == MAX_REPAIRS
