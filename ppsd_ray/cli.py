@@ -96,7 +96,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
                    help="exit head: 'auto' (of the shipped heads for this model and exit layer and 'lm', the one "
                         "predicted fastest), 'lm', or a trained head file")
     p.add_argument("--transport", default="direct", choices=[t.value for t in Transport],
-                   help="how hidden states move between stages: 'direct' (stage loops over ZMQ; NCCL between GPUs) "
+                   help="how hidden states move between stages: 'direct' (stage loops over TCP; NCCL between GPUs) "
                         "or 'ray' (an actor call per stage per token)")
 
 

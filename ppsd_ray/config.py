@@ -28,7 +28,7 @@ class Mode(str, Enum):
 
 
 class Transport(str, Enum):
-    direct = "direct"  # persistent stage loops: ZMQ headers, torch.distributed hidden states
+    direct = "direct"  # persistent stage loops: TCP headers, torch.distributed hidden states
     ray = "ray"        # one Ray actor call per stage per call, hidden states as object refs
 
 

@@ -5,7 +5,7 @@ Decoder the same Pipe (submit, rollback, release):
 
 - LocalPipe: the stages in this process, called in turn (tests, the reference).
 - direct: each stage runs a persistent loop (StageLoop) in its own process. Headers
-  and control messages go over ZMQ sockets (PUSH to the next stage's PULL inbox).
+  and control messages go over plain TCP connections to the next stage's Inbox.
   A CPU hidden state (a few KB per token) rides in the same message as a second
   frame: one send, no second channel to wait on. Between GPUs it goes by NCCL
   point-to-point in a torch.distributed group the loops own (gloo works too, for
@@ -20,8 +20,11 @@ sequences can later share a forward without a new protocol.
 """
 from __future__ import annotations
 
+import contextlib
 import pickle
+import selectors
 import socket
+import struct
 import threading
 from collections import deque
 from concurrent.futures import Future
@@ -54,7 +57,7 @@ class LocalPipe:
         return [stage.release(seq_id, keep, events) for stage in self.stages]
 
 
-# ---- direct: persistent stage loops, ZMQ for headers and control, torch.distributed for tensors
+# ---- direct: persistent stage loops, TCP for headers and control, torch.distributed between GPUs
 
 
 class StageError(RuntimeError):
@@ -69,22 +72,98 @@ class StageError(RuntimeError):
         return type(self), (self.index, str(self).split(": ", 1)[1])
 
 
-def _bind_inbox(ctx, host: str):
-    import zmq
-
-    sock = ctx.socket(zmq.PULL)
-    port = sock.bind_to_random_port(f"tcp://{host}")
-    return sock, f"tcp://{host}:{port}"
+_PREFIX = struct.Struct("!II")  # header bytes, payload bytes
 
 
-def _push(ctx, address: str):
-    import zmq
+class Inbox:
+    """Where a stage loop or the coordinator receives: one listening TCP socket that every
+    peer connects to once. A message is a pickled header and an optional payload (a CPU
+    hidden state), length-prefixed; a sender writes it with one sendmsg from its own
+    thread. Plain sockets rather than ZMQ: no I/O threads to wake on either side, which
+    on this 2-core machine was about a third of a hop.
 
-    sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
-    sock.connect(address)
-    return sock
+    A peer may name itself when it connects (Outbox `name`); when its connection ends (its
+    process died, or it was stopped) the inbox yields ("closed", name) in its place."""
+
+    def __init__(self, host: str):
+        self.listener = socket.create_server((host, 0))
+        self.address = f"{host}:{self.listener.getsockname()[1]}"
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ)
+
+    def recv(self, timeout: float | None = None) -> tuple[tuple, bytearray] | None:
+        """The next message from any peer and its payload; None when none came within
+        `timeout` (0: only what has arrived)."""
+        while True:
+            events = self.selector.select(timeout)
+            if not events:
+                return None
+            for key, _ in events:
+                sock = key.fileobj
+                if sock is self.listener:
+                    conn, _ = self.listener.accept()
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    conn.settimeout(_PARTIAL_MESSAGE_S)
+                    self.selector.register(conn, selectors.EVENT_READ)
+                    continue
+                try:
+                    n_header, n_payload = _PREFIX.unpack(_recv_exact(sock, _PREFIX.size))
+                    msg, payload = pickle.loads(_recv_exact(sock, n_header)), _recv_exact(sock, n_payload)
+                except (OSError, EOFError):  # the peer went away; a rebuilt one connects anew
+                    self.selector.unregister(sock)
+                    sock.close()
+                    if key.data is not None:
+                        return ("closed", key.data), bytearray()
+                    continue
+                if msg[0] in ("hello", "bye"):  # bye: the close that follows is not a death
+                    self.selector.modify(sock, selectors.EVENT_READ, data=msg[1] if msg[0] == "hello" else None)
+                    continue
+                return msg, payload
+
+    def close(self) -> None:
+        for key in list(self.selector.get_map().values()):
+            key.fileobj.close()
+        self.selector.close()
+
+
+_PARTIAL_MESSAGE_S = 30.0  # a message that started arriving and stopped: its sender died
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if not k:
+            raise EOFError("peer closed")
+        got += k
+    return buf
+
+
+class Outbox:
+    """A connection to one peer's Inbox. Not thread-safe: one sending thread, or a lock."""
+
+    def __init__(self, address: str, name=None):
+        host, port = address.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.named = name is not None
+        if self.named:
+            self.send(("hello", name))
+
+    def send(self, msg, payload=b"") -> None:
+        header = pickle.dumps(msg)
+        payload = memoryview(payload).cast("B")
+        parts = [_PREFIX.pack(len(header), payload.nbytes), header, payload]
+        sent = self.sock.sendmsg(parts)
+        if sent < len(parts[0]) + len(header) + payload.nbytes:  # a long prompt's prefill: the rest, in order
+            self.sock.sendall(memoryview(b"".join(parts))[sent:])
+
+    def close(self) -> None:
+        if self.named:
+            with contextlib.suppress(OSError):
+                self.send(("bye",))
+        self.sock.close()
 
 
 def _prompt_thread_switches() -> None:
@@ -137,19 +216,18 @@ class StageLoop:
     (a peer died) ends the loop after telling the coordinator; the pipeline then rebuilds it."""
 
     def __init__(self, stage, host: str):
-        import zmq
-
         self.stage = stage
-        self.ctx = zmq.Context()
-        self.inbox, self.address = _bind_inbox(self.ctx, host)
+        self.inbox = Inbox(host)
+        self.address = self.inbox.address
         self.group: TensorGroup | None = None
         self._pending: deque = deque()
         self._thread: threading.Thread | None = None
 
     def start(self, next_address: str, coordinator_address: str) -> None:
-        self._next = _push(self.ctx, next_address)
-        self._coordinator = (self._next if next_address == coordinator_address
-                             else _push(self.ctx, coordinator_address))
+        # the coordinator knows this loop by its connection: when it closes, the stage is gone
+        me = (self.stage.index, self.address)
+        self._coordinator = Outbox(coordinator_address, name=me)
+        self._next = self._coordinator if next_address == coordinator_address else Outbox(next_address)
         self.stage.between_layers = self._drain
         self._thread = threading.Thread(target=self._run, daemon=True, name="ppsd-stage")
         self._thread.start()
@@ -159,7 +237,7 @@ class StageLoop:
         while True:
             try:
                 if not self._pending:
-                    self._read(self.inbox.recv_multipart())
+                    self._read(self.inbox.recv())
                 self._drain()
             except Exception as e:  # the transport broke (a peer died): this loop is over
                 self._send_coordinator(("error", None, index, f"receiving: {type(e).__name__}: {e}"))
@@ -176,20 +254,18 @@ class StageLoop:
                 self._send_coordinator(("error", seq_id, index, f"{type(e).__name__}: {e}"))
 
     def _drain(self) -> None:
-        import zmq
+        while (message := self.inbox.recv(timeout=0)) is not None:
+            self._read(message)
 
-        while self.inbox.poll(0, zmq.POLLIN):
-            self._read(self.inbox.recv_multipart())
-
-    def _read(self, frames: list[bytes]) -> None:
-        msg = pickle.loads(frames[0])
+    def _read(self, message: tuple[tuple, bytearray]) -> None:
+        msg, payload = message
         kind = msg[0]
         if kind == "rollback":
             self.stage.rollback(msg[1], msg[2])
         elif kind == "hop":
             _, entries, shape, dtype = msg
             if self.group is None:
-                hidden = torch.frombuffer(bytearray(frames[1]), dtype=dtype).reshape(shape)
+                hidden = torch.frombuffer(payload, dtype=dtype).reshape(shape)
             else:
                 hidden = torch.empty(shape, dtype=dtype, device=self.stage.device)
                 self.group.recv(hidden, src=self.stage.index - 1)
@@ -211,29 +287,30 @@ class StageLoop:
             self._send_coordinator(("verdict", out))
         elif out is not None:
             hidden = out.hidden.contiguous()
-            header = pickle.dumps(("hop", [(out.work, hidden.shape[1], out.drafts, out.draft_dists)],
-                                   tuple(hidden.shape), hidden.dtype))
+            header = ("hop", [(out.work, hidden.shape[1], out.drafts, out.draft_dists)],
+                      tuple(hidden.shape), hidden.dtype)
             if self.group is None:
-                self._next.send_multipart([header, hidden.view(torch.uint8).numpy()])
+                self._next.send(header, hidden.view(torch.uint8).numpy())
             else:
                 self._next.send(header)
                 self.group.send(hidden, dst=self.stage.index + 1)
 
     def _send_coordinator(self, msg) -> None:
-        self._coordinator.send(pickle.dumps(msg))
+        with contextlib.suppress(OSError):  # the coordinator is gone: no one is left to tell
+            self._coordinator.send(msg)
 
     def stop(self) -> None:
         """Ends the loop (a thread stuck on a dead peer is left behind as a daemon)."""
-        import zmq
-
-        with self.ctx.socket(zmq.PUSH) as s:
-            s.setsockopt(zmq.LINGER, 1000)
-            s.connect(self.address)
-            s.send(pickle.dumps(("stop",)))
+        with contextlib.suppress(OSError):
+            stop = Outbox(self.address)
+            stop.send(("stop",))
+            stop.close()
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.stage.between_layers = None
-        self.ctx.destroy(linger=0)
+        for box in {id(b): b for b in (getattr(self, "_next", None), getattr(self, "_coordinator", None)) if b}.values():
+            box.close()
+        self.inbox.close()
 
 
 class DirectPipe:
@@ -241,13 +318,12 @@ class DirectPipe:
     stage, Verdicts and StageReports back on its own inbox; each answer is a Future."""
 
     def __init__(self, host: str, timeout_s: float = 120.0):
-        import zmq
-
         _prompt_thread_switches()
         self.timeout_s = timeout_s
-        self.ctx = zmq.Context()
-        self.inbox, self.address = _bind_inbox(self.ctx, host)
-        self._lock = threading.Lock()  # ZMQ sockets are not thread-safe; requests run on several threads
+        self.inbox = Inbox(host)
+        self.address = self.inbox.address
+        self._lock = threading.Lock()  # requests run on several threads, answers arrive on another
+        self._send_lock = threading.Lock()
         self._verdicts: dict[tuple[str, int, int], Future] = {}
         self._reports: dict[tuple[str, int], Future] = {}
         self._failed: dict[str, StageError] = {}
@@ -256,30 +332,33 @@ class DirectPipe:
 
     def connect(self, stage_addresses: Sequence[str]) -> None:
         """To every stage's inbox (again, after a rebuild)."""
-        with self._lock:
-            for sock in self._stages:
-                sock.close(linger=0)
-            self._stages = [_push(self.ctx, a) for a in stage_addresses]
+        with self._send_lock:
+            for box in self._stages:
+                box.close()
+            self._stages = [Outbox(a) for a in stage_addresses]
 
-    def _send(self, index: int, msg) -> None:
-        data = pickle.dumps(msg)
-        with self._lock:
-            self._stages[index].send(data)
+    def _send(self, index: int, msg) -> StageError | None:
+        """The error naming the stage when it cannot be reached (its process died)."""
+        try:
+            with self._send_lock:
+                self._stages[index].send(msg)
+        except OSError as e:
+            return StageError(index, f"unreachable: {type(e).__name__}: {e}")
+        return None
 
     def submit(self, work: Work) -> Future:
         fut: Future = Future()
         with self._lock:
             failed = self._failed.get(work.seq_id)
             self._verdicts[work.seq_id, work.epoch, work.pos] = fut
+        failed = failed or self._send(0, ("work", [work]))
         if failed:
             fut.set_exception(failed)
-        else:
-            self._send(0, ("work", [work]))
         return fut
 
     def rollback(self, seq_id: str, epoch: int) -> None:
         for i in range(len(self._stages)):
-            self._send(i, ("rollback", seq_id, epoch))
+            self._send(i, ("rollback", seq_id, epoch))  # a stage it cannot reach holds nothing to roll back
         with self._lock:  # answers to stale calls never come
             for key in [k for k in self._verdicts if k[0] == seq_id and k[1] < epoch]:
                 del self._verdicts[key]
@@ -292,8 +371,12 @@ class DirectPipe:
                 del self._verdicts[key]
             for i in range(len(self._stages)):
                 futures.append(self._reports.setdefault((seq_id, i), Future()))
-        for i in range(len(self._stages)):
-            self._send(i, ("release", seq_id, keep, events))
+        for i, fut in enumerate(futures):
+            failed = self._send(i, ("release", seq_id, keep, events))
+            if failed:
+                with self._lock:
+                    self._reports.pop((seq_id, i), None)
+                fut.set_exception(failed)
         return futures
 
     def get(self, fut: Future):
@@ -321,7 +404,7 @@ class DirectPipe:
 
     def _receive(self) -> None:
         while True:
-            msg = pickle.loads(self.inbox.recv())
+            msg, _ = self.inbox.recv()
             kind = msg[0]
             with self._lock:
                 if kind == "verdict":
@@ -329,6 +412,10 @@ class DirectPipe:
                     fut = self._verdicts.pop((v.seq_id, v.epoch, v.pos), None)
                 elif kind == "report":
                     fut = self._reports.pop((msg[1], msg[2]), None)
+                elif kind == "closed":  # a stage's process died: everything in flight is lost
+                    index, seq_id = msg[1][0], None
+                    error = StageError(index, "died (its connection to the coordinator closed)")
+                    fut = None
                 else:  # an error: every answer this sequence waits for fails (all of them: the transport's)
                     _, seq_id, index, text = msg
                     error = StageError(index, text)

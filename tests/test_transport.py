@@ -1,16 +1,17 @@
 """The direct transport without Ray: StageLoops and a DirectPipe in this process, talking
-over ZMQ on loopback exactly as they do between stage processes."""
+over TCP on loopback exactly as they do between stage processes."""
 import threading
 import time
 
 import pytest
+import torch
 
 from conftest import free_ports, hf_greedy
 from ppsd_ray.config import GenerationConfig
 from ppsd_ray.protocol import Sampling, Work
 from ppsd_ray.schedule import Decoder, RequestStats
 from ppsd_ray.stage import Stage
-from ppsd_ray.transport import DirectPipe, LocalPipe, StageLoop, TensorGroup
+from ppsd_ray.transport import DirectPipe, Inbox, LocalPipe, Outbox, StageError, StageLoop, TensorGroup
 from test_schedule import PROMPTS, local_stages
 
 HOST = "127.0.0.1"
@@ -106,3 +107,46 @@ def test_a_hidden_state_travels_bit_exact(tiny_model_dir, dtype):
             for loop in loops:
                 loop.stop()
         assert got.tokens == want.tokens and got.logprobs == want.logprobs, group
+
+
+def test_a_message_larger_than_a_socket_buffer_arrives_whole():
+    """A long prompt's prefill hidden state is megabytes: it arrives complete and in order."""
+    inbox = Inbox(HOST)
+    payload = torch.arange(4_000_000, dtype=torch.float32)  # 16 MB
+    outbox = Outbox(inbox.address)
+    sender = threading.Thread(target=lambda: [outbox.send(("hop", i), payload.numpy()) for i in range(2)])
+    sender.start()
+    try:
+        for i in range(2):
+            msg, got = inbox.recv(timeout=30)
+            assert msg == ("hop", i)
+            assert torch.equal(torch.frombuffer(got, dtype=torch.float32), payload)
+    finally:
+        sender.join()
+        outbox.close()
+        inbox.close()
+
+
+def test_a_stage_that_dies_fails_its_requests_at_once_naming_it(tiny_model_dir):
+    """The coordinator knows each stage loop by its connection. A loop stopped on purpose says
+    goodbye and fails nothing; when the last stage's process goes (its sockets close with no
+    goodbye), the waiting request fails within a second, naming stage 2, long before the
+    pipe's 30 s timeout."""
+    first, last = local_stages(tiny_model_dir, 2)
+    pipe, loops = direct_pipe([first, last])
+    hold = threading.Event()
+    last.body.layers[0].register_forward_pre_hook(lambda module, args: hold.wait(10))
+    try:
+        waiting = pipe.submit(Work("s", 0, 0, (5, 6, 7)))
+        time.sleep(0.2)
+        loops[0].stop()
+        time.sleep(0.5)
+        assert not waiting.done()
+        loops[1]._coordinator.sock.close()  # what a killed process leaves behind
+        t0 = time.monotonic()
+        with pytest.raises(StageError, match="stage 2: died"):
+            pipe.get(waiting)
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        hold.set()
+        loops[1].stop()
