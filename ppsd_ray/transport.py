@@ -73,6 +73,7 @@ class StageError(RuntimeError):
 
 
 _PREFIX = struct.Struct("!II")  # header bytes, payload bytes
+_PARTIAL_MESSAGE_S = 30.0  # a message that started arriving and stopped: its sender died
 
 
 class Inbox:
@@ -124,9 +125,6 @@ class Inbox:
         for key in list(self.selector.get_map().values()):
             key.fileobj.close()
         self.selector.close()
-
-
-_PARTIAL_MESSAGE_S = 30.0  # a message that started arriving and stopped: its sender died
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytearray:
@@ -308,8 +306,9 @@ class StageLoop:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.stage.between_layers = None
-        for box in {id(b): b for b in (getattr(self, "_next", None), getattr(self, "_coordinator", None)) if b}.values():
-            box.close()
+        if self._thread is not None:  # started: it holds connections
+            for box in {self._next, self._coordinator}:
+                box.close()
         self.inbox.close()
 
 
