@@ -89,7 +89,7 @@ class Stage:
             if seq in self._stats:
                 self._stats[seq].report.skipped += 1
             return None
-        stats = self._stats.setdefault(seq, _SeqStats(StageReport(index=self.index)))
+        stats = self._stats.get(seq) or self._stats.setdefault(seq, _SeqStats(StageReport(index=self.index)))
         t0, wall0 = time.perf_counter(), time.time()
         self._running, self._started = work, t0
         try:

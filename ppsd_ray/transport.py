@@ -21,6 +21,7 @@ sequences can later share a forward without a new protocol.
 from __future__ import annotations
 
 import contextlib
+import operator
 import pickle
 import selectors
 import socket
@@ -28,11 +29,12 @@ import struct
 import threading
 from collections import deque
 from concurrent.futures import Future
+from dataclasses import fields
 from typing import Sequence
 
 import torch
 
-from .protocol import Hop, StageReport, Verdict, Work
+from .protocol import Hop, Sampling, StageReport, Verdict, Work
 
 
 class LocalPipe:
@@ -75,6 +77,45 @@ class StageError(RuntimeError):
 _PREFIX = struct.Struct("!II")  # header bytes, payload bytes
 _PARTIAL_MESSAGE_S = 30.0  # a message that started arriving and stopped: its sender died
 
+# Headers travel as plain tuples: pickle takes about 8x longer over the dataclasses, and
+# that much more again right after a stage step has evicted the interpreter from the caches.
+_work_fields = operator.attrgetter(*(f.name for f in fields(Work)))  # `sampling` last
+_sampling_fields = operator.attrgetter(*(f.name for f in fields(Sampling)))
+_verdict_fields = operator.attrgetter(*(f.name for f in fields(Verdict)))
+
+
+def _to_wire(msg: tuple) -> tuple:
+    kind = msg[0]
+    if kind == "hop":
+        _, entries, shape, dtype = msg
+        return "hop", [(_work_tuple(w), *rest) for w, *rest in entries], shape, str(dtype).removeprefix("torch.")
+    if kind == "work":
+        return "work", [_work_tuple(w) for w in msg[1]]
+    if kind == "verdict":
+        return "verdict", _verdict_fields(msg[1])
+    return msg
+
+
+def _from_wire(msg: tuple) -> tuple:
+    kind = msg[0]
+    if kind == "hop":
+        _, entries, shape, dtype = msg
+        return "hop", [(_work(w), *rest) for w, *rest in entries], shape, getattr(torch, dtype)
+    if kind == "work":
+        return "work", [_work(w) for w in msg[1]]
+    if kind == "verdict":
+        return "verdict", Verdict(*msg[1])
+    return msg
+
+
+def _work_tuple(work: Work) -> tuple:
+    fields = _work_fields(work)
+    return fields[:-1] + (_sampling_fields(fields[-1]),)
+
+
+def _work(fields: tuple) -> Work:
+    return Work(*fields[:-1], Sampling(*fields[-1]))
+
 
 class Inbox:
     """Where a stage loop or the coordinator receives: one listening TCP socket that every
@@ -92,7 +133,7 @@ class Inbox:
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ)
 
-    def recv(self, timeout: float | None = None) -> tuple[tuple, bytearray] | None:
+    def recv(self, timeout: float | None = None) -> tuple[tuple, memoryview] | None:
         """The next message from any peer and its payload; None when none came within
         `timeout` (0: only what has arrived)."""
         while True:
@@ -109,12 +150,13 @@ class Inbox:
                     continue
                 try:
                     n_header, n_payload = _PREFIX.unpack(_recv_exact(sock, _PREFIX.size))
-                    msg, payload = pickle.loads(_recv_exact(sock, n_header)), _recv_exact(sock, n_payload)
+                    frames = memoryview(_recv_exact(sock, n_header + n_payload))  # one read: cold syscalls cost
+                    msg, payload = _from_wire(pickle.loads(frames[:n_header])), frames[n_header:]
                 except (OSError, EOFError):  # the peer went away; a rebuilt one connects anew
                     self.selector.unregister(sock)
                     sock.close()
                     if key.data is not None:
-                        return ("closed", key.data), bytearray()
+                        return ("closed", key.data), memoryview(b"")
                     continue
                 if msg[0] in ("hello", "bye"):  # bye: the close that follows is not a death
                     self.selector.modify(sock, selectors.EVENT_READ, data=msg[1] if msg[0] == "hello" else None)
@@ -150,7 +192,8 @@ class Outbox:
             self.send(("hello", name))
 
     def send(self, msg, payload=b"") -> None:
-        header = pickle.dumps(msg)
+        header = pickle.dumps(_to_wire(msg))
+        header += bytes(-len(header) % 16)  # the payload lands as aligned as its buffer; pickle ignores the pad
         payload = memoryview(payload).cast("B")
         parts = [_PREFIX.pack(len(header), payload.nbytes), header, payload]
         sent = self.sock.sendmsg(parts)
@@ -234,9 +277,10 @@ class StageLoop:
         index = self.stage.index
         while True:
             try:
-                if not self._pending:
+                if self._pending:  # a rollback that came meanwhile skips what it makes stale
+                    self._drain()
+                else:
                     self._read(self.inbox.recv())
-                self._drain()
             except Exception as e:  # the transport broke (a peer died): this loop is over
                 self._send_coordinator(("error", None, index, f"receiving: {type(e).__name__}: {e}"))
                 return
@@ -255,7 +299,7 @@ class StageLoop:
         while (message := self.inbox.recv(timeout=0)) is not None:
             self._read(message)
 
-    def _read(self, message: tuple[tuple, bytearray]) -> None:
+    def _read(self, message: tuple[tuple, memoryview]) -> None:
         msg, payload = message
         kind = msg[0]
         if kind == "rollback":
@@ -263,11 +307,12 @@ class StageLoop:
         elif kind == "hop":
             _, entries, shape, dtype = msg
             if self.group is None:
-                hidden = torch.frombuffer(payload, dtype=dtype).reshape(shape)
+                hidden = torch.frombuffer(payload, dtype=dtype).view(shape)
             else:
                 hidden = torch.empty(shape, dtype=dtype, device=self.stage.device)
                 self.group.recv(hidden, src=self.stage.index - 1)
-            for (work, n, drafts, dists), part in zip(entries, hidden.split([e[1] for e in entries], dim=1)):
+            parts = hidden.split([e[1] for e in entries], dim=1) if len(entries) > 1 else [hidden]
+            for (work, n, drafts, dists), part in zip(entries, parts):
                 self._pending.append(("run", work, Hop(work, part, drafts, dists)))
         elif kind == "work":
             self._pending.extend(("run", work, None) for work in msg[1])

@@ -114,12 +114,12 @@ def test_a_message_larger_than_a_socket_buffer_arrives_whole():
     inbox = Inbox(HOST)
     payload = torch.arange(4_000_000, dtype=torch.float32)  # 16 MB
     outbox = Outbox(inbox.address)
-    sender = threading.Thread(target=lambda: [outbox.send(("hop", i), payload.numpy()) for i in range(2)])
+    sender = threading.Thread(target=lambda: [outbox.send(("part", i), payload.numpy()) for i in range(2)])
     sender.start()
     try:
         for i in range(2):
             msg, got = inbox.recv(timeout=30)
-            assert msg == ("hop", i)
+            assert msg == ("part", i)
             assert torch.equal(torch.frombuffer(got, dtype=torch.float32), payload)
     finally:
         sender.join()
