@@ -94,8 +94,7 @@ class Coordinator:
             master = ray.get(self.stages[0].free_port.remote(), timeout=wait)
             ray.get([s.join_group.remote(len(self.stages), master, self.tensor_group) for s in self.stages],
                     timeout=wait)
-        nexts = inboxes[1:] + [self.pipe.address]
-        ray.get([s.start_loop.remote(n, self.pipe.address) for s, n in zip(self.stages, nexts)], timeout=wait)
+        ray.get([s.start_loop.remote(inboxes, self.pipe.address) for s in self.stages], timeout=wait)
         self.pipe.connect(inboxes)
 
     def _watch(self) -> None:

@@ -212,14 +212,13 @@ def summarize(result: dict, num_layers: int) -> dict:
             by_prompt.setdefault(r["prompt"], []).append(r["stats"]["tokens_per_s"])
         return _median([_median(v) for v in by_prompt.values()])
 
-    hops = {}  # per (K, transport)
+    hops = {}  # per (K, transport); each run against its own stage steps: runs differ more than hops
     for s in systems:
         if s.mode == "pp":
-            rs = rows(s.name)
-            step = [_median(col) for col in zip(*(decode_step_times(r["stats"]["stages"]) for r in rs))]
-            per_token = _median([(r["stats"]["wall_s"] - r["stats"]["prefill_s"]) / (r["stats"]["new_tokens"] - 1)
-                                 for r in rs])
-            hops[s.stages, s.transport] = calibrate_hop(step, per_token)
+            hops[s.stages, s.transport] = _median([
+                calibrate_hop(decode_step_times(r["stats"]["stages"]),
+                              (r["stats"]["wall_s"] - r["stats"]["prefill_s"]) / (r["stats"]["new_tokens"] - 1))
+                for r in rows(s.name)])
     hop_any = _median(list(hops.values())) if hops else 0.0
 
     out = {"systems": {}, "categories": categories, "hop_s": {f"K{k}/{t}": h for (k, t), h in hops.items()}}
@@ -253,6 +252,9 @@ def summarize(result: dict, num_layers: int) -> dict:
                 "stage_step": [1e3 * _median(col) for col in zip(*(decode_step_times(r["stats"]["stages"]) for r in rs))],
                 "stale": 1e3 * _median([r["stats"]["stale_s"] / n for r, n in zip(rs, tok)]),
                 "coordinator": 1e3 * _median([(r["stats"]["wall_s"] - r["stats"]["wait_s"]) / n for r, n in zip(rs, tok)]),
+                # one token in the pipe (pp, ar): the time no stage computes, each run against itself
+                "overhead": 1e3 * _median([(r["stats"]["wall_s"] - sum(r["stats"]["stage_compute_s"])) / n
+                                           for r, n in zip(rs, tok)]) if s.mode in ("pp", "ar") else None,
                 "hop": 1e3 * hops.get((s.stages, s.transport), hop_any),
             }
         if s.mode == "ppsd" and hops:

@@ -3,7 +3,8 @@
 The coordinator sends a `Work` to stage 1: the header of one call, which every
 stage sees. Each stage hands the next a `Hop`: the header, the hidden state of
 the call's positions and stage 1's drafts travelling with it. The last stage
-verifies those drafts and answers the coordinator with a `Verdict`. When a
+verifies those drafts and answers the coordinator with a `Verdict`; in pp it
+also feeds that Verdict to stage 1, whose next call takes its token. When a
 sequence ends, each stage answers `release` with its `StageReport`.
 
 A `Work` names one sequence; the transports carry lists of them so that a later
@@ -36,10 +37,13 @@ GREEDY = Sampling()
 
 @dataclass(frozen=True)
 class Work:
-    """One call: `tokens` enter stage 1 at `pos` (None: stage 1's own newest draft), then
-    stage 1 runs `chain` more positions, each on the draft it just made (eesd), and
-    drafts once more after the last one if `draft` (ppsd: that draft enters on the next
-    call). The last stage verifies the call's last `verify` positions."""
+    """One call: `tokens` enter stage 1 at `pos`, then stage 1 runs `chain` more positions,
+    each on the draft it just made (eesd), and drafts once more after the last one if
+    `draft` (ppsd: that draft enters on the next call). The last stage verifies the call's
+    last `verify` positions. A call with `feed` (pp) has the last stage hand its Verdict
+    straight to stage 1 as well: the next call's token comes round from there, not through
+    the coordinator. tokens None: the token made for `pos` by the call before, stage 1's
+    own draft (ppsd) or the one fed to it (pp)."""
     seq_id: str
     epoch: int
     pos: int
@@ -47,6 +51,7 @@ class Work:
     chain: int = 0
     draft: bool = False
     verify: int = 1
+    feed: bool = False
     sampling: Sampling = GREEDY
 
 

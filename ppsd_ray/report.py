@@ -60,15 +60,16 @@ def write_markdown(path: Path, result: dict, summary: dict, projections: list[di
               "stage compute: each stage's busy time; stage step: each stage's mean single-token decode call "
               "(ms per call, prefill and calls stopped between layers excluded; balanced stages have equal steps); stale: compute on positions "
               "later rolled back (inside stage compute); coordinator: the coordinator's own time, not waiting; "
-              "hop: one hand-off between calls, calibrated from pp runs (pp token = sum of stage steps + (K + 1) "
-              "hops).", "",
-              "| system | wall | stage compute | stage step | stale | coordinator | hop |",
-              "|---|---|---|---|---|---|---|"]
+              "overhead (pp, ar): wall minus the stages' compute, the median of each run's own difference; "
+              "hop: one hand-off between calls, calibrated from pp runs (pp token = sum of stage steps + K "
+              "hops: K - 1 between stages, one from the last stage back to stage 1).", "",
+              "| system | wall | stage compute | overhead | stage step | stale | coordinator | hop |",
+              "|---|---|---|---|---|---|---|---|"]
     for name, e in systems.items():
         b = e.get("breakdown_ms_per_token")
         if b:
             lines.append(f"| {name} | {b['wall']:.1f} | {' / '.join(f'{x:.1f}' for x in b['stage_compute'])} | "
-                         f"{' / '.join(f'{x:.1f}' for x in b['stage_step'])} | "
+                         f"{_f(b.get('overhead'))} | {' / '.join(f'{x:.1f}' for x in b['stage_step'])} | "
                          f"{b['stale']:.1f} | {b['coordinator']:.1f} | {b['hop']:.2f} |")
     sims = {n: e["simulator"] for n, e in systems.items() if "simulator" in e}
     if sims:

@@ -7,7 +7,9 @@ the last stage's Verdict, at once or as a future that `get` resolves. Hidden
 states only ever go from stage to stage: the decoder sees headers and verdicts.
 
 Modes (see ../shared/PPSD.md):
-- ar / pp: one token in the pipe at a time; the verified token enters next.
+- ar / pp: one token in the pipe at a time; the verified token enters next. The
+  next call is sent ahead and waits at stage 1: the last stage feeds it the token
+  straight (Work.feed), so the coordinator streams tokens without being on their path.
 - ppsd: verify-while-draft. Stage 1's exit head drafts the token for p+1 while
   p moves on down the pipe; the draft enters stage 1 on the next step, up to
   `window` tokens in flight; stage 1 feeds its own draft into its next call, so
@@ -169,7 +171,7 @@ class Decoder:
     def _pipelined(self, seq_id, prompt, done, gen, sampling, stats, t0, get, epoch) -> Iterator:
         token, next_pos = yield from self._start(seq_id, prompt, done, sampling, stats, t0, get, epoch)
         speculate = gen.mode == Mode.ppsd
-        window = self.window if speculate else 1
+        window = self.window if speculate else 2  # pp: the call whose token is being verified, and the next
         last_pos = len(prompt) + gen.max_new_tokens - 2  # the last position whose output we need
         in_flight: deque = deque()  # (pos, answer)
         next_in = (token,)
@@ -177,15 +179,16 @@ class Decoder:
         def fill():
             nonlocal next_in, next_pos
             while len(in_flight) < window and next_pos <= last_pos:
-                work = Work(seq_id, epoch[0], next_pos, next_in, draft=speculate, sampling=sampling)
+                work = Work(seq_id, epoch[0], next_pos, next_in, draft=speculate,
+                            feed=not speculate and next_pos < last_pos, sampling=sampling)
                 in_flight.append((next_pos, self.pipe.submit(work)))
-                next_in, next_pos = None, next_pos + 1  # None: stage 1's own draft
+                next_in, next_pos = None, next_pos + 1  # None: stage 1's own draft, or the token fed to it
 
         fill()
         while in_flight:
             pos, answer = in_flight.popleft()
             verdict = get(answer)
-            if in_flight:  # the draft for pos + 1 is already in the pipe behind this token
+            if speculate and in_flight:  # the draft for pos + 1 is already in the pipe behind this token
                 accepted = verdict.accepted == 1
                 stats.drafted += 1
                 stats.accepted += accepted

@@ -3,7 +3,8 @@
 ppsd_ray.schedule.Decoder runs unchanged against a `TimedPipe`: fake stages in
 virtual time, given each stage's decode step time, the latency of one hand-off
 between calls (stage to stage, last stage to coordinator, coordinator to stage 1,
-and one stage-1 call to its next), and a recorded accept/reject trace. Each stage
+last stage to stage 1 in pp, and one stage-1 call to its next), and a recorded
+accept/reject trace. Each stage
 runs one call at a time; on a rollback, the calls that have not started when it
 reaches a stage are skipped, while those already running finish (stale work).
 The prefill costs nothing here: times are decode times.
@@ -52,13 +53,17 @@ class TimedPipe:
         self.free = [0.0] * k
         self.now = 0.0
         self._stage1_done = 0.0  # when stage 1's newest call ends: its own draft is ready then
+        self._last_done = 0.0  # when the last stage's newest call ends: pp feeds its token to stage 1
         self._verified = 0
 
     def submit(self, work: Work) -> _Answer:
         hop = self.timing.hop_s
         if work.pos == 0:  # the prefill: free, answered at once
             return _Answer(work, 0.0)
-        ready = self.now + hop if work.tokens is not None else self._stage1_done + hop
+        if work.tokens is not None:
+            ready = self.now + hop
+        else:  # stage 1's own draft (ppsd), or the token the last stage fed it (pp)
+            ready = (self._stage1_done if work.draft else self._last_done) + hop
         for j, step in enumerate(self.timing.stage_s):
             start = max(self.free[j], ready)
             self.free[j] = start + step
@@ -66,6 +71,7 @@ class TimedPipe:
             if j == 0:
                 self._stage1_done = self.free[0]
             ready = self.free[j] + hop
+        self._last_done = self.free[-1]
         return _Answer(work, ready)
 
     def get(self, answer: _Answer) -> Verdict:
@@ -103,9 +109,9 @@ def simulate(timing: Timing, trace: Sequence[bool], tokens: int, window: int) ->
 
 
 def calibrate_hop(stage_s: Sequence[float], pp_token_s: float) -> float:
-    """In pp mode a token costs every stage's step plus K + 1 hand-offs
-    (K - 1 between stages, one to the coordinator, one back to stage 1)."""
-    return max(0.0, (pp_token_s - sum(stage_s)) / (len(stage_s) + 1))
+    """In pp mode a token costs every stage's step plus K hand-offs (K - 1 between
+    stages, one from the last stage back to stage 1: the coordinator is off that path)."""
+    return max(0.0, (pp_token_s - sum(stage_s)) / len(stage_s))
 
 
 def decode_step_times(stage_stats: Sequence[dict]) -> list[float]:

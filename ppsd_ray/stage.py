@@ -11,7 +11,8 @@ Hidden states flow (protocol.py): stage 1 embeds token ids and runs layers
 [0, E); its exit head proposes the draft (sampling.propose), which travels on in
 the Hop with the hidden state. Every later stage takes the Hop of the stage
 before. The last stage applies the final norm and LM head, verifies the drafts
-(sampling.verify) and answers with the Verdict.
+(sampling.verify) and answers with the Verdict. In pp, stage 1's input is the
+last stage's Verdict of the call before: the pipeline is a ring.
 
 KV caches are per sequence id and always hold exactly the positions before the
 call's `pos`: a call at `pos` first drops entries >= pos. That drop is the
@@ -74,15 +75,17 @@ class Stage:
     # The three calls of the protocol (ppsd_ray/protocol.py).
 
     @torch.inference_mode()
-    def forward(self, work: Work, hop: Hop | None = None) -> Hop | Verdict | None:
-        """Runs one call. Stage 1 takes work.tokens (or its own newest draft), later stages
-        the previous stage's Hop. Returns the Hop for the next stage, the Verdict on the
-        last one, or None when the call is stale (rolled back, released, or its input was
-        skipped upstream): then nothing is computed, or what had started stops between layers."""
+    def forward(self, work: Work, hop: Hop | Verdict | None = None) -> Hop | Verdict | None:
+        """Runs one call. Stage 1 takes work.tokens, or its own newest draft, or in pp the
+        token of the Verdict it is given (`hop`: the last stage's, fed round to it); later
+        stages take the previous stage's Hop. Returns the Hop for the next stage, the Verdict
+        on the last one, or None when the call is stale (rolled back, released, or its input
+        never came: skipped upstream): then nothing is computed, or what had started stops
+        between layers."""
         seq = work.seq_id
         with self._lock:
-            stale = (work.epoch < self._epochs.get(seq, 0) or (hop is None and not self.first)
-                     or (work.pos > 0 and seq not in self._caches))
+            stale = (work.epoch < self._epochs.get(seq, 0) or (work.pos > 0 and seq not in self._caches)
+                     or (hop is None and not self._has_own_input(work)))
             if not stale:
                 self._epochs[seq] = work.epoch
         if stale:
@@ -114,14 +117,16 @@ class Stage:
         report.events.append((wall0, wall0 + dt, work.pos, n))
         return out
 
-    def _run(self, work: Work, hop: Hop | None, stats: "_SeqStats"):
+    def _run(self, work: Work, hop: Hop | Verdict | None, stats: "_SeqStats"):
         seq, pos = work.seq_id, work.pos
         cache = self._cache_at(seq, pos, stats)
-        drafts, dists = (hop.drafts, hop.draft_dists) if hop is not None else ([], None)
         if self.first:
-            ids = list(work.tokens) if work.tokens is not None else [self._own_draft(seq, pos)]
+            ids = (list(work.tokens) if work.tokens is not None else [hop.tokens[-1]] if hop is not None
+                   else [self._drafts[seq][1]])
+            drafts, dists = [], None
             x = self.body.embed_tokens(torch.tensor([ids], device=self.device))
         else:
+            drafts, dists = hop.drafts, hop.draft_dists
             x = hop.hidden.to(self.device)
         out, n = self._layers(x, pos, cache), x.shape[1]
         if self.first and not self.last:
@@ -205,11 +210,18 @@ class Stage:
         with self._lock:
             return sorted(set(self._caches) | set(self._epochs) | set(self._stats))
 
-    def _own_draft(self, seq_id: str, pos: int) -> int:
-        drafted_at, token = self._drafts.get(seq_id, (None, None))
-        if drafted_at != pos:
-            raise RuntimeError(f"stage {self.index}: no draft of its own for position {pos} (has {drafted_at})")
-        return token
+    def _has_own_input(self, work: Work) -> bool:
+        """Stage 1 needs no hop when the call brings its tokens or it drafted this position itself."""
+        return self.first and (work.tokens is not None or self._drafts.get(work.seq_id, (None,))[0] == work.pos)
+
+    def waits(self, work: Work) -> bool:
+        """A live call that cannot run yet: stage 1's token for it still has to come round
+        from the last stage (pp). A stale call does not wait: it is skipped."""
+        return self.first and self.live(work.seq_id, work.epoch) and not self._has_own_input(work)
+
+    def live(self, seq_id: str, epoch: int) -> bool:
+        """The sequence is held here and `epoch` is not rolled back."""
+        return seq_id in self._caches and epoch >= self._epochs.get(seq_id, 0)
 
     def _cache_at(self, seq_id: str, pos: int, stats: "_SeqStats") -> StageCache:
         """The sequence's cache holding exactly positions < pos: later entries (rolled back, or

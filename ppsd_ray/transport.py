@@ -5,7 +5,8 @@ Decoder the same Pipe (submit, rollback, release):
 
 - LocalPipe: the stages in this process, called in turn (tests, the reference).
 - direct: each stage runs a persistent loop (StageLoop) in its own process. Headers
-  and control messages go over plain TCP connections to the next stage's Inbox.
+  and control messages go over plain TCP connections to the next stage's Inbox; in
+  pp the last stage also feeds each Verdict to stage 1's inbox (a ring).
   A CPU hidden state (a few KB per token) rides in the same message as a second
   frame: one send, no second channel to wait on. Between GPUs it goes by NCCL
   point-to-point in a torch.distributed group the loops own (gloo works too, for
@@ -42,20 +43,25 @@ class LocalPipe:
 
     def __init__(self, stages: Sequence):
         self.stages = list(stages)
+        self._fed: dict[str, Verdict] = {}  # pp: the verdict stage 1's next call takes its token from
 
     def submit(self, work: Work) -> Verdict | None:
-        out = None
+        out = self._fed.pop(work.seq_id, None) if work.tokens is None else None
         for stage in self.stages:
             out = stage.forward(work, out)
             if out is None:
                 return None
+        if work.feed:
+            self._fed[work.seq_id] = out
         return out
 
     def rollback(self, seq_id: str, epoch: int) -> None:
+        self._fed.pop(seq_id, None)
         for stage in self.stages:
             stage.rollback(seq_id, epoch)
 
     def release(self, seq_id: str, keep: int, events: bool = False) -> list[StageReport]:
+        self._fed.pop(seq_id, None)
         return [stage.release(seq_id, keep, events) for stage in self.stages]
 
 
@@ -91,8 +97,8 @@ def _to_wire(msg: tuple) -> tuple:
         return "hop", [(_work_tuple(w), *rest) for w, *rest in entries], shape, str(dtype).removeprefix("torch.")
     if kind == "work":
         return "work", [_work_tuple(w) for w in msg[1]]
-    if kind == "verdict":
-        return "verdict", _verdict_fields(msg[1])
+    if kind in ("verdict", "feed"):
+        return kind, _verdict_fields(msg[1])
     return msg
 
 
@@ -103,8 +109,8 @@ def _from_wire(msg: tuple) -> tuple:
         return "hop", [(_work(w), *rest) for w, *rest in entries], shape, getattr(torch, dtype)
     if kind == "work":
         return "work", [_work(w) for w in msg[1]]
-    if kind == "verdict":
-        return "verdict", Verdict(*msg[1])
+    if kind in ("verdict", "feed"):
+        return kind, Verdict(*msg[1])
     return msg
 
 
@@ -253,8 +259,10 @@ class StageLoop:
     the running call; no message waits for a thread hand-off. A hop's hidden state comes as
     the message's second frame, or, with a tensor group (NCCL between GPUs), from the
     previous rank right after its header. Each result goes on: a Hop to the next stage, a
-    Verdict, a StageReport or an error to the coordinator. A failure of the transport itself
-    (a peer died) ends the loop after telling the coordinator; the pipeline then rebuilds it."""
+    Verdict, a StageReport or an error to the coordinator. In pp the last stage feeds its
+    Verdict to stage 1 first, where the next call waits for it (`_waiting`) unless it came
+    first (`_fed`). A failure of the transport itself (a peer died) ends the loop after
+    telling the coordinator; the pipeline then rebuilds it."""
 
     def __init__(self, stage, host: str):
         self.stage = stage
@@ -262,13 +270,18 @@ class StageLoop:
         self.address = self.inbox.address
         self.group: TensorGroup | None = None
         self._pending: deque = deque()
+        self._waiting: dict[tuple[str, int], Work] = {}  # stage 1: (seq, pos) -> call whose token is on its way
+        self._fed: dict[tuple[str, int], Verdict] = {}  # stage 1: (seq, pos) -> the verdict whose token enters
         self._thread: threading.Thread | None = None
 
-    def start(self, next_address: str, coordinator_address: str) -> None:
+    def start(self, stage_addresses: Sequence[str], coordinator_address: str) -> None:
+        """Connects to the next stage's inbox (the coordinator's, for the last stage, which
+        also connects to stage 1's: the ring that pp feeds tokens round) and starts the loop."""
+        index, k = self.stage.index, len(stage_addresses)
         # the coordinator knows this loop by its connection: when it closes, the stage is gone
-        me = (self.stage.index, self.address)
-        self._coordinator = Outbox(coordinator_address, name=me)
-        self._next = self._coordinator if next_address == coordinator_address else Outbox(next_address)
+        self._coordinator = Outbox(coordinator_address, name=(index, self.address))
+        self._next = Outbox(stage_addresses[index + 1]) if index + 1 < k else self._coordinator
+        self._first = Outbox(stage_addresses[0]) if index + 1 == k and k > 1 else None
         self.stage.between_layers = self._drain
         self._thread = threading.Thread(target=self._run, daemon=True, name="ppsd-stage")
         self._thread.start()
@@ -289,6 +302,13 @@ class StageLoop:
             msg = self._pending.popleft()
             if msg[0] == "stop":
                 return
+            if msg[0] == "run" and msg[2] is None and self.stage.waits(msg[1]):  # pp: the token comes round
+                work = msg[1]
+                fed = self._fed.pop((work.seq_id, work.pos), None)
+                if fed is None:
+                    self._waiting[work.seq_id, work.pos] = work
+                    continue
+                msg = ("run", work, fed)
             try:
                 self._handle(msg)
             except Exception as e:  # the coordinator fails the request and names this stage
@@ -303,7 +323,19 @@ class StageLoop:
         msg, payload = message
         kind = msg[0]
         if kind == "rollback":
-            self.stage.rollback(msg[1], msg[2])
+            _, seq_id, epoch = msg
+            self.stage.rollback(seq_id, epoch)
+            for key in [k for k in self._fed if k[0] == seq_id and self._fed[k].epoch < epoch]:
+                del self._fed[key]
+            for key in [k for k in self._waiting if k[0] == seq_id and self._waiting[k].epoch < epoch]:
+                self._pending.append(("run", self._waiting.pop(key), None))  # skipped as stale, and counted
+        elif kind == "feed":
+            verdict = msg[1]
+            key = (verdict.seq_id, verdict.pos + 1)
+            if key in self._waiting:
+                self._pending.append(("run", self._waiting.pop(key), verdict))
+            elif self.stage.live(verdict.seq_id, verdict.epoch):  # its call is still queued here
+                self._fed[key] = verdict
         elif kind == "hop":
             _, entries, shape, dtype = msg
             if self.group is None:
@@ -322,11 +354,19 @@ class StageLoop:
     def _handle(self, msg) -> None:
         if msg[0] == "release":
             _, seq_id, keep, events = msg
+            for held in (self._fed, self._waiting):
+                for key in [k for k in held if k[0] == seq_id]:
+                    del held[key]
             self._send_coordinator(("report", seq_id, self.stage.index, self.stage.release(seq_id, keep, events)))
             return
         _, work, hop = msg
         out = self.stage.forward(work, hop)
         if isinstance(out, Verdict):
+            if work.feed:  # the token goes round to stage 1 before the coordinator hears of it
+                if self._first is None:  # one stage: it is stage 1
+                    self._read((("feed", out), memoryview(b"")))
+                else:
+                    self._first.send(("feed", out))
             self._send_coordinator(("verdict", out))
         elif out is not None:
             hidden = out.hidden.contiguous()
@@ -352,7 +392,7 @@ class StageLoop:
             self._thread.join(timeout=5)
         self.stage.between_layers = None
         if self._thread is not None:  # started: it holds connections
-            for box in {self._next, self._coordinator}:
+            for box in {self._next, self._coordinator, self._first} - {None}:
                 box.close()
         self.inbox.close()
 

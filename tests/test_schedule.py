@@ -69,7 +69,9 @@ class ScriptedStage:
         self.log, self.index, self.last, self.truth, self.draft = log, index, last, truth, draft
 
     def forward(self, work, hop=None):
-        self.log.append(("forward", self.index, work.epoch, work.pos, work.tokens if self.index == 0 else None))
+        # stage 1's input: the call's tokens, its own draft (None), or a verdict fed round to it
+        tokens = work.tokens if work.tokens is not None or not isinstance(hop, Verdict) else ("fed", *hop.tokens)
+        self.log.append(("forward", self.index, work.epoch, work.pos, None if self.index else tokens))
         if self.index == 0:
             n = (len(work.tokens) if work.tokens else 1) + work.chain
             drafts = [self.draft(work.pos + i) for i in range(n - work.chain, n + work.draft)]
@@ -93,7 +95,8 @@ class ScriptedStage:
 
 def scripted(k, truth, draft):
     log = []
-    return log, Decoder(LocalPipe([ScriptedStage(log, i, i == k - 1, truth, draft) for i in range(k)]), k)
+    stages = [ScriptedStage(log, i, i == k - 1, truth, draft) for i in range(k)]
+    return log, Decoder(LocalPipe(stages), k, get=lambda verdict: log.append(("get", verdict.pos)) or verdict)
 
 
 def test_rejected_draft_rolls_back_and_corrected_token_enters_stage_one():
@@ -120,6 +123,20 @@ def test_pp_keeps_one_token_in_the_pipe():
     first_stage = [e[3] for e in log if e[0] == "forward" and e[1] == 0]
     assert first_stage == [0, 1, 2, 3, 4]
     assert [e[2] for e in log if e[0] == "rollback"] == [1, 1, 1]  # only the one that ends the request
+
+
+def test_pp_feeds_each_token_from_the_last_stage_straight_to_stage_one():
+    """pp: the next call goes out before the coordinator has the token it needs; stage 1 takes
+    that token from the last stage's verdict, handed round to it, not from the coordinator."""
+    truth = lambda p: 99 + p
+    log, decoder = scripted(3, truth, truth)
+    out, _ = run(decoder, [1, 2, 3], mode="pp", max_new_tokens=5)
+    assert out == [102, 103, 104, 105, 106]
+    calls = [(e[3], e[4]) for e in log if e[0] == "forward" and e[1] == 0]
+    assert calls == [(0, (1, 2, 3)), (3, (102,)), (4, ("fed", 103)), (5, ("fed", 104)), (6, ("fed", 105))]
+    order = [e for e in log if e[0] == "get" or e[:2] == ("forward", 0)]
+    for p in (3, 4, 5):  # the call at p + 1 was sent before the verdict at p was read
+        assert order.index(("get", p)) > next(i for i, e in enumerate(order) if e[0] == "forward" and e[3] == p + 1)
 
 
 def test_ppsd_never_launches_past_max_new_tokens():

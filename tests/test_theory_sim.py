@@ -48,8 +48,10 @@ def test_rollback_skips_calls_that_had_not_started():
 def test_hops_cost_what_the_schedule_says():
     timing = Timing([2.0, 3.0], hop_s=0.5)
     pp = simulate(timing, [], 5, window=1)
-    assert pp.decode_s == pytest.approx(5 * 5.0 + 5 * 3 * 0.5)  # every input crosses from the coordinator
-    assert calibrate_hop([2.0, 3.0], 5.0 + 3 * 0.5) == pytest.approx(0.5)
+    # the first input comes from the coordinator; each token crosses from stage 1 to 2, then goes
+    # round the ring back to stage 1; the coordinator hears of the last one a hand-off after stage 2
+    assert pp.decode_s == pytest.approx(0.5 + 5 * (5.0 + 0.5) + 4 * 0.5 + 0.5)
+    assert calibrate_hop([2.0, 3.0], 5.0 + 2 * 0.5) == pytest.approx(0.5)
     assert decode_step_times([{"compute_s": 10.0, "prefill_s": 4.0, "stopped_s": 0.0, "calls": 4}]) == [2.0]
     # a call stopped between layers spent time but is not a step
     assert decode_step_times([{"compute_s": 11.5, "prefill_s": 4.0, "stopped_s": 1.5, "calls": 4}]) == [2.0]

@@ -32,10 +32,10 @@ def direct_pipe(stages, tensor_group: str | None = None):
             t.start()
         for t in joins:
             t.join()
-    nexts = [loop.address for loop in loops[1:]] + [pipe.address]
-    for loop, n in zip(loops, nexts):
-        loop.start(n, pipe.address)
-    pipe.connect([loop.address for loop in loops])
+    addresses = [loop.address for loop in loops]
+    for loop in loops:
+        loop.start(addresses, pipe.address)
+    pipe.connect(addresses)
     return pipe, loops
 
 
@@ -83,6 +83,36 @@ def test_a_rollback_reaches_a_running_call_between_layers(tiny_model_dir):
         assert not stopped.done()  # a stale call has no answer
         reports = [pipe.get(f) for f in pipe.release("s", keep=3)]
         assert reports[0].skipped == 1 and reports[0].stale_s > 0 and reports[1].calls == 1
+    finally:
+        for loop in loops:
+            loop.stop()
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_pp_call_waits_at_stage_one_for_the_token_the_last_stage_feeds_it(tiny_model_dir, k):
+    """The call at p + 1 is sent with no tokens before p has run; it runs on the token the last
+    stage commits at p, fed straight to stage 1 (with one stage: to itself). A call whose token
+    never comes waits, and the rollback that ends its request skips it."""
+    stages = local_stages(tiny_model_dir, k)
+    local = LocalPipe(stages)
+    want = [local.submit(Work("s", 0, 0, (5, 6, 7))).tokens[0]]
+    want += local.submit(Work("s", 0, 3, (want[0],), feed=True)).tokens
+    want += local.submit(Work("s", 0, 4, None)).tokens
+    local.release("s", keep=0)
+    pipe, loops = direct_pipe(stages)
+    try:
+        assert pipe.get(pipe.submit(Work("s", 0, 0, (5, 6, 7)))).tokens == want[:1]
+        fed = pipe.submit(Work("s", 0, 3, (want[0],), feed=True))
+        ahead = pipe.submit(Work("s", 0, 4, None))
+        assert pipe.get(ahead).tokens == want[2:] and pipe.get(fed).tokens == want[1:2]
+        stranded = pipe.submit(Work("s", 0, 5, None))  # no call before it feeds stage 1
+        time.sleep(0.3)
+        assert not stranded.done() and list(loops[0]._waiting) == [("s", 5)]
+        pipe.rollback("s", 1)
+        reports = [pipe.get(f) for f in pipe.release("s", keep=5)]
+        assert reports[0].skipped == 1 and reports[0].calls == 3
+        assert not loops[0]._waiting and not loops[0]._fed
+        assert [loop.stage.sequences() for loop in loops] == [[]] * k
     finally:
         for loop in loops:
             loop.stop()
