@@ -113,7 +113,10 @@ class MultipliedEmbedding(nn.Embedding):
 class LMHead(nn.Linear):
     """The output projection with the family's logit transforms, in transformers' order:
     Granite divides by logits_scaling, Gemma 2 soft-caps. Both keep the argmax; they
-    matter for distributions (exit-head distillation, sampling)."""
+    matter for distributions (exit-head distillation, sampling). `matmul` is F.linear, or
+    in a stage the batch-invariant tiled one (kv.batch_invariant)."""
+
+    matmul = staticmethod(nn.functional.linear)
 
     def __init__(self, weight: torch.Tensor, config):
         super().__init__(weight.shape[1], weight.shape[0], bias=False, device="meta", dtype=weight.dtype)
@@ -122,7 +125,7 @@ class LMHead(nn.Linear):
         self.softcap = getattr(config, "final_logit_softcapping", None)
 
     def forward(self, hidden):
-        logits = super().forward(hidden)
+        logits = self.matmul(hidden, self.weight, self.bias)
         if self.logits_scaling is not None:
             logits = logits / self.logits_scaling
         if self.softcap is not None:

@@ -14,12 +14,18 @@ before. The last stage applies the final norm and LM head, verifies the drafts
 (sampling.verify) and answers with the Verdict. In pp, stage 1's input is the
 last stage's Verdict of the call before: the pipeline is a ring.
 
-KV caches are per sequence id and always hold exactly the positions before the
-call's `pos`: a call at `pos` first drops entries >= pos. That drop is the
+A stage step runs the ready calls of several sequences as one forward
+(`forward_batch`): their tokens are packed into one row, each call with its own
+positions and its own sequence's KV cache (ppsd_ray.kv). One call alone takes the
+same path, so a sequence's tokens do not depend on what else is in the batch.
+
+KV caches (kv.KVManager) are per sequence id and always hold exactly the positions
+before the call's `pos`: a call at `pos` first drops entries >= pos. That drop is the
 rollback; `rollback()` only raises the sequence's epoch, so that calls queued
-before the rollback are skipped without computing, and a call already running
-stops at its next layer. An exit head that attends (type 'layer') keeps its own
-cache per sequence under the same rule.
+before the rollback are skipped without computing, and a running forward stops at
+its next layer once every call in it is stale (a stale call in a batch with live
+ones is computed and dropped). An exit head that attends (type 'layer') keeps its
+own cache per sequence under the same rule.
 """
 from __future__ import annotations
 
@@ -31,8 +37,9 @@ from pathlib import Path
 
 import torch
 
-from .families import StageCache, build_shard, new_cache
+from .families import build_shard
 from .heads import ExitHead, load_exit_head
+from .kv import KVManager, PackedBatch, SeqKV, batch_invariant, use_packed_attention
 from .protocol import Hop, StageReport, Verdict, Work
 from .sampling import propose, verify
 
@@ -53,13 +60,17 @@ class Stage:
         if self.first and not self.last:
             self.exit_head = load_exit_head(head, exit_layer or stop, final_norm, lm_head,
                                             model_dir=Path(model_dir)).to(self.device)
-        self._caches: dict[str, StageCache] = {}
-        self._head_caches: dict[str, StageCache] = {}  # exit heads that attend (type 'layer')
+        for part in (self.body, self.lm_head, self.exit_head, getattr(self.exit_head, "body", None)):
+            if part is not None:
+                batch_invariant(part)
+                if hasattr(part, "config") and hasattr(part, "layers"):
+                    use_packed_attention(part)
+        self.kv = KVManager(stop - start, head_layers=1 if self.exit_head and self.exit_head.needs_cache else 0)
         self._epochs: dict[str, int] = {}
         self._drafts: dict[str, tuple[int, int]] = {}  # stage 1: (position, token) of its newest draft
         self._stats: dict[str, _SeqStats] = {}
         self._lock = threading.Lock()
-        self._running: Work | None = None  # the call computing now, checked between layers
+        self._running: list[Work] | None = None  # the calls computing now, checked between layers
         self.between_layers = None  # a transport's inbox drain: rollbacks arrive while a call runs
         self._started = 0.0
         for layer in self.body.layers:
@@ -74,109 +85,146 @@ class Stage:
 
     # The three calls of the protocol (ppsd_ray/protocol.py).
 
-    @torch.inference_mode()
     def forward(self, work: Work, hop: Hop | Verdict | None = None) -> Hop | Verdict | None:
-        """Runs one call. Stage 1 takes work.tokens, or its own newest draft, or in pp the
-        token of the Verdict it is given (`hop`: the last stage's, fed round to it); later
-        stages take the previous stage's Hop. Returns the Hop for the next stage, the Verdict
-        on the last one, or None when the call is stale (rolled back, released, or its input
-        never came: skipped upstream): then nothing is computed, or what had started stops
-        between layers."""
-        seq = work.seq_id
+        """One call alone: forward_batch of one."""
+        return self.forward_batch([(work, hop)])[0]
+
+    @torch.inference_mode()
+    def forward_batch(self, calls: list[tuple[Work, Hop | Verdict | None]]) -> list[Hop | Verdict | None]:
+        """Runs the calls, at most one per sequence, as one forward. Stage 1 takes work.tokens,
+        or its own newest draft, or in pp the token of the Verdict it is given (the last
+        stage's, fed round to it); later stages take the previous stage's Hop. Returns per
+        call the Hop for the next stage, the Verdict on the last one, or None when the call
+        is stale (rolled back, released, or its input never came: skipped upstream): then
+        nothing is computed for it, or what was computed is dropped."""
+        outs: list = [None] * len(calls)
+        live = []
         with self._lock:
-            stale = (work.epoch < self._epochs.get(seq, 0) or (work.pos > 0 and seq not in self._caches)
-                     or (hop is None and not self._has_own_input(work)))
-            if not stale:
+            for i, (work, hop) in enumerate(calls):
+                seq = work.seq_id
+                if (work.epoch < self._epochs.get(seq, 0) or (work.pos > 0 and seq not in self.kv)
+                        or (hop is None and not self._has_own_input(work))):
+                    if seq in self._stats:
+                        self._stats[seq].report.skipped += 1
+                    continue
                 self._epochs[seq] = work.epoch
-        if stale:
-            if seq in self._stats:
-                self._stats[seq].report.skipped += 1
-            return None
-        stats = self._stats.get(seq) or self._stats.setdefault(seq, _SeqStats(StageReport(index=self.index)))
+                live.append(i)
+        if not live:
+            return outs
+        batch = [calls[i] for i in live]
+        works = [work for work, _ in batch]
+        stats = [self._stats.get(w.seq_id) or self._stats.setdefault(w.seq_id, _SeqStats(StageReport(index=self.index)))
+                 for w in works]
         t0, wall0 = time.perf_counter(), time.time()
-        self._running, self._started = work, t0
+        self._running, self._started = works, t0
         try:
-            out, n = self._run(work, hop, stats)
+            results = self._run(batch, stats)
         except _Stale:
-            out, n = None, 0
+            results = [(None, 0)] * len(batch)
         finally:
             self._running = None
         dt = time.perf_counter() - t0
-        report = stats.report
-        if out is None:  # stopped between layers: all of it was stale work
-            report.skipped += 1
-            report.stale_s += dt
-            report.stopped_s += dt
-            report.compute_s += dt
-            return None
-        if not report.calls:
-            report.prefill_s = dt
-        report.compute_s += dt
-        report.calls += 1
-        stats.spent[work.pos:] = [dt / n] * n
-        report.events.append((wall0, wall0 + dt, work.pos, n))
-        return out
+        share = dt / len(batch)  # each call's part of the step
+        for i, work, (out, n), st in zip(live, works, results, stats):
+            report = st.report
+            report.compute_s += share
+            if out is None or work.epoch < self._epochs.get(work.seq_id, 0):  # stale by now: dropped
+                report.skipped += 1
+                report.stale_s += share
+                report.stopped_s += share if out is None else 0.0
+                continue
+            if not report.calls:
+                report.prefill_s = share
+            report.calls += 1
+            st.spent[work.pos:] = [share / n] * n
+            report.events.append((wall0, wall0 + dt, work.pos, n))
+            outs[i] = out
+        return outs
 
-    def _run(self, work: Work, hop: Hop | Verdict | None, stats: "_SeqStats"):
-        seq, pos = work.seq_id, work.pos
-        cache = self._cache_at(seq, pos, stats)
+    def _run(self, batch: list[tuple[Work, Hop | Verdict | None]], stats: list["_SeqStats"]) -> list[tuple]:
+        works = [work for work, _ in batch]
+        caches = [self._cache_at(w.seq_id, w.pos, st) for w, st in zip(works, stats)]
         if self.first:
-            ids = (list(work.tokens) if work.tokens is not None else [hop.tokens[-1]] if hop is not None
-                   else [self._drafts[seq][1]])
-            drafts, dists = [], None
-            x = self.body.embed_tokens(torch.tensor([ids], device=self.device))
+            ids = [list(w.tokens) if w.tokens is not None else [hop.tokens[-1]] if hop is not None
+                   else [self._drafts[w.seq_id][1]] for w, hop in batch]
+            sizes = [len(i) for i in ids]
+            x = self.body.embed_tokens(torch.tensor([sum(ids, [])], device=self.device))
         else:
-            drafts, dists = hop.drafts, hop.draft_dists
-            x = hop.hidden.to(self.device)
-        out, n = self._layers(x, pos, cache), x.shape[1]
+            sizes = [hop.hidden.shape[1] for _, hop in batch]
+            x = torch.cat([hop.hidden.to(self.device) for _, hop in batch], dim=1)
+        out = self._layers(x, [w.pos for w in works], sizes, caches)
+        parts = list(out.split(sizes, dim=1))
+        drafts: list[list[int]] = [[] if self.first else hop.drafts for _, hop in batch]
+        dists: list = [None if self.first or w.sampling.greedy else hop.draft_dists for w, (_, hop) in zip(works, batch)]
         if self.first and not self.last:
-            # each chained draft runs as the next position right away (eesd); a trailing
-            # draft waits for the next call (ppsd: stage 1's own draft, work.tokens None)
-            hidden, dists = [out], (None if work.sampling.greedy else [])
-            feats = self._head_features(seq, out, pos, work.chain + work.draft > 0)
+            self._draft(works, parts, sizes, caches, drafts, dists)
+        if not self.last:
+            return [(Hop(w, p.cpu() if self.device.type == "cpu" else p, d, q), p.shape[1])
+                    for w, p, d, q in zip(works, parts, drafts, dists)]
+        rows = [p[0, p.shape[1] - w.verify:] for w, p in zip(works, parts)]
+        logits = self.lm_head(torch.cat(rows)) if any(w.verify for w in works) else None
+        results, at = [], 0
+        for w, p, d, q in zip(works, parts, drafts, dists):
+            n = p.shape[1]
+            first = w.pos + n - w.verify + 1  # the position of the token that row 0 decides
+            tokens, accepted, logprobs = (verify(logits[at:at + w.verify], first, d, q, w.sampling, w.epoch)
+                                          if w.verify else ([], 0, None))
+            at += w.verify
+            results.append((Verdict(w.seq_id, w.epoch, w.pos, tokens, len(d), accepted, logprobs), n))
+        return results
+
+    def _draft(self, works, parts, sizes, caches, drafts, dists) -> None:
+        """Stage 1's exit head: one draft per drafting call from its last position, all in one
+        pass; eesd's chained drafts each run as the next position right away, one call at a
+        time. A trailing draft waits for the next call (ppsd: stage 1's own draft)."""
+        head = self.exit_head
+        if head.needs_cache:  # an attending head sees every position, drafted or not
+            heads = [self.kv.head_at(w.seq_id, w.pos, f"stage {self.index}") for w in works]
+            feats = head.features(torch.cat(parts, dim=1), self._positions([w.pos for w in works], sizes),
+                                  PackedBatch(heads, sizes)).split(sizes, dim=1)
+            last = [f[:, -1:] for f in feats]
+        drafting = [j for j, w in enumerate(works) if w.chain + w.draft > 0]
+        if not drafting:
+            return
+        rows = torch.cat([last[j] for j in drafting] if head.needs_cache else [parts[j][:, -1:] for j in drafting], 1)
+        logits, vocab = head.draft_logits(rows if head.needs_cache else head.features(rows))
+        for r, j in enumerate(drafting):
+            work, row = works[j], logits[0, r]
+            seq, pos, n = work.seq_id, work.pos, sizes[j]
+            hidden = [parts[j]]
+            if not work.sampling.greedy:
+                dists[j] = []
             for i in range(work.chain + work.draft):
-                logits, vocab = self.exit_head.draft_logits(feats[:, -1:])
-                token, dist = propose(logits[0, -1], work.sampling, pos + n, work.epoch, vocab)
+                token, dist = propose(row, work.sampling, pos + n, work.epoch, vocab)
                 self._drafts[seq] = (pos + n, token)
-                drafts.append(token)
-                if dists is not None:
-                    dists.append(dist)
+                drafts[j].append(token)
+                if dists[j] is not None:
+                    dists[j].append(dist)
                 if i == work.chain:
                     break
-                out = self._layers(self.body.embed_tokens(torch.tensor([[token]], device=self.device)),
-                                   pos + n, cache)
-                hidden.append(out)
-                feats = self._head_features(seq, out, pos + n, True)
+                h = self._layers(self.body.embed_tokens(torch.tensor([[token]], device=self.device)), [pos + n], [1],
+                                 [caches[j]])
+                hidden.append(h)
+                f = (head.features(h, self._positions([pos + n], [1]),
+                                   PackedBatch([self.kv.head_at(seq, pos + n)], [1]))
+                     if head.needs_cache else head.features(h))
+                row = head.draft_logits(f)[0][0, -1]
                 n += 1
-            out = torch.cat(hidden, dim=1) if len(hidden) > 1 else out
-        if not self.last:
-            return Hop(work, out.cpu() if self.device.type == "cpu" else out, drafts, dists), n
-        logits = self.lm_head(out[0, -work.verify:])
-        first = pos + n - work.verify + 1  # the position of the token that row 0 decides
-        tokens, accepted, logprobs = verify(logits, first, drafts, dists, work.sampling, work.epoch)
-        return Verdict(seq, work.epoch, pos, tokens, len(drafts), accepted, logprobs), n
+            parts[j] = torch.cat(hidden, dim=1) if len(hidden) > 1 else parts[j]
 
-    def _layers(self, x: torch.Tensor, pos: int, cache) -> torch.Tensor:
-        return self.body(inputs_embeds=x, position_ids=self._positions(pos, x.shape[1]), use_cache=True,
-                         **{self._cache_kw: cache}).last_hidden_state
+    def _layers(self, x: torch.Tensor, starts: list[int], sizes: list[int], caches: list[SeqKV]) -> torch.Tensor:
+        return self.body(inputs_embeds=x, position_ids=self._positions(starts, sizes), use_cache=True,
+                         **{self._cache_kw: PackedBatch(caches, sizes)}).last_hidden_state
 
-    def _positions(self, pos: int, n: int) -> torch.Tensor:
-        return torch.arange(pos, pos + n, device=self.device)[None]
-
-    def _head_features(self, seq: str, out: torch.Tensor, pos: int, needed: bool):
-        """The exit head's features for positions pos.. of `out`. An attending head sees every
-        position, drafted or not, so its cache follows the layer caches exactly."""
-        if self.exit_head.needs_cache:
-            n = out.shape[1]
-            return self.exit_head.features(out, self._positions(pos, n), self._head_cache_at(seq, pos))
-        return self.exit_head.features(out[:, -1:]) if needed else None
+    def _positions(self, starts: list[int], sizes: list[int]) -> torch.Tensor:
+        return torch.cat([torch.arange(p, p + n, device=self.device) for p, n in zip(starts, sizes)])[None]
 
     def _check_stale(self, module, args):
-        """Between layers: a call whose sequence was rolled back meanwhile stops here."""
+        """Between layers: a forward whose every call was rolled back meanwhile stops here."""
         if self.between_layers is not None:
             self.between_layers()
-        work = self._running
-        if work is not None and work.epoch < self._epochs.get(work.seq_id, 0):
+        works = self._running
+        if works and all(w.epoch < self._epochs.get(w.seq_id, 0) for w in works):
             raise _Stale
 
     def rollback(self, seq_id: str, epoch: int) -> None:
@@ -191,8 +239,7 @@ class Stage:
         with the timeline of computed calls if `events`."""
         stats = self._stats.pop(seq_id, None) or _SeqStats(StageReport(index=self.index))
         with self._lock:
-            self._caches.pop(seq_id, None)
-            self._head_caches.pop(seq_id, None)
+            self.kv.release(seq_id)
             self._epochs.pop(seq_id, None)
             self._drafts.pop(seq_id, None)
         report = stats.report
@@ -202,13 +249,13 @@ class Stage:
         return report
 
     def busy_s(self) -> float:
-        """How long the call computing now has been running (0 when idle): names a hung stage."""
+        """How long the forward computing now has been running (0 when idle): names a hung stage."""
         return time.perf_counter() - self._started if self._running is not None else 0.0
 
     def sequences(self) -> list[str]:
         """Sequences holding state here (empty once every request has ended)."""
         with self._lock:
-            return sorted(set(self._caches) | set(self._epochs) | set(self._stats))
+            return sorted(set(self.kv.layers) | set(self._epochs) | set(self._stats))
 
     def _has_own_input(self, work: Work) -> bool:
         """Stage 1 needs no hop when the call brings its tokens or it drafted this position itself."""
@@ -221,39 +268,19 @@ class Stage:
 
     def live(self, seq_id: str, epoch: int) -> bool:
         """The sequence is held here and `epoch` is not rolled back."""
-        return seq_id in self._caches and epoch >= self._epochs.get(seq_id, 0)
+        return seq_id in self.kv and epoch >= self._epochs.get(seq_id, 0)
 
-    def _cache_at(self, seq_id: str, pos: int, stats: "_SeqStats") -> StageCache:
-        """The sequence's cache holding exactly positions < pos: later entries (rolled back, or
-        left by a call stopped between layers) are dropped."""
-        cache = self._caches.get(seq_id)
-        if cache is None:
-            cache = self._caches[seq_id] = new_cache(self.config)
-        held = cache.get_seq_length()
-        if held > pos:
-            cache.crop(pos)
+    def _cache_at(self, seq_id: str, pos: int, stats: "_SeqStats") -> SeqKV:
+        """The sequence's cache holding exactly positions < pos; what a dropped entry cost is stale."""
+        cache, dropped = self.kv.at(seq_id, pos, f"stage {self.index}")
+        if dropped:
             stats.report.stale_s += sum(stats.spent[pos:])
             del stats.spent[pos:]
-        elif held < pos:
-            raise RuntimeError(f"stage {self.index}: call at position {pos} but only {held} positions cached")
         return cache
-
-    def _head_cache_at(self, seq_id: str, pos: int) -> StageCache:
-        """The exit head's cache, under the same rule as the layer caches: entries >= pos dropped."""
-        cache = self._head_caches.get(seq_id)
-        if cache is None:
-            cache = self._head_caches[seq_id] = self.exit_head.new_cache()
-        held = cache.get_seq_length()
-        if held > pos:
-            cache.crop(pos)
-        elif held < pos:
-            raise RuntimeError(f"stage {self.index}: exit head call at position {pos} but only {held} cached")
-        return cache
-
 
 
 class _Stale(Exception):
-    """Raised between layers when the running call was rolled back."""
+    """Raised between layers when every call of the running forward was rolled back."""
 
 
 @dataclass

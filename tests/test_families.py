@@ -13,7 +13,8 @@ from pydantic import ValidationError
 from conftest import TINY_EOS, WORDS, hf_greedy, save_tiny_model
 from ppsd_ray import distill as D
 from ppsd_ray.config import GenerationConfig, PipelineConfig
-from ppsd_ray.families import FAMILIES, base_model, new_cache, shard_config
+from ppsd_ray.families import FAMILIES, base_model, shard_config
+from ppsd_ray.kv import SeqKV
 from ppsd_ray.heads import save_head
 from ppsd_ray.model import model_fingerprint
 from ppsd_ray.protocol import Work
@@ -111,7 +112,7 @@ def test_stage_cache_rolls_back_past_the_window(family_dir):
     stage = Stage(family_dir, 0, 3, index=0, num_stages=2)
     ids = [(7 * i) % 250 + 5 for i in range(3 * WINDOW)]
     stage.forward(Work("a", 0, 0, tuple(ids)))
-    cache = stage._caches["a"]
+    cache = stage.kv.layers["a"]
     assert cache.get_seq_length() == 3 * WINDOW
     hidden = stage.forward(Work("a", 1, WINDOW + 1, (9, 10))).hidden  # rollback past the window
     assert cache.get_seq_length() == WINDOW + 3
@@ -120,7 +121,7 @@ def test_stage_cache_rolls_back_past_the_window(family_dir):
     cache.crop(0)
     assert cache.get_seq_length() == 0
     with pytest.raises(ValueError, match="keep"):
-        new_cache(stage.config).crop(-1)
+        SeqKV(1).crop(-1)
 
 
 def test_exit_head_trains_saves_loads_and_stays_lossless(family_dir, tmp_path, monkeypatch):

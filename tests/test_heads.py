@@ -105,7 +105,7 @@ def test_layer_head_is_lossless(tiny_model_dir, layer_head_file, mode, k):
         out = list(decoder.decode(f"s{n}", ids, gen, stats))
         assert out == hf_greedy(tiny_model_dir, ids, 24, stop_on_eos=False)
         drafted += stats.drafted
-        assert not stages[0]._head_caches  # released with the sequence
+        assert not stages[0].kv.heads  # released with the sequence
     assert drafted > 0
 
 
@@ -118,13 +118,13 @@ def test_head_cache_follows_the_layer_caches(tiny_model_dir, layer_head_file):
     s.forward(Work("a", 0, 0, tuple(prompt), draft=True))
     s.forward(Work("a", 0, 5, (10,), draft=True))
     s.forward(Work("a", 0, 6, (11,)))  # no draft wanted: the head cache still advances
-    assert s._head_caches["a"].get_seq_length() == 7
+    assert s.kv.heads["a"].get_seq_length() == 7
     rerun = s.forward(Work("a", 1, 5, (12, 13), draft=True))  # rollback: entries >= 5 dropped first
-    assert s._head_caches["a"].get_seq_length() == 7
+    assert s.kv.heads["a"].get_seq_length() == 7
     fresh = stage().forward(Work("b", 0, 0, tuple(prompt) + (12, 13), draft=True))
     assert rerun.drafts == fresh.drafts and torch.allclose(rerun.hidden, fresh.hidden[:, -2:], atol=1e-5)
     s.release("a", 6)
-    assert "a" not in s._head_caches
+    assert "a" not in s.kv.heads
 
 
 def test_head_for_another_model_or_exit_is_refused(tiny_model_dir, layer_head_file, tmp_path):

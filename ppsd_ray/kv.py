@@ -1,0 +1,248 @@
+"""KV caches that batch: each sequence's cache, and one forward over many sequences.
+
+A stage holds a `SeqKV` per sequence: per layer, a preallocated key and value buffer
+that grows in steps of GROW positions. Appending a call's entries writes in place (no
+copy of the whole cache per token, as a concatenating cache does), attention reads a
+view, and a rollback only shortens the valid length (`crop`).
+
+One stage step runs the ready calls of several sequences as ONE forward of
+transformers' own model class: their tokens are packed into one row [1, sum n, H],
+each with its own positions. The model's linear layers, norms and MLPs see the packed
+row; only attention must keep the sequences apart. A `PackedBatch` is what the model
+is handed as its cache: `update` appends each call's slice of the new keys and values
+to that sequence's SeqKV and returns the per-sequence views, and the attention
+function registered here ("ppsd_packed") attends each call to its own sequence only,
+with the family's own attention kernel (sdpa, or the family's eager function where
+the family needs it: Gemma 2's soft-capping). Sliding windows are applied here, in the
+mask, so every layer keeps its full KV and a rollback past the window finds it.
+
+Why every forward, alone too, goes through this path: a request's tokens must not
+depend on what else is in the batch. Attention runs per sequence on that sequence's
+own shapes, and every linear layer runs in tiles of exactly ROWS rows
+(`batch_invariant`): CPU matmul kernels change their reduction order with the number
+of rows (1, 2-15 and 16+ rows give three different low bits here), so a fixed tile
+makes each row's result the same in any batch.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+ATTENTION = "ppsd_packed"
+GROW = 256     # positions a sequence's buffers grow by
+ROWS = 16      # every matmul runs on tiles of exactly this many rows
+
+
+# ---- one sequence's cache
+
+
+class SeqKV:
+    """One sequence's keys and values on a stage: per layer a buffer [1, kv_heads, capacity, d]
+    of which the first `length` positions are valid. Layers fill one after another within a
+    call, so each keeps its own length (a call stopped between layers leaves them uneven)."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.lengths = [0] * num_layers
+
+    def get_seq_length(self, layer: int = 0) -> int:
+        return self.lengths[layer]
+
+    def crop(self, keep: int) -> None:
+        """Keeps positions [0, keep) of every layer (an absolute length)."""
+        if keep < 0:
+            raise ValueError(f"crop: keep must be >= 0, got {keep}")
+        self.lengths = [min(n, keep) for n in self.lengths]
+
+    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends key/value [1, kv_heads, n, d]; returns views of every valid position."""
+        start, n = self.lengths[layer], key.shape[2]
+        end = start + n
+        buf = self.keys[layer]
+        if buf is None or buf.shape[2] < end:
+            capacity = -(-end // GROW) * GROW
+            self.keys[layer] = _grown(buf, key, capacity, start)
+            self.values[layer] = _grown(self.values[layer], value, capacity, start)
+        self.keys[layer][:, :, start:end] = key
+        self.values[layer][:, :, start:end] = value
+        self.lengths[layer] = end
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.keys + self.values if b is not None)
+
+
+def _grown(old: torch.Tensor | None, like: torch.Tensor, capacity: int, keep: int) -> torch.Tensor:
+    shape = (like.shape[0], like.shape[1], capacity, like.shape[3])
+    new = torch.empty(shape, dtype=like.dtype, device=like.device)
+    if old is not None and keep:
+        new[:, :, :keep] = old[:, :, :keep]
+    return new
+
+
+class KVManager:
+    """The caches a stage holds: per sequence its layers' SeqKV, and, for an exit head
+    that attends, the head's own. A call at `pos` gets the sequence's cache holding
+    exactly positions < pos: later entries (rolled back, or left by a call stopped
+    between layers) are dropped first; that drop is the rollback."""
+
+    def __init__(self, num_layers: int, head_layers: int = 0):
+        self.num_layers, self.head_layers = num_layers, head_layers
+        self.layers: dict[str, SeqKV] = {}
+        self.heads: dict[str, SeqKV] = {}
+
+    def __contains__(self, seq_id: str) -> bool:
+        return seq_id in self.layers
+
+    def at(self, seq_id: str, pos: int, where: str = "") -> tuple[SeqKV, int]:
+        """(the sequence's cache cut to pos, how many positions were dropped)."""
+        cache = self.layers.get(seq_id)
+        if cache is None:
+            cache = self.layers[seq_id] = SeqKV(self.num_layers)
+        return cache, _cut(cache, pos, where)
+
+    def head_at(self, seq_id: str, pos: int, where: str = "") -> SeqKV:
+        cache = self.heads.get(seq_id)
+        if cache is None:
+            cache = self.heads[seq_id] = SeqKV(self.head_layers)
+        _cut(cache, pos, where + " exit head")
+        return cache
+
+    def release(self, seq_id: str) -> None:
+        self.layers.pop(seq_id, None)
+        self.heads.pop(seq_id, None)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the caches hold now (buffers, not only valid positions)."""
+        return sum(c.nbytes for c in [*self.layers.values(), *self.heads.values()])
+
+
+def _cut(cache: SeqKV, pos: int, where: str) -> int:
+    held = max(cache.lengths) if cache.lengths else 0
+    if held > pos:
+        cache.crop(pos)
+        return held - pos
+    if cache.lengths and min(cache.lengths) < pos:
+        raise RuntimeError(f"{where}: call at position {pos} but only {min(cache.lengths)} positions cached")
+    return 0
+
+
+def kv_bytes_per_token(config, layers: int, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one position costs over `layers` layers of this model."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+# ---- one forward over many sequences
+
+
+class PerSequence(list):
+    """Per-sequence key or value views, with how many of each sequence's positions are new
+    in this call (its query count)."""
+
+    def __init__(self, views, sizes):
+        super().__init__(views)
+        self.sizes = sizes
+
+
+@dataclass
+class PackedBatch:
+    """What the model is handed as its cache for one packed forward: the calls' caches and
+    token counts, in the order their tokens are packed. `layer_offset` maps the model's
+    layer_idx to the cache's."""
+    caches: list[SeqKV]
+    sizes: list[int]
+    layer_offset: int = 0
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        """Each call's new entries into its own sequence's cache; the per-sequence views back."""
+        keys, values = [], []
+        layer = layer_idx - self.layer_offset
+        for cache, k, v in zip(self.caches, key.split(self.sizes, dim=2), value.split(self.sizes, dim=2)):
+            k_all, v_all = cache.update(layer, k, v)
+            keys.append(k_all)
+            values.append(v_all)
+        return PerSequence(keys, self.sizes), PerSequence(values, self.sizes)
+
+
+def packed_attention(module, query, keys: PerSequence, values: PerSequence, attention_mask, scaling=None,
+                     dropout=0.0, sliding_window=None, softcap=None, **kwargs):
+    """Each call's queries attend to its own sequence's keys only (see PackedBatch.update):
+    causal within the call, the whole cache before it, the sliding window if the layer has
+    one. The family's own kernel does the arithmetic, one sequence at a time."""
+    inner = module.config.ppsd_inner_attention
+    kernel = (sdpa_attention_forward if inner == "sdpa"
+              else sys.modules[type(module).__module__].eager_attention_forward)
+    extra = {"softcap": softcap} if softcap is not None else {}
+    outs = []
+    for q, k, v in zip(query.split(keys.sizes, dim=2), keys, values):
+        n, total = q.shape[2], k.shape[2]
+        mask = None
+        if n == 1 and sliding_window and total > sliding_window:  # decode past the window: its keys only
+            k, v = k[:, :, -sliding_window:], v[:, :, -sliding_window:]
+        elif n > 1 and (total > n or sliding_window or inner != "sdpa"):
+            mask = _mask(n, total, sliding_window, inner, q.dtype, q.device)
+        out, _ = kernel(module, q, k, v, mask, scaling=scaling, dropout=dropout, **extra)
+        outs.append(out)
+    return (torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]), None
+
+
+def _mask(n: int, total: int, window: int | None, inner: str, dtype, device) -> torch.Tensor:
+    """[1, 1, n, total]: query i (at absolute position total - n + i) sees key j when j <= its
+    position and, with a window, j > its position - window. Boolean for sdpa, additive for eager."""
+    q_pos = torch.arange(total - n, total, device=device)[:, None]
+    k_pos = torch.arange(total, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window:
+        allowed &= k_pos > q_pos - window
+    if inner == "sdpa":
+        return allowed[None, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)[None, None]
+
+
+AttentionInterface.register(ATTENTION, packed_attention)
+
+
+def use_packed_attention(model: nn.Module) -> None:
+    """Makes a transformers model attend through packed_attention, keeping its own kernel inside."""
+    config = model.config
+    if getattr(config, "ppsd_inner_attention", None) is None:
+        config.ppsd_inner_attention = "sdpa" if config._attn_implementation == "sdpa" else "eager"
+        config._attn_implementation = ATTENTION
+
+
+# ---- linear layers whose rows do not depend on the batch
+
+
+def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear computed on tiles of exactly ROWS rows (the last one padded with zeros)."""
+    rows = x.reshape(-1, x.shape[-1])
+    m = rows.shape[0]
+    pad = -m % ROWS
+    if pad:
+        rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
+    out = torch.cat([F.linear(tile, weight, bias) for tile in rows.split(ROWS)]) if m + pad > ROWS \
+        else F.linear(rows, weight, bias)
+    return out[:m].reshape(*x.shape[:-1], weight.shape[0])
+
+
+def batch_invariant(module: nn.Module) -> nn.Module:
+    """Every linear layer in `module` computes through tiled_linear (a layer with its own
+    forward around the product, families.LMHead, names it `matmul`)."""
+    for m in module.modules():
+        if hasattr(m, "matmul"):
+            m.matmul = tiled_linear
+        elif type(m) is nn.Linear:
+            m.forward = lambda x, m=m: tiled_linear(x, m.weight, m.bias)
+    return module
