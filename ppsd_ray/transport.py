@@ -16,8 +16,12 @@ Decoder the same Pipe (submit, rollback, release):
   places the processes and starts the loops (actors.stage).
 - ray: one actor call per stage per call, hidden states as object refs (actors.stage.RayPipe).
 
-A direct message is a list of Work headers (one per sequence in the call), so several
-sequences can later share a forward without a new protocol.
+A stage loop runs every ready call it holds, one per sequence, as one forward
+(Stage.forward_batch): continuous batching with no scheduler thread. Calls queue at
+each stage while it computes; its next step takes them all, up to `max_batch_tokens`
+tokens (a long prefill chunk waits for the next step rather than stall the others).
+The batch travels on as one message: one hop of every call's header and their hidden
+states as one tensor, one list of verdicts, one list of tokens fed round to stage 1.
 """
 from __future__ import annotations
 
@@ -97,8 +101,8 @@ def _to_wire(msg: tuple) -> tuple:
         return "hop", [(_work_tuple(w), *rest) for w, *rest in entries], shape, str(dtype).removeprefix("torch.")
     if kind == "work":
         return "work", [_work_tuple(w) for w in msg[1]]
-    if kind in ("verdict", "feed"):
-        return kind, _verdict_fields(msg[1])
+    if kind in ("verdicts", "feed"):
+        return kind, [_verdict_fields(v) for v in msg[1]]
     return msg
 
 
@@ -109,8 +113,8 @@ def _from_wire(msg: tuple) -> tuple:
         return "hop", [(_work(w), *rest) for w, *rest in entries], shape, getattr(torch, dtype)
     if kind == "work":
         return "work", [_work(w) for w in msg[1]]
-    if kind in ("verdict", "feed"):
-        return kind, Verdict(*msg[1])
+    if kind in ("verdicts", "feed"):
+        return kind, [Verdict(*v) for v in msg[1]]
     return msg
 
 
@@ -262,10 +266,15 @@ class StageLoop:
     Verdict, a StageReport or an error to the coordinator. In pp the last stage feeds its
     Verdict to stage 1 first, where the next call waits for it (`_waiting`) unless it came
     first (`_fed`). A failure of the transport itself (a peer died) ends the loop after
-    telling the coordinator; the pipeline then rebuilds it."""
+    telling the coordinator; the pipeline then rebuilds it.
 
-    def __init__(self, stage, host: str):
+    Each step takes every queued call it can run, at most one per sequence (a sequence's
+    next call needs this one's cache entries) and up to `max_batch_tokens` tokens, and
+    runs them as one forward."""
+
+    def __init__(self, stage, host: str, max_batch_tokens: int = 512):
         self.stage = stage
+        self.max_batch_tokens = max_batch_tokens
         self.inbox = Inbox(host)
         self.address = self.inbox.address
         self.group: TensorGroup | None = None
@@ -299,21 +308,73 @@ class StageLoop:
                 return
             if not self._pending:
                 continue
-            msg = self._pending.popleft()
-            if msg[0] == "stop":
+            if self._pending[0][0] == "stop":
                 return
-            if msg[0] == "run" and msg[2] is None and self.stage.waits(msg[1]):  # pp: the token comes round
-                work = msg[1]
+            if self._pending[0][0] != "run":
+                msg = self._pending.popleft()
+                try:
+                    self._handle(msg)
+                except Exception as e:
+                    self._send_coordinator(("error", msg[1], index, f"{type(e).__name__}: {e}"))
+                continue
+            batch = self._next_batch()
+            if not batch:  # every call it held waits for its token
+                continue
+            try:
+                self._run_batch(batch)
+            except Exception as e:  # the coordinator fails the requests and names this stage
+                for _, work, _ in batch:
+                    self._send_coordinator(("error", work.seq_id, index, f"{type(e).__name__}: {e}"))
+
+    def _next_batch(self) -> list[tuple]:
+        """The queued calls that run together this step: from the front of the queue up to the
+        first control message, one per sequence, within the token budget. A pp call whose token
+        has not come round yet waits aside (`_waiting`); the calls passed over keep their order."""
+        batch, seqs, tokens, passed = [], set(), 0, deque()
+        while self._pending and self._pending[0][0] == "run":
+            msg = self._pending.popleft()
+            _, work, hop = msg
+            if work.seq_id in seqs:
+                passed.append(msg)
+                continue
+            if hop is None and self.stage.waits(work):  # pp: the token comes round
                 fed = self._fed.pop((work.seq_id, work.pos), None)
                 if fed is None:
                     self._waiting[work.seq_id, work.pos] = work
                     continue
                 msg = ("run", work, fed)
-            try:
-                self._handle(msg)
-            except Exception as e:  # the coordinator fails the request and names this stage
-                seq_id = msg[1].seq_id if msg[0] == "run" else msg[1]
-                self._send_coordinator(("error", seq_id, index, f"{type(e).__name__}: {e}"))
+            n = hop.hidden.shape[1] if isinstance(hop, Hop) else len(work.tokens or (0,)) + work.chain
+            if batch and tokens + n > self.max_batch_tokens:
+                passed.append(msg)
+                break
+            batch.append(msg)
+            seqs.add(work.seq_id)
+            tokens += n
+        self._pending.extendleft(reversed(passed))
+        return batch
+
+    def _run_batch(self, batch: list[tuple]) -> None:
+        outs = self.stage.forward_batch([(work, hop) for _, work, hop in batch])
+        verdicts = [out for out in outs if isinstance(out, Verdict)]
+        fed = [out for (_, work, _), out in zip(batch, outs) if isinstance(out, Verdict) and work.feed]
+        hops = [out for out in outs if isinstance(out, Hop)]
+        if fed:  # the tokens go round to stage 1 before the coordinator hears of them
+            if self._first is None:  # one stage: it is stage 1
+                self._read((("feed", fed), memoryview(b"")))
+            else:
+                self._first.send(("feed", fed))
+        if verdicts:
+            self._send_coordinator(("verdicts", verdicts))
+        if hops:
+            hidden = torch.cat([h.hidden for h in hops], dim=1).contiguous() if len(hops) > 1 \
+                else hops[0].hidden.contiguous()
+            header = ("hop", [(h.work, h.hidden.shape[1], h.drafts, h.draft_dists) for h in hops],
+                      tuple(hidden.shape), hidden.dtype)
+            if self.group is None:
+                self._next.send(header, hidden.view(torch.uint8).numpy())
+            else:
+                self._next.send(header)
+                self.group.send(hidden, dst=self.stage.index + 1)
 
     def _drain(self) -> None:
         while (message := self.inbox.recv(timeout=0)) is not None:
@@ -330,12 +391,12 @@ class StageLoop:
             for key in [k for k in self._waiting if k[0] == seq_id and self._waiting[k].epoch < epoch]:
                 self._pending.append(("run", self._waiting.pop(key), None))  # skipped as stale, and counted
         elif kind == "feed":
-            verdict = msg[1]
-            key = (verdict.seq_id, verdict.pos + 1)
-            if key in self._waiting:
-                self._pending.append(("run", self._waiting.pop(key), verdict))
-            elif self.stage.live(verdict.seq_id, verdict.epoch):  # its call is still queued here
-                self._fed[key] = verdict
+            for verdict in msg[1]:
+                key = (verdict.seq_id, verdict.pos + 1)
+                if key in self._waiting:
+                    self._pending.append(("run", self._waiting.pop(key), verdict))
+                elif self.stage.live(verdict.seq_id, verdict.epoch):  # its call is still queued here
+                    self._fed[key] = verdict
         elif kind == "hop":
             _, entries, shape, dtype = msg
             if self.group is None:
@@ -352,31 +413,11 @@ class StageLoop:
             self._pending.append(msg)
 
     def _handle(self, msg) -> None:
-        if msg[0] == "release":
-            _, seq_id, keep, events = msg
-            for held in (self._fed, self._waiting):
-                for key in [k for k in held if k[0] == seq_id]:
-                    del held[key]
-            self._send_coordinator(("report", seq_id, self.stage.index, self.stage.release(seq_id, keep, events)))
-            return
-        _, work, hop = msg
-        out = self.stage.forward(work, hop)
-        if isinstance(out, Verdict):
-            if work.feed:  # the token goes round to stage 1 before the coordinator hears of it
-                if self._first is None:  # one stage: it is stage 1
-                    self._read((("feed", out), memoryview(b"")))
-                else:
-                    self._first.send(("feed", out))
-            self._send_coordinator(("verdict", out))
-        elif out is not None:
-            hidden = out.hidden.contiguous()
-            header = ("hop", [(out.work, hidden.shape[1], out.drafts, out.draft_dists)],
-                      tuple(hidden.shape), hidden.dtype)
-            if self.group is None:
-                self._next.send(header, hidden.view(torch.uint8).numpy())
-            else:
-                self._next.send(header)
-                self.group.send(hidden, dst=self.stage.index + 1)
+        _, seq_id, keep, events = msg  # release
+        for held in (self._fed, self._waiting):
+            for key in [k for k in held if k[0] == seq_id]:
+                del held[key]
+        self._send_coordinator(("report", seq_id, self.stage.index, self.stage.release(seq_id, keep, events)))
 
     def _send_coordinator(self, msg) -> None:
         with contextlib.suppress(OSError):  # the coordinator is gone: no one is left to tell
@@ -491,9 +532,8 @@ class DirectPipe:
             msg, _ = self.inbox.recv()
             kind = msg[0]
             with self._lock:
-                if kind == "verdict":
-                    v = msg[1]
-                    fut = self._verdicts.pop((v.seq_id, v.epoch, v.pos), None)
+                if kind == "verdicts":
+                    fut = [(self._verdicts.pop((v.seq_id, v.epoch, v.pos), None), v) for v in msg[1]]
                 elif kind == "report":
                     fut = self._reports.pop((msg[1], msg[2]), None)
                 elif kind == "closed":  # a stage's process died: everything in flight is lost
@@ -504,8 +544,12 @@ class DirectPipe:
                     _, seq_id, index, text = msg
                     error = StageError(index, text)
                     fut = None
-            if kind == "verdict" or kind == "report":
+            if kind == "verdicts":
+                for f, v in fut:
+                    if f is not None and not f.done():
+                        f.set_result(v)
+            elif kind == "report":
                 if fut is not None and not fut.done():
-                    fut.set_result(msg[1] if kind == "verdict" else msg[3])
+                    fut.set_result(msg[3])
             else:
                 self.fail(error, seq_id)

@@ -1,0 +1,97 @@
+"""Continuous batching: many sequences' calls in one forward per stage step, each request's
+tokens exactly its tokens alone. In-process: StageLoops and a DirectPipe over loopback TCP,
+one decoding thread per request, as the Coordinator runs them."""
+import threading
+
+import pytest
+
+from conftest import hf_greedy
+from ppsd_ray.config import GenerationConfig
+from ppsd_ray.schedule import Decoder, RequestStats
+from test_schedule import local_stages
+from test_transport import direct_pipe
+
+# different lengths, so calls of different sequences sit at different positions in one forward
+PROMPTS = [[3, 5, 78, 7, 5, 195, 4, 3], [1, 40, 41, 42], [9], [17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28],
+           [100, 7], [33, 44, 55, 66, 77], [8, 9, 10], [201, 3, 3, 3, 3, 3, 3]]
+
+
+def batch_sizes(stage) -> list[int]:
+    """Records the number of calls in each of the stage's forwards."""
+    sizes, forward_batch = [], stage.forward_batch
+
+    def recording(calls):
+        sizes.append(len(calls))
+        return forward_batch(calls)
+
+    stage.forward_batch = recording
+    return sizes
+
+
+def decode_together(decoder, requests, cancel_after: dict | None = None):
+    """Each (prompt, GenerationConfig) on its own thread, all at once; a request in
+    cancel_after stops taking tokens after that many (its caller went away)."""
+    outs = [None] * len(requests)
+    start = threading.Barrier(len(requests))
+
+    def one(i, prompt, gen):
+        start.wait()
+        got = []
+        tokens = decoder.decode(f"s{i}", prompt, gen, RequestStats())
+        for token in tokens:
+            got.append(token)
+            if cancel_after and len(got) == cancel_after.get(i):
+                break
+        tokens.close()
+        outs[i] = got
+
+    threads = [threading.Thread(target=one, args=(i, p, g)) for i, (p, g) in enumerate(requests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return outs
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_batched_requests_equal_transformers_greedy_and_their_output_alone(tiny_model_dir, k):
+    stages = local_stages(tiny_model_dir, k)
+    sizes = batch_sizes(stages[-1])
+    pipe, loops = direct_pipe(stages)
+    decoder = Decoder(pipe, k, get=pipe.get, eos_token_ids=[2])
+    modes = ["ar"] if k == 1 else ["pp", "ppsd", "eesd"]
+    try:
+        for mode in modes:
+            # lengths differ, so sequences finish mid-batch while the others go on
+            requests = [(p, GenerationConfig(mode=mode, max_new_tokens=12 + 3 * i, stop_on_eos=False, gamma=3))
+                        for i, p in enumerate(PROMPTS)]
+            got = decode_together(decoder, requests)
+            for (prompt, gen), out in zip(requests, got):
+                assert out == hf_greedy(tiny_model_dir, prompt, gen.max_new_tokens, stop_on_eos=False), (mode, prompt)
+        assert max(sizes) > 1, "no forward held more than one call: nothing was batched"
+        assert [loop.stage.sequences() for loop in loops] == [[]] * k
+    finally:
+        for loop in loops:
+            loop.stop()
+
+
+def test_batched_sampling_equals_sampling_alone_and_a_cancel_frees_its_slot(tiny_model_dir):
+    """Seeded sampled requests give the tokens they give alone; a request cancelled mid-batch
+    stops, the others go on unchanged, and no stage holds anything afterwards."""
+    stages = local_stages(tiny_model_dir, 2)
+    sizes = batch_sizes(stages[0])
+    pipe, loops = direct_pipe(stages)
+    decoder = Decoder(pipe, 2, get=pipe.get, eos_token_ids=[2])
+    try:
+        requests = [(p, GenerationConfig(mode=mode, max_new_tokens=20, temperature=0.9, top_p=0.95, seed=i,
+                                         stop_on_eos=False))
+                    for i, p in enumerate(PROMPTS[:6]) for mode in ["ppsd", "pp"]]
+        alone = [decode_together(decoder, [r])[0] for r in requests]
+        together = decode_together(decoder, requests, cancel_after={3: 5, 8: 2})
+        for i, (a, t) in enumerate(zip(alone, together)):
+            assert t == (a[:5] if i == 3 else a[:2] if i == 8 else a), i
+        assert max(sizes) > 1
+        assert [loop.stage.sequences() for loop in loops] == [[]] * 2
+    finally:
+        for loop in loops:
+            loop.stop()
