@@ -31,10 +31,13 @@ class Health:
     repairs: int                  # times the pipeline was rebuilt after a stage died
 
 
-@ray.remote(num_cpus=0, max_concurrency=8, concurrency_groups={"control": 1, "health": 1})
+@ray.remote(num_cpus=0, concurrency_groups={"control": 1, "health": 1})
 class Coordinator:
-    """Each request runs on its own thread with its own sequence id, so requests can
-    share the stages; their calls interleave in the stages' queues.
+    """Each request runs on its own thread with its own sequence id, so requests share the
+    stages: their calls meet in the stages' queues, and each stage step runs them as one
+    forward. At most `max_num_seqs` requests decode at once (admission); the others wait
+    here for a slot, in order, holding nothing in the stages. Pipeline sets the actor's
+    max_concurrency to cover those waiting too.
 
     It also keeps the pipeline whole: stage actors restart (Ray's max_restarts) when their
     process dies; a request that breaks on it calls `repair`, which waits for the restarted
@@ -42,11 +45,13 @@ class Coordinator:
     tokens (Decoder.decode)."""
 
     def __init__(self, stages: list, eos_token_ids: list[int], window: int | None, transport: str,
-                 timeout_s: float, tensor_group: str | None = None):
+                 timeout_s: float, tensor_group: str | None = None, max_num_seqs: int = 32,
+                 prefill_chunk: int | None = None, max_batch_tokens: int = 512):
         """tensor_group, direct transport only: None sends hidden states inside the stages'
         messages (CPU stages); "nccl" (GPU stages) or "gloo" by torch.distributed point-to-point."""
         self.stages = stages
         self.transport, self.tensor_group, self.timeout_s = Transport(transport), tensor_group, timeout_s
+        self.max_batch_tokens = max_batch_tokens
         if self.transport == Transport.direct:
             self.pipe = DirectPipe(ray.util.get_node_ip_address(), timeout_s)
             get = self.pipe.get
@@ -57,7 +62,8 @@ class Coordinator:
         self._repair_lock = threading.Lock()
         self._pids = self._stage_pids()
         self.decoder = Decoder(self.pipe, len(stages), get=get, eos_token_ids=eos_token_ids, window=window,
-                               repair=self)
+                               repair=self, prefill_chunk=prefill_chunk)
+        self._slots = threading.BoundedSemaphore(max_num_seqs)
         self.metrics = PipelineMetrics()
         self._running: set[str] = set()
         self._cancelled: dict[str, float] = {}  # seq_id: when cancel() came
@@ -89,7 +95,7 @@ class Coordinator:
         """Opens every inbox, forms the stages' tensor group and starts the loops; after this no
         token travels through Ray. Run again, whole, after a stage was rebuilt."""
         wait = self.timeout_s
-        inboxes = ray.get([s.open_inbox.remote() for s in self.stages], timeout=wait)
+        inboxes = ray.get([s.open_inbox.remote(self.max_batch_tokens) for s in self.stages], timeout=wait)
         if self.tensor_group and len(self.stages) > 1:
             master = ray.get(self.stages[0].free_port.remote(), timeout=wait)
             ray.get([s.join_group.remote(len(self.stages), master, self.tensor_group) for s in self.stages],
@@ -141,10 +147,13 @@ class Coordinator:
         gen = GenerationConfig(**gen)
         mode, status, t0, first = gen.mode.value, "error", time.perf_counter(), True
         tokens = self.decoder.decode(seq_id, prompt_ids, gen, stats)
+        # admission: wait for a free slot, unless cancelled meanwhile
+        while not (admitted := self._slots.acquire(timeout=1.0)) and seq_id not in self._cancelled:
+            pass
         self.metrics.started()
         self._running.add(seq_id)
         try:
-            if seq_id in self._cancelled:  # cancelled while queued for a thread: no prefill
+            if seq_id in self._cancelled:  # cancelled while queued: no prefill
                 status = "cancelled"
                 return
             for token in tokens:
@@ -160,6 +169,8 @@ class Coordinator:
             self._running.discard(seq_id)
             self._cancelled.pop(seq_id, None)
             tokens.close()  # releases the sequence on every stage, fills stats.stages
+            if admitted:
+                self._slots.release()
             self.metrics.finished(mode, status, len(prompt_ids), stats, time.perf_counter() - t0)
         yield stats.to_dict()
 

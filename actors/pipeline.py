@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import uuid
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -91,13 +92,13 @@ class Pipeline:
                 str(config.model_dir), start, stop, i, k, config.exit_head, config.exit_layer_or_default,
                 config.dtype, None if gpus else threads))
         self.layout = ray.get([s.ready.remote() for s in self.stages], timeout=config.timeout_s * 5)
-        coordinator = Coordinator
+        # a thread per admitted request, as many again waiting for a slot, and the health probe's
+        options = {"max_concurrency": 2 * config.max_num_seqs + 2}
         if pg is not None:
-            coordinator = Coordinator.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-                pg, placement_group_bundle_index=0))
-        self.coordinator = coordinator.remote(self.stages, list(config.info.eos_token_ids), config.window,
-                                              config.transport.value, config.timeout_s,
-                                              "nccl" if gpus else None)
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
+        self.coordinator = Coordinator.options(**options).remote(
+            self.stages, list(config.info.eos_token_ids), config.window, config.transport.value, config.timeout_s,
+            "nccl" if gpus else None, config.max_num_seqs, config.prefill_chunk, config.max_batch_tokens)
         ray.get(self.coordinator.__ray_ready__.remote(), timeout=config.timeout_s)
 
     def stream(self, prompt_ids: list[int], gen: GenerationConfig | None = None) -> Iterator[int | dict]:
@@ -119,6 +120,26 @@ class Pipeline:
         except Exception as e:
             raise GenerationError(tokens, e) from e
         raise GenerationError(tokens, RuntimeError("stream ended without stats"))
+
+    def generate_many(self, prompts: list[list[int]], gen: GenerationConfig | list[GenerationConfig] | None = None,
+                      on_done=None) -> list[Generation]:
+        """Generates every prompt at once: their calls share each stage's forwards. `gen`: one
+        config for all, or one per prompt. Returns the results in order; `on_done(i, result)`
+        is called as each finishes. A failed request raises its GenerationError once the
+        others have finished."""
+        gens = gen if isinstance(gen, list) else [gen] * len(prompts)
+        for ids, g in zip(prompts, gens):  # a bad prompt fails before any is started
+            check_prompt(ids, self.config.info, g or GenerationConfig())
+        with ThreadPoolExecutor(max(1, len(prompts)), thread_name_prefix="ppsd-generate") as pool:
+            futures = [pool.submit(self.generate, ids, g) for ids, g in zip(prompts, gens)]
+            if on_done is not None:
+                for i, f in enumerate(futures):
+                    f.add_done_callback(lambda f, i=i: f.exception() or on_done(i, f.result()))
+            wait(futures)
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]
+        return [f.result() for f in futures]
 
     def shutdown(self) -> None:
         for actor in [self.coordinator, *self.stages]:

@@ -63,7 +63,11 @@ class ServeSettings(BaseModel):
     require_api_key: bool = Field(False, description="a replica without a key refuses to start; set by "
                                                      "build_app when it sees a key")
     max_tokens_limit: int = Field(2048, ge=1, description="the largest max_tokens a request may ask for")
-    max_ongoing_requests: int = Field(8, ge=1, description="requests one replica decodes at once; more wait")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests one replica takes at once: up to "
+                                                            "pipeline.max_num_seqs decode, batched, the rest wait "
+                                                            "in the replica for a slot")
+    max_queued_requests: int = Field(64, ge=0, description="requests waiting for a replica beyond those; more "
+                                                           "are refused at once with 503")
     replica_cpus: float = Field(0.1, gt=0, description="CPU reservation of the replica (bundle 0)")
     timeout_s: float = Field(150.0, gt=0, description="longest a request waits for the pipeline's next token "
                                                       "(or any call to the coordinator), then a 504 naming it; "
@@ -127,6 +131,7 @@ def build_app(args: dict) -> serve.Application:
         placement_group_bundles=settings.bundles(gpus),
         placement_group_strategy="PACK",
         max_ongoing_requests=settings.max_ongoing_requests,
+        max_queued_requests=settings.max_queued_requests,
         health_check_period_s=settings.health_check_period_s,
         # Serve's own deadline, a little later than ours, so that the failure logged is ours (it names what failed)
         health_check_timeout_s=settings.health_check_timeout_s + 5,

@@ -66,11 +66,11 @@ class StageActor:
     # transport "direct"
 
     @ray.method(concurrency_group="control")
-    def open_inbox(self) -> str:
+    def open_inbox(self, max_batch_tokens: int = 512) -> str:
         """A new loop (after stopping any old one: a rebuilt pipeline reconnects everything)."""
         if self.loop is not None:
             self.loop.stop()
-        self.loop = StageLoop(self.stage, ray.util.get_node_ip_address())
+        self.loop = StageLoop(self.stage, ray.util.get_node_ip_address(), max_batch_tokens)
         return self.loop.address
 
     @ray.method(concurrency_group="control")

@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     add_sampling_args(p)
     p.add_argument("--raw", action="store_true", help="no chat template: tokenizer(prompt).input_ids")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout, nothing else")
+    p.add_argument("--sequential", action="store_true",
+                   help="with --prompts-file: one prompt after another, each streamed as it is verified "
+                        "(default: all prompts at once, batched, printed in order when done)")
     p.set_defaults(run=_generate)
 
     add_eval_acceptance_parser(sub)
@@ -98,6 +101,8 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transport", default="direct", choices=[t.value for t in Transport],
                    help="how hidden states move between stages: 'direct' (stage loops over TCP; NCCL between GPUs) "
                         "or 'ray' (an actor call per stage per token)")
+    p.add_argument("--max-num-seqs", type=int, default=32,
+                   help="sequences decoded at once, batched into one forward per stage step (default 32)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -124,7 +129,7 @@ def pipeline_config(args, mode: str = "ppsd") -> PipelineConfig:
         stages = 1 if mode == "ar" else _default_stages()
     try:
         return PipelineConfig(model_dir=args.model, stages=stages, exit_layer=args.exit_layer, head=args.head,
-                              transport=args.transport)
+                              transport=args.transport, max_num_seqs=args.max_num_seqs)
     except ValidationError as e:
         raise UsageError(describe(e)) from None
 
@@ -200,6 +205,14 @@ def _generate(args) -> int:
     from actors.pipeline import Pipeline
 
     with Pipeline(config) as pipe:
+        if len(prompts) > 1 and not args.sequential:  # one batch: every prompt's calls share the forwards
+            for prompt, result in zip(prompts, pipe.generate_many(prompt_ids, gens)):
+                detok = StreamDetokenizer(tokenizer)
+                for token in result.token_ids:
+                    detok.feed(token)
+                detok.finish()
+                _print_result(args, prompt, detok, result.stats)
+            return 0
         for prompt, ids, gen in zip(prompts, prompt_ids, gens):
             detok = StreamDetokenizer(tokenizer)
             stats = {}
@@ -211,15 +224,20 @@ def _generate(args) -> int:
                 if text and not args.json:  # stream text as it is verified
                     print(text, end="", flush=True)
             tail = detok.finish()
-            if args.json:
-                print(json.dumps({"prompt": prompt.prompt, "text": detok.text, "token_ids": detok.token_ids,
-                                  "stats": stats}), flush=True)
-            else:
-                print(tail)
-                print(f"[{stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tokens/s, "
-                      f"acceptance {stats['acceptance_rate']:.2f}, rollbacks {stats['rollbacks']}]",
-                      file=sys.stderr)
+            if not args.json:
+                print(tail, end="")
+            _print_result(args, prompt, detok, stats, streamed=True)
     return 0
+
+
+def _print_result(args, prompt: Prompt, detok: StreamDetokenizer, stats: dict, streamed: bool = False) -> None:
+    if args.json:
+        print(json.dumps({"prompt": prompt.prompt, "text": detok.text, "token_ids": detok.token_ids,
+                          "stats": stats}), flush=True)
+        return
+    print("" if streamed else detok.text)
+    print(f"[{stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tokens/s, "
+          f"acceptance {stats['acceptance_rate']:.2f}, rollbacks {stats['rollbacks']}]", file=sys.stderr)
 
 
 def add_eval_acceptance_parser(sub) -> None:
@@ -463,7 +481,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--model-name", help="the model id clients send; default: the model directory's name")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint "
                                      "(default: $PPSD_API_KEY; unset: no key)")
-    p.add_argument("--max-ongoing-requests", type=int, default=8, help="requests decoded at once; more wait")
+    p.add_argument("--max-ongoing-requests", type=int, default=64,
+                   help="requests one replica takes at once (up to --max-num-seqs decode, batched; the rest wait)")
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="the largest max_tokens a request may ask")
     p.add_argument("--metrics-port", type=int, help="Ray's Prometheus metrics port (default: Ray picks one)")
     p.add_argument("--address", help="join this running Ray cluster (host:port) instead of starting a new "

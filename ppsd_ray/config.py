@@ -97,6 +97,12 @@ class PipelineConfig(BaseModel):
     threads_per_stage: int | None = Field(None, ge=1, description="torch threads per CPU stage")
     cpus_per_stage: float = Field(0.1, gt=0, description="Ray CPU reservation of a CPU stage")
     window: int | None = Field(None, ge=1, description="ppsd: tokens in flight; default K")
+    max_num_seqs: int = Field(32, ge=1, description="sequences decoded at once, their calls batched into one "
+                                                    "forward per stage step; more requests wait their turn")
+    max_batch_tokens: int = Field(512, ge=1, description="most tokens one stage step computes (decode tokens, "
+                                                         "drafts, prefill chunks of all sequences together)")
+    prefill_chunk: int = Field(128, ge=1, description="a prompt enters the pipeline in chunks of this many tokens, "
+                                                      "so the streams already running keep going between them")
     transport: Transport = Field(Transport.direct, description="how hidden states move between stages")
     timeout_s: float = Field(120.0, gt=0, description="longest wait for any one answer from the stages")
     max_restarts: int = Field(10, ge=0, description="times each stage's process is restarted after dying")

@@ -7,8 +7,8 @@ verifies those drafts and answers the coordinator with a `Verdict`; in pp it
 also feeds that Verdict to stage 1, whose next call takes its token. When a
 sequence ends, each stage answers `release` with its `StageReport`.
 
-A `Work` names one sequence; the transports carry lists of them so that a later
-change can run several sequences in one forward without a new protocol.
+A `Work` names one sequence; a stage step runs the calls of several sequences in
+one forward, and the direct transport carries a step's hops and verdicts as lists.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class Work:
     """One call: `tokens` enter stage 1 at `pos`, then stage 1 runs `chain` more positions,
     each on the draft it just made (eesd), and drafts once more after the last one if
     `draft` (ppsd: that draft enters on the next call). The last stage verifies the call's
-    last `verify` positions. A call with `feed` (pp) has the last stage hand its Verdict
+    last `verify` positions (0: a prompt chunk before the last, answered with no tokens). A call with `feed` (pp) has the last stage hand its Verdict
     straight to stage 1 as well: the next call's token comes round from there, not through
     the coordinator. tokens None: the token made for `pos` by the call before, stage 1's
     own draft (ppsd) or the one fed to it (pp)."""

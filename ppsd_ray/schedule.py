@@ -96,13 +96,15 @@ MAX_REPAIRS = 3
 
 class Decoder:
     def __init__(self, pipe: Pipe, stages: int, get: Callable[[Any], Any] = lambda x: x,
-                 eos_token_ids: Sequence[int] = (), window: int | None = None, repair: Repair | None = None):
+                 eos_token_ids: Sequence[int] = (), window: int | None = None, repair: Repair | None = None,
+                 prefill_chunk: int | None = None):
         self.pipe = pipe
         self.k = stages
         self.get = get
         self.eos = frozenset(eos_token_ids)
         self.window = window or stages
         self.repair = repair
+        self.prefill_chunk = prefill_chunk
 
     def decode(self, seq_id: str, prompt: Sequence[int], gen: GenerationConfig,
                stats: RequestStats) -> Iterator[int | TokenLogprobs]:
@@ -161,12 +163,22 @@ class Decoder:
         """Fills every stage's KV: the prompt, yielding the first token; or, resuming, the prompt
         and the committed tokens but the newest. Returns (token entering next, its position)."""
         if done:
-            get(self.pipe.submit(Work(seq_id, epoch[0], 0, tuple(prompt + done[:-1]), sampling=sampling)))
+            get(self._prefill(seq_id, epoch[0], prompt + done[:-1], sampling))
             return done[-1], len(prompt) + len(done) - 1
-        verdict = get(self.pipe.submit(Work(seq_id, epoch[0], 0, tuple(prompt), sampling=sampling)))
+        verdict = get(self._prefill(seq_id, epoch[0], prompt, sampling))
         stats.prefill_s = time.perf_counter() - t0
         yield from _committed(verdict)
         return verdict.tokens[-1], len(prompt)
+
+    def _prefill(self, seq_id, epoch, ids, sampling):
+        """Sends the ids in chunks of prefill_chunk, all at once: each stage takes one chunk of a
+        sequence per step, so other sequences' tokens go on between them. Only the last chunk
+        is verified; the answer to wait for is its Verdict."""
+        step = self.prefill_chunk or len(ids)
+        for start in range(0, len(ids) - step, step):
+            self.pipe.submit(Work(seq_id, epoch, start, tuple(ids[start:start + step]), verify=0, sampling=sampling))
+        start = (len(ids) - 1) // step * step
+        return self.pipe.submit(Work(seq_id, epoch, start, tuple(ids[start:]), sampling=sampling))
 
     def _pipelined(self, seq_id, prompt, done, gen, sampling, stats, t0, get, epoch) -> Iterator:
         token, next_pos = yield from self._start(seq_id, prompt, done, sampling, stats, t0, get, epoch)
