@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
     p.add_argument("--report-only", action="store_true", help="run nothing: write --markdown again from "
                    "OUT/bench.json and the kill, load and soak results next to it (after one of those ran)")
+    p.add_argument("--load-sweep", metavar="CLIENTS",
+                   help="instead of the bench: the load sweep at these client counts (e.g. 1,4,16,32): ppsd-K2, "
+                        "pp-K2 and ar, batched, against transformers' batched generation, interleaved; writes "
+                        "OUT/load_sweep.json and .png and rewrites --markdown")
+    p.add_argument("--sweep-prompts", type=int, default=16, help="distinct prompts of the load sweep (default 16)")
     p.set_defaults(run=_bench)
 
     add_serve_parser(sub)
@@ -412,7 +417,23 @@ def _per_k(spec: str, cast) -> dict:
 def _bench(args) -> int:
     from . import bench, report
 
-    if args.report_only:
+    if args.load_sweep:
+        from . import sweep
+
+        model_dir, _ = checked_model(args.model)
+        levels = [int(c) for c in args.load_sweep.split(",")]
+        tokenizer = load_tokenizer(model_dir)
+        prompts = [encode_prompt(tokenizer, p.prompt) for p in _prompts_file(args.prompts_file or bench.SUITE)]
+        prompts = prompts[:args.sweep_prompts]
+        exit_layer = PipelineConfig(model_dir=model_dir, stages=2).exit_layer_or_default
+        result = sweep.run_sweep(model_dir, levels, prompts, args.max_new_tokens, exit_layer)
+        result["setup"]["command"] = "ppsd " + " ".join(args.argv)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "load_sweep.json").write_text(json.dumps(result))
+        sweep.plot_sweep(args.out / "load_sweep.png", result)
+        for row in sweep.summary_rows(result):
+            print(json.dumps(row), file=sys.stderr)
+    if args.report_only or args.load_sweep:
         stored = json.loads((args.out / "bench.json").read_text())
         _bench_report(args, stored, stored["summary"], stored["projections"], stored["command"])
         return 0
@@ -466,8 +487,10 @@ def _bench_report(args, result: dict, summary: dict, projections: list[dict], co
     if result["timeline"]:
         images["Pipeline timeline of one request"] = str(rel / "timeline.png")
     # the last results of bench/kill_stages.py and ppsd_ray.loadtest (load, soak), if any
-    reliability = {name: json.loads((args.out / f"{name}.json").read_text()) for name in ("kills", "load", "soak")
-                   if (args.out / f"{name}.json").exists()}
+    reliability = {name: json.loads((args.out / f"{name}.json").read_text())
+                   for name in ("load_sweep", "kills", "load", "soak") if (args.out / f"{name}.json").exists()}
+    if "load_sweep" in reliability:
+        images["Throughput and time to first token against concurrent clients"] = str(rel / "load_sweep.png")
     report.write_markdown(args.markdown, result, summary, projections, command, images, reliability)
     print(f"wrote {args.markdown} from {args.out}", file=sys.stderr)
 

@@ -18,10 +18,11 @@ mask, so every layer keeps its full KV and a rollback past the window finds it.
 
 Why every forward, alone too, goes through this path: a request's tokens must not
 depend on what else is in the batch. Attention runs per sequence on that sequence's
-own shapes, and every linear layer runs in tiles of exactly ROWS rows
-(`batch_invariant`): CPU matmul kernels change their reduction order with the number
-of rows (1, 2-15 and 16+ rows give three different low bits here), so a fixed tile
-makes each row's result the same in any batch.
+own shapes, and every linear layer runs in tiles whose row counts the kernels treat
+alike (`batch_invariant`): CPU matmul kernels change their reduction order with the
+number of rows (1, 2-15 and 16+ rows give three different low bits here), so the
+tile sizes that keep one order are measured when the stage starts (`invariant_tile`),
+and a lone row is padded to two (which costs the same as one here).
 """
 from __future__ import annotations
 
@@ -36,7 +37,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 ATTENTION = "ppsd_packed"
 GROW = 256     # positions a sequence's buffers grow by
-ROWS = 16      # every matmul runs on tiles of exactly this many rows
 
 
 # ---- one sequence's cache
@@ -225,24 +225,49 @@ def use_packed_attention(model: nn.Module) -> None:
 # ---- linear layers whose rows do not depend on the batch
 
 
-def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear computed on tiles of exactly ROWS rows (the last one padded with zeros)."""
+def invariant_tile(weight: torch.Tensor, limit: int = 32) -> int:
+    """The most rows a matmul tile with this weight may have so that each row's result is the
+    same in every tile of 2 to that many rows, on this process's threads. Measured, because
+    kernels pick their reduction order by row count: here (one thread) 1 row, 2-15 rows and
+    16+ rows give three different low bits, and with two threads some shapes change at 4."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(limit, weight.shape[1], generator=g).to(weight.dtype).to(weight.device)
+    first = F.linear(x[:2], weight)
+    for m in range(3, limit + 1):
+        out = F.linear(x[:m], weight)
+        last = F.linear(x[m - 2:m], weight)
+        if not (torch.equal(out[0], first[0]) and torch.equal(out[m - 1], last[1])):
+            return m - 1
+    return limit
+
+
+def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: int) -> torch.Tensor:
+    """F.linear on tiles of 2 to `tile` rows (a lone row is padded to two), so that every row's
+    result is the one it gets alone: the tile sizes stay in one class of invariant_tile."""
     rows = x.reshape(-1, x.shape[-1])
     m = rows.shape[0]
-    pad = -m % ROWS
-    if pad:
-        rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
-    out = torch.cat([F.linear(tile, weight, bias) for tile in rows.split(ROWS)]) if m + pad > ROWS \
-        else F.linear(rows, weight, bias)
+    if m == 1:
+        rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+    if m <= tile:
+        out = F.linear(rows, weight, bias)
+    else:
+        n = -(-m // tile)  # tiles of near-equal size, each at least 2 rows
+        out = torch.cat([F.linear(t, weight, bias) for t in rows.tensor_split(n)])
     return out[:m].reshape(*x.shape[:-1], weight.shape[0])
 
 
 def batch_invariant(module: nn.Module) -> nn.Module:
-    """Every linear layer in `module` computes through tiled_linear (a layer with its own
-    forward around the product, families.LMHead, names it `matmul`)."""
+    """Every linear layer in `module` computes through tiled_linear, with the tile measured for
+    its weight's shape (a layer with its own forward around the product, families.LMHead,
+    names it `matmul`)."""
+    tiles: dict[tuple, int] = {}
     for m in module.modules():
+        if not (hasattr(m, "matmul") or type(m) is nn.Linear):
+            continue
+        key = (tuple(m.weight.shape), m.weight.dtype, m.weight.device)
+        tile = tiles[key] = tiles.get(key) or invariant_tile(m.weight)
         if hasattr(m, "matmul"):
-            m.matmul = tiled_linear
-        elif type(m) is nn.Linear:
-            m.forward = lambda x, m=m: tiled_linear(x, m.weight, m.bias)
+            m.matmul = lambda x, w, b, tile=tile: tiled_linear(x, w, b, tile)
+        else:
+            m.forward = lambda x, m=m, tile=tile: tiled_linear(x, m.weight, m.bias, tile)
     return module

@@ -94,7 +94,7 @@ def write_markdown(path: Path, result: dict, summary: dict, projections: list[di
                          f"{p['ar_ms_per_token']:.1f} | {p['ppsd_ms_per_token']:.1f} | {p['speedup']:.2f}x | "
                          f"{p['ideal']:.2f}x |")
     reliability = reliability or {}
-    for name, section in (("kills", _kills), ("load", _load), ("soak", _soak)):
+    for name, section in (("load_sweep", _load_sweep), ("kills", _kills), ("load", _load), ("soak", _soak)):
         if name in reliability:
             lines += section(reliability[name])
     for title, img in images.items():
@@ -137,6 +137,26 @@ def _load(load: dict) -> list[str]:
             f"{load['tokens_per_s']:.1f} | {_f(load['client_tokens_per_s'].get('p50'), '{:.2f}')} | "
             f"{_f(alone['ttft_s'].get('p50') and 1e3 * alone['ttft_s']['p50'], '{:.0f}')} | "
             f"{_f(alone['tokens_per_s'].get('p50'), '{:.1f}')} |"]
+
+
+def _load_sweep(sweep: dict) -> list[str]:
+    from .sweep import summary_rows
+
+    k = sweep["setup"]
+    lines = ["", "## Under load: concurrent clients, batched", "",
+             f"`{k['command']}` on {k['date']} ({k['cpu']}, {k['cores']} cores), {k['prompts']} distinct prompts, "
+             f"{k['max_new_tokens']} new tokens, greedy, exit layer {k['exit_layer']}. Each level runs every system in "
+             "turn. Our systems: one streaming request per client through the Python driver, all at once (the "
+             "stages batch their calls); 1 client: each prompt alone, one after another, which is also the "
+             "reference every answer under load must equal. hf-batched: transformers' batched generation of the "
+             "same prompts in one call (1 client: plain `generate`, one prompt at a time).", "",
+             "| system | clients | tokens/s (all) | TTFT p50 / p99 s | inter-token p50 ms | identical to alone "
+             "| errors | acceptance | note |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary_rows(sweep):
+        lines.append(f"| {r['system']} | {r['clients']} | {r['tokens_per_s']:.1f} | {_f(r['ttft_p50'])} / "
+                     f"{_f(r['ttft_p99'])} | {_f(r['itl_p50'] and 1e3 * r['itl_p50'], '{:.0f}')} | {r['identical']} | "
+                     f"{r['errors']} | {_f(r['acceptance'])} | {r['note']} |")
+    return lines
 
 
 def _soak(soak: dict) -> list[str]:

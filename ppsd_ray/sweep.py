@@ -1,0 +1,242 @@
+"""`ppsd bench --load-sweep 1,4,16,32`: throughput and latency as concurrent clients grow.
+
+Each client level runs every system in turn (order rotated per level): our pipelines
+with one streaming request per client, all at once through the Python driver (the
+coordinator admits them, the stages batch their calls), and transformers' own batched
+generation of the same prompts in one call. Every pipeline answer under load must equal
+the same prompt's answer alone on the same pipeline, token for token.
+"""
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class LevelResult:
+    """One system at one client count."""
+    system: str
+    clients: int
+    tokens: int = 0
+    wall_s: float = 0.0
+    ttft_s: list[float] = field(default_factory=list)
+    itl_s: list[float] = field(default_factory=list)   # gaps between a request's consecutive tokens
+    identical: int = 0   # answers equal to the prompt's answer alone
+    compared: int = 0
+    errors: list[str] = field(default_factory=list)
+    acceptance: float | None = None
+    note: str = ""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+
+def _p(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def run_clients(pipe, prompts: list[list[int]], gen) -> tuple[list[dict], float]:
+    """One streaming request per prompt, all at once: per request its tokens, TTFT, token
+    gaps and stats (or error); and the wall time from the first start to the last end."""
+    out: list[dict] = [{} for _ in prompts]
+    go = threading.Barrier(len(prompts) + 1)
+
+    def client(i: int) -> None:
+        go.wait()
+        t0 = last = time.perf_counter()
+        rec = out[i] = {"tokens": [], "gaps": [], "ttft": None, "stats": {}}
+        try:
+            for item in pipe.stream(prompts[i], gen):
+                now = time.perf_counter()
+                if isinstance(item, dict):
+                    rec["stats"] = item
+                    break
+                if rec["ttft"] is None:
+                    rec["ttft"] = now - t0
+                else:
+                    rec["gaps"].append(now - last)
+                last = now
+                rec["tokens"].append(int(item))
+        except Exception as e:  # counted, not raised: a load test reports its errors
+            rec["error"] = f"{type(e).__name__}: {e}"
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    go.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return out, time.perf_counter() - t0
+
+
+class HFBatched:
+    """transformers' best batched generation here: `generate_batch` (continuous batching, paged
+    cache) where it runs, else `generate` on the left-padded batch."""
+
+    def __init__(self, model_dir: Path):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.pad = AutoTokenizer.from_pretrained(model_dir).pad_token_id or 0
+        self.how = None
+
+    def run(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], float]:
+        from transformers import GenerationConfig
+
+        torch = self.torch
+        if self.how in (None, "generate_batch"):
+            try:
+                cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None)
+                t0 = time.perf_counter()
+                done = self.model.generate_batch(inputs=prompts, generation_config=cfg, progress_bar=False)
+                wall = time.perf_counter() - t0
+                self.how = "generate_batch"
+                return [list(done[k].generated_tokens) for k in sorted(done, key=lambda r: int(r.split("_")[-1]))], wall
+            except Exception as e:  # e.g. "attn_implementation sdpa_paged is not supported" on CPU
+                self.how = f"generate (padded; generate_batch: {type(e).__name__}: {str(e)[:80]})"
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                                      eos_token_id=None, pad_token_id=self.pad)
+        return out[:, width:].tolist(), time.perf_counter() - t0
+
+
+def run_sweep(model_dir: Path, levels: list[int], prompts: list[list[int]], max_new_tokens: int,
+              exit_layer: int, head: str = "auto", progress: bool = True) -> dict:
+    """Systems: ppsd-K2, pp-K2, ar (batched pipelines) and hf-batched. `prompts`: the distinct
+    prompts; a level of c clients sends prompts[i % len(prompts)] for i < c."""
+    from tqdm import tqdm
+
+    import ray
+    from actors.pipeline import Pipeline
+
+    from .bench import machine_info
+    from .config import GenerationConfig, PipelineConfig
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    top = max(levels)
+    k2 = Pipeline(PipelineConfig(model_dir=model_dir, stages=2, exit_layer=exit_layer, head=head,
+                                 cpus_per_stage=0.01, max_num_seqs=top))
+    k1 = Pipeline(PipelineConfig(model_dir=model_dir, stages=1, cpus_per_stage=0.01, max_num_seqs=top))
+    systems = {"ppsd-K2": (k2, "ppsd"), "pp-K2": (k2, "pp"), "ar": (k1, "ar")}
+    hf = HFBatched(model_dir)
+    results: list[LevelResult] = []
+    alone: dict[str, list[list[int]]] = {}
+    names = [*systems, "hf-batched"]
+    bar = tqdm(total=len(levels) * len(names), desc="load sweep", disable=not progress)
+    try:
+        for pipe, mode in systems.values():  # warm-up
+            pipe.generate(prompts[0], GenerationConfig(mode=mode, max_new_tokens=4))
+        hf.run(prompts[:2], 4)
+        for li, clients in enumerate(sorted(levels)):
+            batch = [prompts[i % len(prompts)] for i in range(clients)]
+            for name in names[li % len(names):] + names[:li % len(names)]:
+                r = LevelResult(name, clients)
+                if name == "hf-batched":
+                    outs, r.wall_s = hf.run(batch, max_new_tokens) if clients > 1 else _hf_one(hf, batch, max_new_tokens)
+                    r.tokens = sum(len(o) for o in outs)
+                    r.note = hf.how if clients > 1 else "generate, one prompt at a time"
+                else:
+                    pipe, mode = systems[name]
+                    gen = GenerationConfig(mode=mode, max_new_tokens=max_new_tokens, stop_on_eos=False)
+                    if clients == 1:  # each distinct prompt alone, one after another: the reference
+                        recs, r.wall_s = [], 0.0
+                        for p in prompts:
+                            rec, wall = run_clients(pipe, [p], gen)
+                            recs += rec
+                            r.wall_s += wall
+                        alone[name] = [rec["tokens"] for rec in recs]
+                    else:
+                        recs, r.wall_s = run_clients(pipe, batch, gen)
+                    for i, rec in enumerate(recs):
+                        if "error" in rec:
+                            r.errors.append(rec["error"])
+                            continue
+                        r.tokens += len(rec["tokens"])
+                        r.ttft_s.append(rec["ttft"])
+                        r.itl_s += rec["gaps"]
+                        if clients > 1 and name in alone:
+                            r.compared += 1
+                            r.identical += rec["tokens"] == alone[name][i % len(prompts)]
+                    drafted = sum(rec.get("stats", {}).get("drafted", 0) for rec in recs)
+                    if drafted:
+                        r.acceptance = sum(rec["stats"]["accepted"] for rec in recs) / drafted
+                results.append(r)
+                bar.update()
+        bar.close()
+    finally:
+        k2.shutdown()
+        k1.shutdown()
+        if started:
+            ray.shutdown()
+    return {"setup": machine_info() | {"model_dir": str(model_dir), "max_new_tokens": max_new_tokens,
+                                       "prompts": len(prompts), "levels": sorted(levels), "exit_layer": exit_layer},
+            "results": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in results]}
+
+
+def _hf_one(hf: HFBatched, prompts: list[list[int]], max_new_tokens: int):
+    """One client: transformers' plain generate of each prompt alone."""
+    torch, outs, wall = hf.torch, [], 0.0
+    for p in prompts:
+        x = torch.tensor([p])
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = hf.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                    max_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=hf.pad)
+        wall += time.perf_counter() - t0
+        outs.append(out[0, len(p):].tolist())
+    return outs, wall
+
+
+def summary_rows(sweep: dict) -> list[dict]:
+    """Per (system, clients): tokens/s, TTFT p50/p99, inter-token p50, identical, errors."""
+    rows = []
+    for r in sweep["results"]:
+        rows.append({"system": r["system"], "clients": r["clients"], "tokens_per_s": r["tokens_per_s"],
+                     "ttft_p50": _p(r["ttft_s"], 0.5), "ttft_p99": _p(r["ttft_s"], 0.99),
+                     "itl_p50": statistics.median(r["itl_s"]) if r["itl_s"] else None,
+                     "identical": f"{r['identical']}/{r['compared']}" if r["compared"] else "",
+                     "errors": len(r["errors"]), "acceptance": r["acceptance"], "note": r["note"]})
+    return rows
+
+
+def plot_sweep(path: Path, sweep: dict) -> None:
+    """Aggregate tokens/s and TTFT p50 against clients, one line per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary_rows(sweep)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for system in dict.fromkeys(r["system"] for r in rows):
+        mine = sorted((r for r in rows if r["system"] == system), key=lambda r: r["clients"])
+        a.plot([r["clients"] for r in mine], [r["tokens_per_s"] for r in mine], marker="o", label=system)
+        ttft = [(r["clients"], r["ttft_p50"]) for r in mine if r["ttft_p50"] is not None]
+        if ttft:
+            b.plot(*zip(*ttft), marker="o", label=system)
+    for ax, title in ((a, "tokens/s, all clients"), (b, "time to first token p50 (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{sweep['setup']['cpu']}, {sweep['setup']['max_new_tokens']} new tokens, greedy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
