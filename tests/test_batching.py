@@ -55,10 +55,12 @@ def decode_together(decoder, requests, cancel_after: dict | None = None):
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_batched_requests_equal_transformers_greedy_and_their_output_alone(tiny_model_dir, k):
+    """Prompts enter in chunks of 3 tokens, mixed with other sequences' decoding, and a step
+    computes at most 8 tokens, so long chunks wait for the next step."""
     stages = local_stages(tiny_model_dir, k)
     sizes = batch_sizes(stages[-1])
-    pipe, loops = direct_pipe(stages)
-    decoder = Decoder(pipe, k, get=pipe.get, eos_token_ids=[2])
+    pipe, loops = direct_pipe(stages, max_batch_tokens=8)
+    decoder = Decoder(pipe, k, get=pipe.get, eos_token_ids=[2], prefill_chunk=3)
     modes = ["ar"] if k == 1 else ["pp", "ppsd", "eesd"]
     try:
         for mode in modes:

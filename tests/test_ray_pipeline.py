@@ -1,6 +1,9 @@
 """The pipeline on real Ray actors, on both transports: lossless in every mode, streamed,
 stats filled, requests kept apart, and no sequence state left behind."""
+import threading
+
 import pytest
+import ray
 
 from actors.pipeline import Pipeline
 from conftest import hf_greedy
@@ -55,3 +58,24 @@ def test_requests_sharing_a_pipeline_do_not_mix(ray_cluster, tiny_model_dir, tra
         streams = [pipe.coordinator.generate.remote(f"seq{i}", p, gen) for i, p in enumerate(prompts)]
         outs = [[ray.get(r) for r in s][:-1] for s in streams]
     assert outs == wants
+
+
+def test_admission_queues_requests_beyond_max_num_seqs(ray_cluster, tiny_model_dir):
+    """Six requests on a pipeline that decodes two at a time: the others wait for a slot, and
+    each answer equals transformers' greedy output."""
+    prompts = [[3, 5, 78, 7], [1, 40, 41, 42], [9], [17, 18, 19], [100, 7], [8, 9, 10]]
+    gen = GenerationConfig(mode="ppsd", max_new_tokens=16, stop_on_eos=False)
+    with Pipeline(PipelineConfig(model_dir=tiny_model_dir, stages=2, max_num_seqs=2)) as pipe:
+        held, done = [], threading.Event()
+
+        def watch():  # how many sequences stage 1 holds at once
+            while not done.is_set():
+                held.append(len(ray.get(pipe.stages[0].sequences.remote())))
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        got = pipe.generate_many(prompts, gen)
+        done.set()
+        watcher.join()
+    assert max(held) == 2
+    assert [g.token_ids for g in got] == [hf_greedy(tiny_model_dir, p, 16, stop_on_eos=False) for p in prompts]

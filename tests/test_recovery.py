@@ -58,3 +58,29 @@ def test_a_killed_stage_loses_no_token(ray_cluster, tiny_model_dir, transport):
         # the repaired pipeline serves the next request as if nothing happened, with nothing left behind
         assert pipe.generate(PROMPT, GenerationConfig(max_new_tokens=48, stop_on_eos=False)).token_ids == want
         assert ray.get([s.sequences.remote() for s in pipe.stages]) == [[]] * 3
+
+
+@pytest.mark.slow
+def test_a_stage_rebuilt_under_16_batched_sequences_loses_none(ray_cluster, tiny_model_dir):
+    """16 requests decode together (their calls batched); stage 2 dies under them. Every one is
+    re-prefilled from its committed tokens and ends with its uninterrupted output."""
+    import threading
+    import time
+
+    import ray
+
+    prompts = [[3 + i, 5, 78, 7, 5 + i, 195, 4, 3][: 2 + i % 7] for i in range(16)]
+    gen = GenerationConfig(mode="ppsd", max_new_tokens=40, stop_on_eos=False)
+    want = [hf_greedy(tiny_model_dir, p, 40, stop_on_eos=False) for p in prompts]
+    with Pipeline(PipelineConfig(model_dir=tiny_model_dir, stages=2, timeout_s=60, max_num_seqs=16)) as pipe:
+        got = []
+        run = threading.Thread(target=lambda: got.extend(pipe.generate_many(prompts, gen)))
+        run.start()
+        deadline = time.monotonic() + 60
+        while len(ray.get(pipe.stages[1].sequences.remote())) < 16 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        kill_stage(pipe, 1)  # with every sequence held there
+        run.join(120)
+        assert [g.token_ids for g in got] == want
+        assert all(g.stats["repairs"] >= 1 for g in got)
+        assert ray.get([s.sequences.remote() for s in pipe.stages]) == [[]] * 2

@@ -17,10 +17,10 @@ from test_schedule import PROMPTS, local_stages
 HOST = "127.0.0.1"
 
 
-def direct_pipe(stages, tensor_group: str | None = None):
+def direct_pipe(stages, tensor_group: str | None = None, max_batch_tokens: int = 512):
     """What the Coordinator sets up through Ray (actors.coordinator._connect_direct)."""
     pipe = DirectPipe(HOST, timeout_s=30)
-    loops = [StageLoop(stage, HOST) for stage in stages]
+    loops = [StageLoop(stage, HOST, max_batch_tokens) for stage in stages]
     if tensor_group:
         master = f"{HOST}:{free_ports(1)[0]}"
 
