@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .families import build_shard, decoder, layer_prefix
+from .families import build_shard, decoder, layer_prefix, load_tensors, tensor_names
 from .heads import ExitHead, build_head
-from .model import cache_dir, encode_prompt, load_tensors, model_fingerprint
+from .model import cache_dir, encode_prompt, model_fingerprint
 from .prompts import read_prompts
 
 
@@ -282,8 +282,6 @@ def new_head(kind: str, model_dir: Path, exit_layer: int) -> ExitHead:
 
 
 def _names(model_dir: Path) -> list[str]:
-    from .model import tensor_names
-
     return tensor_names(Path(model_dir))
 
 
