@@ -90,7 +90,7 @@ def _fetch_gguf(model: NamedModel, tmp: Path) -> Path:
 def convert_gguf(gguf: Path, out: Path) -> None:
     """GGUF -> fp32 safetensors + tokenizer. transformers refuses save_pretrained on a
     GGUF-loaded model, so a plain model is built from its config and given the weights."""
-    import torch
+    import torch  # torch and transformers lazily: model.py is the light bottom (names, files, fingerprints)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -129,7 +129,7 @@ def check_weights(model_dir: Path) -> None:
 
 def load_tokenizer(model_dir: Path):
     """ValueError with a one-line message if the directory has no usable tokenizer."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazily, as in convert_gguf
 
     try:
         return AutoTokenizer.from_pretrained(model_dir)

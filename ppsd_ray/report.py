@@ -155,7 +155,7 @@ def _soak(soak: dict) -> list[str]:
 
 
 def plot_speedup(path: Path, summary: dict, num_layers: int, exit_layers: dict[int, int]) -> None:
-    import matplotlib
+    import matplotlib  # only for the plots: an optional, slow import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -190,7 +190,7 @@ def plot_speedup(path: Path, summary: dict, num_layers: int, exit_layers: dict[i
 
 def plot_timeline(path: Path, timeline: dict) -> None:
     """Which stage worked on which position when; computations later rolled back in red."""
-    import matplotlib
+    import matplotlib  # only for the plots: an optional, slow import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
