@@ -55,7 +55,8 @@ def build_family_model(path, model_type: str) -> None:
 def generate_local(model_dir, k: int, prompt: list[int], mode: str, max_new_tokens: int, head: str = "lm",
                    exit_layer: int | None = None) -> tuple[list[int], RequestStats]:
     """The pipeline in-process (no Ray): K Stages driven by the Decoder; greedy, no stop on eos."""
-    plan = resolve(PipelineConfig(model_dir=model_dir, stages=k, exit_layer=exit_layer, head=head))
+    config = PipelineConfig(model_dir=model_dir, stages=k, exit_layer=exit_layer, head=head)
+    plan = resolve(config)
     stages = [Stage(model_dir, a, b, index=i, num_stages=k, head=plan.head, exit_layer=plan.exit_layer)
               for i, (a, b) in enumerate(plan.layer_ranges)]
     stats = RequestStats()
