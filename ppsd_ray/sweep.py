@@ -8,11 +8,20 @@ the same prompt's answer alone on the same pipeline, token for token.
 """
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import ray
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig as HFGenerationConfig
+
+from actors.pipeline import Pipeline
+
+from .bench import machine_info
+from .config import GenerationConfig, PipelineConfig
 
 
 @dataclass
@@ -33,13 +42,6 @@ class LevelResult:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.wall_s if self.wall_s else 0.0
-
-
-def _p(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 def run_clients(pipe, prompts: list[list[int]], gen) -> tuple[list[dict], float]:
@@ -82,21 +84,14 @@ class HFBatched:
     cache) where it runs, else `generate` on the left-padded batch."""
 
     def __init__(self, model_dir: Path):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.pad = AutoTokenizer.from_pretrained(model_dir).pad_token_id or 0
         self.how = None
 
     def run(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], float]:
-        from transformers import GenerationConfig
-
-        torch = self.torch
         if self.how in (None, "generate_batch"):
             try:
-                cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None)
+                cfg = HFGenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None)
                 t0 = time.perf_counter()
                 done = self.model.generate_batch(inputs=prompts, generation_config=cfg, progress_bar=False)
                 wall = time.perf_counter() - t0
@@ -118,14 +113,6 @@ def run_sweep(model_dir: Path, levels: list[int], prompts: list[list[int]], max_
               exit_layer: int, head: str = "auto", progress: bool = True) -> dict:
     """Systems: ppsd-K2, pp-K2, ar (batched pipelines) and hf-batched. `prompts`: the distinct
     prompts; a level of c clients sends prompts[i % len(prompts)] for i < c."""
-    from tqdm import tqdm
-
-    import ray
-    from actors.pipeline import Pipeline
-
-    from .bench import machine_info
-    from .config import GenerationConfig, PipelineConfig
-
     started = not ray.is_initialized()
     if started:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -191,7 +178,7 @@ def run_sweep(model_dir: Path, levels: list[int], prompts: list[list[int]], max_
 
 def _hf_one(hf: HFBatched, prompts: list[list[int]], max_new_tokens: int):
     """One client: transformers' plain generate of each prompt alone."""
-    torch, outs, wall = hf.torch, [], 0.0
+    outs, wall = [], 0.0
     for p in prompts:
         x = torch.tensor([p])
         t0 = time.perf_counter()
@@ -201,42 +188,3 @@ def _hf_one(hf: HFBatched, prompts: list[list[int]], max_new_tokens: int):
         wall += time.perf_counter() - t0
         outs.append(out[0, len(p):].tolist())
     return outs, wall
-
-
-def summary_rows(sweep: dict) -> list[dict]:
-    """Per (system, clients): tokens/s, TTFT p50/p99, inter-token p50, identical, errors."""
-    rows = []
-    for r in sweep["results"]:
-        rows.append({"system": r["system"], "clients": r["clients"], "tokens_per_s": r["tokens_per_s"],
-                     "ttft_p50": _p(r["ttft_s"], 0.5), "ttft_p99": _p(r["ttft_s"], 0.99),
-                     "itl_p50": statistics.median(r["itl_s"]) if r["itl_s"] else None,
-                     "identical": f"{r['identical']}/{r['compared']}" if r["compared"] else "",
-                     "errors": len(r["errors"]), "acceptance": r["acceptance"], "note": r["note"]})
-    return rows
-
-
-def plot_sweep(path: Path, sweep: dict) -> None:
-    """Aggregate tokens/s and TTFT p50 against clients, one line per system."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = summary_rows(sweep)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for system in dict.fromkeys(r["system"] for r in rows):
-        mine = sorted((r for r in rows if r["system"] == system), key=lambda r: r["clients"])
-        a.plot([r["clients"] for r in mine], [r["tokens_per_s"] for r in mine], marker="o", label=system)
-        ttft = [(r["clients"], r["ttft_p50"]) for r in mine if r["ttft_p50"] is not None]
-        if ttft:
-            b.plot(*zip(*ttft), marker="o", label=system)
-    for ax, title in ((a, "tokens/s, all clients"), (b, "time to first token p50 (s)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent clients")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"{sweep['setup']['cpu']}, {sweep['setup']['max_new_tokens']} new tokens, greedy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from . import distill
 from .heads import HeadMismatch, VOCAB_KEY, check_draft_vocab, load_exit_head, read_head_meta, save_head
@@ -97,15 +99,11 @@ def build_vocab(model_dir: Path, spec: VocabSpec, val_prompts: Path, command: st
 
 
 def save_vocab(path: Path, ids: torch.Tensor, meta: dict) -> None:
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({VOCAB_KEY: ids.contiguous()}, path, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
 
 
 def read_vocab(path: Path, vocab_size: int) -> tuple[torch.Tensor, dict]:
-    from safetensors import safe_open
-
     try:
         with safe_open(path, framework="pt") as f:
             meta = json.loads((f.metadata() or {})[META_KEY])

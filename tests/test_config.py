@@ -3,6 +3,7 @@ import pytest
 from pydantic import ValidationError
 
 from ppsd_ray.config import GenerationConfig, PipelineConfig, describe
+from ppsd_ray.plan import resolve
 
 
 def message(**kwargs) -> str:
@@ -29,4 +30,4 @@ def test_bad_values_name_their_field(tiny_model_dir, tmp_path):
 def test_layer_ranges_cover_the_model_once(tiny_model_dir):
     for k, e, want in [(1, None, [(0, 8)]), (2, None, [(0, 4), (4, 8)]), (3, 2, [(0, 2), (2, 5), (5, 8)]),
                        (4, 5, [(0, 5), (5, 6), (6, 7), (7, 8)])]:
-        assert PipelineConfig(model_dir=tiny_model_dir, stages=k, exit_layer=e).layer_ranges() == want
+        assert resolve(PipelineConfig(model_dir=tiny_model_dir, stages=k, exit_layer=e)).layer_ranges == want

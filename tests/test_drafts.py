@@ -12,7 +12,7 @@ import torch
 from pydantic import ValidationError
 
 from conftest import WORDS, build_tiny_model, hf_greedy
-from ppsd_ray import calibrate
+from ppsd_ray import calibrate, plan
 from ppsd_ray import distill as D
 from ppsd_ray.config import GenerationConfig, PipelineConfig
 from ppsd_ray.heads import (HeadMismatch, build_head, load_exit_head, read_draft_vocab, read_head_meta, save_head,
@@ -82,8 +82,9 @@ def test_restricted_logits_are_the_full_logits_columns(tiny_model_dir):
 
 def test_vocab_head_drafts_only_its_tokens_and_is_lossless(tiny_model_dir, vocab_head_file):
     config = PipelineConfig(model_dir=tiny_model_dir, stages=2, exit_layer=EXIT, head=str(vocab_head_file))
-    stages = [Stage(tiny_model_dir, a, b, index=i, num_stages=2, head=config.exit_head, exit_layer=EXIT)
-              for i, (a, b) in enumerate(config.layer_ranges())]
+    resolved = plan.resolve(config)
+    stages = [Stage(tiny_model_dir, a, b, index=i, num_stages=2, head=resolved.head, exit_layer=EXIT)
+              for i, (a, b) in enumerate(resolved.layer_ranges)]
     allowed = set(stages[0].exit_head.draft_vocab.tolist())
     drafts = []
     forward = stages[0].forward
@@ -221,10 +222,13 @@ def test_draft_vocab_and_attach_commands_record_and_reproduce(tiny_model_dir, tm
 
 def test_exit_layer_auto_is_valid_and_calibrated_once(tiny_model_dir, cache, monkeypatch):
     config = PipelineConfig(model_dir=tiny_model_dir, stages=2)
-    assert config.exit_layer == "auto" and config.plan is not None
-    e = config.exit_layer_or_default
-    assert 1 <= e <= 7 and config.layer_ranges() == [(0, e), (e, 8)] and config.exit_head == "lm"
-    assert len(config.plan.stage_s) == 2 and config.plan.token_s > 0
+    assert config.exit_layer == "auto" and not list(cache.glob("calibration/*.json"))  # a config does not plan
+    resolved = plan.resolve(config)
+    assert resolved.predicted and resolved.mode.value == "ppsd"
+    e = resolved.exit_layer
+    assert 1 <= e <= 7 and resolved.layer_ranges == [(0, e), (e, 8)] and resolved.head == "lm"
+    assert len(resolved.stage_s) == 2 and resolved.token_s > 0
+    assert resolved.describe().startswith(f"exit layer {e}, head lm (acceptance ")
     files = list((cache / "calibration").glob("*.json"))
     assert len(files) == 1 and files[0].name.startswith(model_fingerprint(tiny_model_dir))
     calibrate._MEMO.clear()  # a new process: reads the file, measures nothing
@@ -234,14 +238,14 @@ def test_exit_layer_auto_is_valid_and_calibrated_once(tiny_model_dir, cache, mon
 
     monkeypatch.setattr(calibrate, "measure", no_measuring)
     again = PipelineConfig(model_dir=tiny_model_dir, stages=2)
-    assert again.exit_layer_or_default == e
-    assert PipelineConfig(model_dir=tiny_model_dir, stages=3).layer_ranges()[-1][1] == 8
-    one = PipelineConfig(model_dir=tiny_model_dir, stages=1)
-    assert one.plan is None and one.layer_ranges() == [(0, 8)]
+    assert plan.resolve(again).exit_layer == e
+    assert plan.resolve(PipelineConfig(model_dir=tiny_model_dir, stages=3)).layer_ranges[-1][1] == 8
+    one = plan.resolve(PipelineConfig(model_dir=tiny_model_dir, stages=1))
+    assert not one.predicted and one.layer_ranges == [(0, 8)] and one.mode.value == "ar"
     with pytest.raises(ValidationError, match="exit_layer"):
         PipelineConfig(model_dir=tiny_model_dir, stages=2, exit_layer="soon")
     if not torch.cuda.is_available():  # GPU stages configured here: calibrated on this CPU instead
-        assert calibrate.stage_target(2, True, None, "auto") == ("cpu", 1, "bfloat16")
+        assert plan.stage_target(2, True, None, "auto") == ("cpu", 1, "bfloat16")
 
 
 def test_auto_balances_the_stages_by_cost(tiny_model_dir, cache):
@@ -253,7 +257,7 @@ def test_auto_balances_the_stages_by_cost(tiny_model_dir, cache):
         path.write_text(calibrate.Calibration(model_fingerprint=fp, device="cpu", threads=1, dtype="float32",
                                               layer_s=1.0, lm_head_s=3.0, draft_s={"lm": draft_s}).model_dump_json())
         calibrate._MEMO.clear()
-        return calibrate.plan(tiny_model_dir, 2, None, "lm", "cpu", 1, "float32")
+        return plan.fastest(tiny_model_dir, 2, None, "lm", "cpu", 1, "float32")
 
     assert plan_with(3.0).exit_layer == 4 and plan_with(3.0).stage_s == [7.0, 7.0]
     assert plan_with(1.0).exit_layer == 5 and plan_with(1.0).stage_s == [6.0, 6.0]

@@ -17,6 +17,7 @@ from ppsd_ray.families import FAMILIES, base_model, shard_config
 from ppsd_ray.kv import SeqKV
 from ppsd_ray.heads import save_head
 from ppsd_ray.model import model_fingerprint
+from ppsd_ray.plan import resolve
 from ppsd_ray.protocol import Work
 from ppsd_ray.schedule import Decoder, RequestStats
 from ppsd_ray.stage import Stage
@@ -56,9 +57,9 @@ def generate_local(model_dir, k: int, prompt: list[int], mode: str, max_new_toke
                    exit_layer: int | None = None) -> tuple[list[int], RequestStats]:
     """The pipeline in-process (no Ray): K Stages driven by the Decoder; greedy, no stop on eos."""
     config = PipelineConfig(model_dir=model_dir, stages=k, exit_layer=exit_layer, head=head)
-    e = config.exit_layer_or_default
-    stages = [Stage(model_dir, a, b, index=i, num_stages=k, head=config.exit_head, exit_layer=e)
-              for i, (a, b) in enumerate(config.layer_ranges())]
+    plan = resolve(config)
+    stages = [Stage(model_dir, a, b, index=i, num_stages=k, head=plan.head, exit_layer=plan.exit_layer)
+              for i, (a, b) in enumerate(plan.layer_ranges)]
     stats = RequestStats()
     gen = GenerationConfig(mode=mode, max_new_tokens=max_new_tokens, gamma=3, stop_on_eos=False)
     decoder = Decoder(LocalPipe(stages), k, eos_token_ids=config.info.eos_token_ids)

@@ -14,6 +14,7 @@ from ppsd_ray import distill as D
 from ppsd_ray.config import GenerationConfig, PipelineConfig
 from ppsd_ray.heads import HeadMismatch, load_exit_head, read_head_meta, save_head
 from ppsd_ray.model import encode_prompt, load_tokenizer, model_fingerprint
+from ppsd_ray.plan import resolve
 from ppsd_ray.prompts import read_prompts
 from ppsd_ray.protocol import Work
 from ppsd_ray.schedule import Decoder, RequestStats
@@ -91,7 +92,7 @@ def test_trained_head_file_loads_with_metadata(tiny_model_dir, layer_head_file):
 @pytest.mark.parametrize("mode,k", [("ppsd", 2), ("ppsd", 3), ("eesd", 2), ("eesd", 3)])
 def test_layer_head_is_lossless(tiny_model_dir, layer_head_file, mode, k):
     config = PipelineConfig(model_dir=tiny_model_dir, stages=k, exit_layer=EXIT, head=str(layer_head_file))
-    ranges = config.layer_ranges()
+    ranges = resolve(config).layer_ranges
     stages = [Stage(tiny_model_dir, a, b, index=i, num_stages=k, head=config.head, exit_layer=EXIT)
               for i, (a, b) in enumerate(ranges)]
     assert stages[0].exit_head.kind == "layer"
@@ -130,6 +131,11 @@ def test_head_cache_follows_the_layer_caches(tiny_model_dir, layer_head_file):
 def test_head_for_another_model_or_exit_is_refused(tiny_model_dir, layer_head_file, tmp_path):
     with pytest.raises(ValidationError, match="exit_layer 3 does not match the pipeline's exit layer 4"):
         PipelineConfig(model_dir=tiny_model_dir, stages=2, exit_layer=4, head=str(layer_head_file))
+    # exit_layer 'auto' takes the head's own: resolve checks it, naming the field as the config would
+    assert resolve(PipelineConfig(model_dir=tiny_model_dir, stages=2, head=str(layer_head_file))).exit_layer == EXIT
+    too_many = PipelineConfig(model_dir=tiny_model_dir, stages=7, head=str(layer_head_file))
+    with pytest.raises(ValueError, match=r"^exit_layer: 3 leaves no layers for stages 2..7"):
+        resolve(too_many)
     other = tmp_path / "other"
     build_tiny_model(other, seed=1)
     with pytest.raises(ValidationError, match="model_fingerprint"):
@@ -144,8 +150,8 @@ def test_head_for_another_model_or_exit_is_refused(tiny_model_dir, layer_head_fi
 
 
 def test_auto_head_is_lm_without_a_shipped_head(tiny_model_dir):
-    assert PipelineConfig(model_dir=tiny_model_dir, stages=2, exit_layer=EXIT).exit_head == "lm"
-    assert PipelineConfig(model_dir=tiny_model_dir, stages=2, exit_layer=EXIT, head="lm").exit_head == "lm"
+    assert resolve(PipelineConfig(model_dir=tiny_model_dir, stages=2, exit_layer=EXIT)).head == "lm"
+    assert resolve(PipelineConfig(model_dir=tiny_model_dir, stages=2, exit_layer=EXIT, head="lm")).head == "lm"
 
 
 def test_training_resumes_after_interruption(tiny_model_dir, dataset, tmp_path):

@@ -23,7 +23,7 @@ def test_ray_pipeline_equals_transformers_greedy(ray_cluster, tiny_model_dir, k,
     want = hf_greedy(tiny_model_dir, PROMPT, 40, stop_on_eos=False)
     config = PipelineConfig(model_dir=tiny_model_dir, stages=k, transport=transport)  # exit layer auto
     with Pipeline(config) as pipe:
-        assert [s["layers"] for s in pipe.layout] == [list(r) for r in config.layer_ranges()]
+        assert [s["layers"] for s in pipe.layout] == [list(r) for r in pipe.plan.layer_ranges]
         for mode in ["pp", "ppsd", "eesd"]:
             result = pipe.generate(PROMPT, GenerationConfig(mode=mode, max_new_tokens=40, stop_on_eos=False))
             assert result.token_ids == want, mode

@@ -3,6 +3,7 @@ import pytest
 
 from conftest import hf_greedy
 from ppsd_ray.config import GenerationConfig, PipelineConfig
+from ppsd_ray.plan import resolve
 import torch
 
 from ppsd_ray.protocol import Hop, StageReport, Verdict
@@ -16,9 +17,9 @@ MODES = {1: ["ar"], 2: ["pp", "ppsd", "eesd"], 3: ["pp", "ppsd", "eesd"], 4: ["p
 
 
 def local_stages(model_dir, k, exit_layer=None):
-    config = PipelineConfig(model_dir=model_dir, stages=k, exit_layer=exit_layer)
-    return [Stage(model_dir, a, b, index=i, num_stages=k, exit_layer=config.exit_layer_or_default)
-            for i, (a, b) in enumerate(config.layer_ranges())]
+    plan = resolve(PipelineConfig(model_dir=model_dir, stages=k, exit_layer=exit_layer))
+    return [Stage(model_dir, a, b, index=i, num_stages=k, exit_layer=plan.exit_layer)
+            for i, (a, b) in enumerate(plan.layer_ranges)]
 
 
 def local_decoder(model_dir, k, exit_layer=None, **kw):

@@ -1,0 +1,199 @@
+"""Planning: a pipeline config and this machine in, a resolved `Plan` out.
+
+`resolve(config, mode)` is the one place where 'auto' becomes concrete: the exit
+layer E, the exit head, the layer split of the K stages, what the stages run on,
+and, when anything was 'auto', the predicted stage steps and tokens/s. cli, serve,
+bench and the driver (actors/pipeline.py) call it explicitly; PipelineConfig only
+validates.
+
+The auto choice (`fastest`) predicts each candidate's time per token from the
+costs calibrate.py measures (cached) and its acceptance (theory.ppsd_token_s:
+stage 1 = E layers + the draft, the last stage its layers + the LM head, the
+middle stages their layers) and takes the fastest. Candidates: every shipped head
+for this model (its recorded validation acceptance, with its draft vocabulary if
+it has one) and 'lm' at every exit layer (LM_ACCEPTANCE). A head or exit layer
+given explicitly narrows the candidates. Not modelled: the hand-off between
+stages and each call's fixed cost, which every candidate pays alike.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from .calibrate import Calibration, calibration, draft_key
+from .config import Mode, PipelineConfig, check_exit_layer
+from .families import read_config_json
+from .heads import HeadMismatch, check_head_meta, read_head_meta, shipped_heads
+from .model import model_fingerprint
+from .theory import ppsd_token_s
+
+# The untrained 'lm' head's acceptance when nothing better is known: measured 0.048 - 0.088
+# at exits 8 - 15 of SmolLM2-135M-Instruct (docs/heads.md); models not trained for early
+# exit are all near there, so it is taken low.
+LM_ACCEPTANCE = 0.05
+
+
+class Plan(BaseModel):
+    """A pipeline config resolved on this machine: what the stages hold and run on. The
+    predicted figures are there when something was 'auto' (chosen from a calibration)."""
+    model_config = ConfigDict(frozen=True)
+
+    mode: Mode                            # what the caller asked for (auto planning of the mode: later)
+    stages: int                           # K
+    exit_layer: int                       # E: stage 1 holds layers [0, E)
+    head: str                             # stage 1's exit head: 'lm' or a head file
+    layer_ranges: list[tuple[int, int]]   # [start, stop) of each stage
+    device: str                           # what the stages run on as seen from here (stage_target):
+    threads: int                          # torch threads per CPU stage (1 on GPUs)
+    dtype: str
+    acceptance: float | None = None       # predicted: the head's acceptance,
+    stage_s: list[float] | None = None    # each stage's decode step,
+    token_s: float | None = None          # seconds per token
+
+    @property
+    def predicted(self) -> bool:
+        return self.token_s is not None
+
+    def describe(self) -> str:
+        """One line for stderr and logs."""
+        name = "lm" if self.head == "lm" else Path(self.head).name
+        out = f"exit layer {self.exit_layer}, head {name}"
+        if self.predicted:
+            steps = " / ".join(f"{1e3 * s:.1f}" for s in self.stage_s)
+            out += (f" (acceptance {self.acceptance:.3f}); predicted stage steps {steps} ms, "
+                    f"{1 / self.token_s:.1f} tokens/s")
+        layers = " | ".join(f"{a}-{b}" for a, b in self.layer_ranges)
+        return (f"{out}; {self.mode.value} on {self.stages} stage{'s' if self.stages > 1 else ''} "
+                f"(layers {layers}), {self.device}, {self.threads} thread{'s' if self.threads > 1 else ''}, "
+                f"{self.dtype}")
+
+
+def resolve(config: PipelineConfig, mode: Mode | str | None = None) -> Plan:
+    """The plan for `config` here: 'auto' exit layer and head resolved (calibrating once per
+    model, device, threads and dtype; cached), then checked. A ValueError names the field
+    (exit_layer, head) when what 'auto' resolved to does not fit. mode None: ppsd on K > 1
+    stages, ar on one."""
+    mode = Mode(mode) if mode is not None else Mode.ppsd if config.stages > 1 else Mode.ar
+    device, threads, dtype = stage_target(config.stages, config.use_gpus, config.threads_per_stage, config.dtype)
+    layers = config.info.num_layers
+    target = dict(mode=mode, stages=config.stages, device=device, threads=threads, dtype=dtype)
+    if config.stages > 1 and "auto" in (config.exit_layer, config.head):
+        best = fastest(config.model_dir, config.stages, config.given_exit_layer, config.head, device, threads, dtype)
+        e, head = best.exit_layer, best.head
+        check_exit_layer(e, config.stages, layers)  # a head file given with exit_layer 'auto' brings its own
+        if head != "lm":
+            try:
+                check_head_meta(read_head_meta(head), config.model_dir, e, head)
+            except HeadMismatch as err:
+                raise ValueError(str(err)) from None
+        return Plan(exit_layer=e, head=head, layer_ranges=split_layers(layers, config.stages, e),
+                    acceptance=best.acceptance, stage_s=best.stage_s, token_s=best.token_s, **target)
+    e = config.exit_layer if isinstance(config.exit_layer, int) else round(layers / config.stages)
+    head = "lm" if config.head == "auto" else config.head
+    return Plan(exit_layer=e, head=head, layer_ranges=split_layers(layers, config.stages, e), **target)
+
+
+def split_layers(num_layers: int, stages: int, exit_layer: int) -> list[tuple[int, int]]:
+    """[start, stop) of each stage: stage 1 ends at the exit layer, the rest split evenly."""
+    if stages == 1:
+        return [(0, num_layers)]
+    rest, k = num_layers - exit_layer, stages - 1
+    bounds = [exit_layer + (rest * i) // k for i in range(k + 1)]
+    return [(0, exit_layer)] + list(zip(bounds[:-1], bounds[1:]))
+
+
+def stage_target(stages: int, use_gpus: bool | None, threads_per_stage: int | None, dtype: str) -> tuple[str, int, str]:
+    """(device, threads, dtype) to calibrate on: what a pipeline's stages will run on, as
+    actors/pipeline.py decides them. GPU stages configured from a process without a GPU (a
+    Serve app built on a CPU head node) are calibrated on this CPU instead, one thread, in
+    their dtype: at batch 1 both are bound by the bytes each step reads, so the relative
+    costs that decide the choice carry over roughly (each call's fixed cost, larger on a
+    GPU, does not)."""
+    gpus = use_gpus if use_gpus is not None else torch.cuda.device_count() >= stages
+    if dtype == "auto":
+        dtype = "bfloat16" if gpus else "float32"
+    if gpus and not torch.cuda.is_available():
+        return "cpu", 1, dtype
+    if gpus:
+        return "cuda", 1, dtype
+    return "cpu", threads_per_stage or max(1, (os.cpu_count() or 1) // stages), dtype
+
+
+# ---- the auto choice -----------------------------------------------------------------------
+
+
+class Candidate(BaseModel):
+    exit_layer: int
+    head: str          # 'lm' or a head file
+    acceptance: float
+    draft_key: str
+
+
+class Choice(BaseModel):
+    """The fastest candidate, with its predicted stage steps and time per token."""
+    exit_layer: int
+    head: str
+    acceptance: float
+    stage_s: list[float]
+    token_s: float
+    device: str
+    threads: int
+
+    def describe(self) -> str:
+        name = "lm" if self.head == "lm" else Path(self.head).name
+        steps = " / ".join(f"{1e3 * s:.1f}" for s in self.stage_s)
+        return (f"exit layer {self.exit_layer}, head {name} (acceptance {self.acceptance:.3f}); predicted stage "
+                f"steps {steps} ms, {1 / self.token_s:.1f} tokens/s ({self.device}, {self.threads} threads)")
+
+
+def stage_times(cal: Calibration, num_layers: int, stages: int, exit_layer: int, key: str) -> list[float]:
+    steps = [(b - a) * cal.layer_s for a, b in split_layers(num_layers, stages, exit_layer)]
+    steps[0] += cal.draft_s[key]
+    steps[-1] += cal.lm_head_s
+    return steps
+
+
+def candidates(model_dir: Path, num_layers: int, stages: int, exit_layer: int | None,
+               head: str) -> list[Candidate]:
+    """'auto' head: the shipped heads for this model and 'lm'; otherwise just that head. A
+    trained head is a candidate at its own exit layer only; 'lm' at every valid one. A head
+    file given explicitly is taken as it is: `resolve` then checks it, naming the field."""
+    valid = range(1, num_layers - stages + 2)
+    exits = [exit_layer] if exit_layer is not None else list(valid)
+    out = []
+    if head in ("auto", "lm"):
+        out += [Candidate(exit_layer=e, head="lm", acceptance=LM_ACCEPTANCE, draft_key="lm") for e in exits]
+    files = shipped_heads() if head == "auto" else [] if head == "lm" else [Path(head)]
+    fp = model_fingerprint(model_dir)
+    for path in files:
+        try:
+            meta = read_head_meta(path)
+        except HeadMismatch:
+            if head != "auto":
+                raise
+            continue  # not a head file: never shipped as one
+        e = meta.get("exit_layer")
+        if head != "auto" or (meta.get("model_fingerprint") == fp and e in valid and e in exits):
+            out.append(Candidate(exit_layer=e, head=str(path), acceptance=meta.get("val_greedy_acceptance") or 0.0,
+                                 draft_key=draft_key(meta["head_type"], meta.get("draft_vocab_size"))))
+    return out
+
+
+def fastest(model_dir: Path, stages: int, exit_layer: int | None, head: str, device: str, threads: int,
+            dtype: str) -> Choice:
+    """The candidate with the shortest predicted time per token (ties: the first, lm before trained heads)."""
+    model_dir = Path(model_dir)
+    num_layers = read_config_json(model_dir)["num_hidden_layers"]
+    cands = candidates(model_dir, num_layers, stages, exit_layer, head)
+    cal = calibration(model_dir, device, threads, dtype, {c.draft_key for c in cands})
+    best = None
+    for c in cands:
+        steps = stage_times(cal, num_layers, stages, c.exit_layer, c.draft_key)
+        token_s = ppsd_token_s(c.acceptance, steps)
+        if best is None or token_s < best.token_s:
+            best = Choice(exit_layer=c.exit_layer, head=c.head, acceptance=c.acceptance, stage_s=steps,
+                          token_s=token_s, device=device, threads=threads)
+    return best
