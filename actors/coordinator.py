@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import ray
 
+from ppsd_ray.admission import Admission
 from ppsd_ray.config import GenerationConfig, Transport
 from ppsd_ray.schedule import Decoder, RequestStats
 from ppsd_ray.transport import DirectPipe, StageError
@@ -46,7 +47,7 @@ class Coordinator:
 
     def __init__(self, stages: list, eos_token_ids: list[int], window: int | None, transport: str,
                  timeout_s: float, tensor_group: str | None = None, max_num_seqs: int = 32,
-                 prefill_chunk: int | None = None, max_batch_tokens: int = 512):
+                 prefill_chunk: int | None = None, max_batch_tokens: int = 512, kv_budget_tokens: int = 2**40):
         """tensor_group, direct transport only: None sends hidden states inside the stages'
         messages (CPU stages); "nccl" (GPU stages) or "gloo" by torch.distributed point-to-point."""
         self.stages = stages
@@ -63,7 +64,7 @@ class Coordinator:
         self._pids = self._stage_pids()
         self.decoder = Decoder(self.pipe, len(stages), get=get, eos_token_ids=eos_token_ids, window=window,
                                repair=self, prefill_chunk=prefill_chunk)
-        self._slots = threading.BoundedSemaphore(max_num_seqs)
+        self.admission = Admission(max_num_seqs, kv_budget_tokens)
         self.metrics = PipelineMetrics()
         self._running: set[str] = set()
         self._cancelled: dict[str, float] = {}  # seq_id: when cancel() came
@@ -147,9 +148,8 @@ class Coordinator:
         gen = GenerationConfig(**gen)
         mode, status, t0, first = gen.mode.value, "error", time.perf_counter(), True
         tokens = self.decoder.decode(seq_id, prompt_ids, gen, stats)
-        # admission: wait for a free slot, unless cancelled meanwhile
-        while not (admitted := self._slots.acquire(timeout=1.0)) and seq_id not in self._cancelled:
-            pass
+        reserved = len(prompt_ids) + gen.max_new_tokens
+        admitted = self.admission.acquire(reserved, cancelled=lambda: seq_id in self._cancelled)
         self.metrics.started()
         self._running.add(seq_id)
         try:
@@ -170,7 +170,7 @@ class Coordinator:
             self._cancelled.pop(seq_id, None)
             tokens.close()  # releases the sequence on every stage, fills stats.stages
             if admitted:
-                self._slots.release()
+                self.admission.release(reserved)
             self.metrics.finished(mode, status, len(prompt_ids), stats, time.perf_counter() - t0)
         yield stats.to_dict()
 

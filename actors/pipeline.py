@@ -102,7 +102,8 @@ class Pipeline:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
         self.coordinator = Coordinator.options(**options).remote(
             self.stages, list(config.info.eos_token_ids), config.window, config.transport.value, config.timeout_s,
-            "nccl" if gpus else None, config.max_num_seqs, config.prefill_chunk, config.max_batch_tokens)
+            "nccl" if gpus else None, config.max_num_seqs, config.prefill_chunk, config.max_batch_tokens,
+            int(config.kv_budget_gb * 2**30) // max(1, config.info.kv_bytes_per_token))
         ray.get(self.coordinator.__ray_ready__.remote(), timeout=config.timeout_s)
 
     def stream(self, prompt_ids: list[int], gen: GenerationConfig | None = None) -> Iterator[int | dict]:

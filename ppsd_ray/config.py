@@ -43,6 +43,12 @@ class ModelInfo(BaseModel):
     vocab_size: int
     max_positions: int
     eos_token_ids: tuple[int, ...]
+    kv_values_per_token: int = 0  # keys and values one position stores over all layers
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """At fp32, the widest dtype a stage runs in."""
+        return 4 * self.kv_values_per_token
 
     @classmethod
     def read(cls, model_dir: Path) -> "ModelInfo":
@@ -63,9 +69,17 @@ class ModelInfo(BaseModel):
                 vocab_size=cfg["vocab_size"],
                 max_positions=cfg.get("max_position_embeddings", 2048),
                 eos_token_ids=tuple(eos),
+                kv_values_per_token=2 * cfg["num_hidden_layers"] * _kv_width(cfg),
             )
         except ValidationError as e:
             raise ValueError(f"{model_dir / 'config.json'}: {describe(e)}") from None
+
+
+def _kv_width(cfg: dict) -> int:
+    """Key (or value) numbers one layer stores per position."""
+    heads = cfg.get("num_attention_heads") or 1
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return (cfg.get("num_key_value_heads") or heads) * head_dim
 
 
 class PipelineConfig(BaseModel):
@@ -92,6 +106,9 @@ class PipelineConfig(BaseModel):
                                                     "forward per stage step; more requests wait their turn")
     max_batch_tokens: int = Field(512, ge=1, description="most tokens one stage step computes (decode tokens, "
                                                          "drafts, prefill chunks of all sequences together)")
+    kv_budget_gb: float = Field(4.0, gt=0, description="KV cache memory the stages may hold together: a request "
+                                                       "reserves its prompt + max_new_tokens positions when it is "
+                                                       "admitted and waits while they do not fit")
     prefill_chunk: int = Field(128, ge=1, description="a prompt enters the pipeline in chunks of this many tokens, "
                                                       "so the streams already running keep going between them")
     transport: Transport = Field(Transport.direct, description="how hidden states move between stages")
