@@ -20,6 +20,8 @@ from .stage import RayPipe
 
 WATCH_S = 1.0  # how often the direct transport's coordinator checks that every stage is alive
 CANCEL_MEMORY_S = 300.0  # how long a cancel waits for its request to start (it may be queued)
+WAITING_S = 5.0  # while a request waits for admission, generate yields WAITING this often
+WAITING = None
 
 
 @dataclass(frozen=True)
@@ -142,14 +144,19 @@ class Coordinator:
 
     @ray.method(num_returns="streaming")
     def generate(self, seq_id: str, prompt_ids: list[int], gen: dict):
-        """Yields token ids, then one final dict: the request's stats. Stops early, between
-        tokens, after cancel(seq_id); yields nothing when cancelled before it started."""
+        """Yields token ids, then one final dict: the request's stats; before them, WAITING
+        (None) every WAITING_S while the request waits for admission. Stops early, between
+        tokens, after cancel(seq_id); yields no token when cancelled before it started."""
         stats = RequestStats()
         gen = GenerationConfig(**gen)
         mode, status, t0, first = gen.mode.value, "error", time.perf_counter(), True
         tokens = self.decoder.decode(seq_id, prompt_ids, gen, stats)
-        reserved = len(prompt_ids) + gen.max_new_tokens
-        admitted = self.admission.acquire(reserved, cancelled=lambda: seq_id in self._cancelled)
+        ticket = self.admission.join(len(prompt_ids) + gen.max_new_tokens)
+        while not (admitted := self.admission.wait(ticket, WAITING_S)):  # admission: a slot and KV room
+            if seq_id in self._cancelled:
+                self.admission.leave(ticket)
+                break
+            yield WAITING  # the caller's deadline for the next token is for a pipeline that runs
         self.metrics.started()
         self._running.add(seq_id)
         try:
@@ -170,7 +177,7 @@ class Coordinator:
             self._cancelled.pop(seq_id, None)
             tokens.close()  # releases the sequence on every stage, fills stats.stages
             if admitted:
-                self.admission.release(reserved)
+                self.admission.release(ticket.tokens)
             self.metrics.finished(mode, status, len(prompt_ids), stats, time.perf_counter() - t0)
         yield stats.to_dict()
 

@@ -25,7 +25,8 @@ from .openai_api import (APIError, ChatChoice, ChatChunkChoice, ChatCompletion, 
                          Usage, RequestBase, sse)
 
 # prompt ids and a GenerationConfig in; token ids (TokenLogprobs with logprobs) then one stats dict out
-TokenSource = Callable[[list[int], GenerationConfig], AsyncIterator[int | TokenLogprobs | dict]]
+# token ids (or TokenLogprobs), then the stats dict; None while the request waits for admission
+TokenSource = Callable[[list[int], GenerationConfig], AsyncIterator[int | TokenLogprobs | dict | None]]
 
 
 @dataclass
@@ -156,7 +157,7 @@ class OpenAIServing:
     async def _generate(self, ids: list[int], gen: GenerationConfig, out: _Generated) -> AsyncIterator[str]:
         """Feeds `out` and yields each piece of text as it becomes safe to show. Stops the
         request (closing the token stream cancels it) as soon as a stop string appears, or
-        when no token came for timeout_s (a 504 APIError)."""
+        when no token came for timeout_s (a 504 APIError) while it was admitted."""
         async with aclosing(self.tokens(ids, gen)) as items:
             while True:
                 try:
@@ -166,6 +167,8 @@ class OpenAIServing:
                 except asyncio.TimeoutError:
                     raise APIError(504, f"timed out after {len(out.tokens)} tokens: the pipeline sent no token "
                                         f"for {self.timeout_s:g} s", type="server_error", code="timeout") from None
+                if item is None:  # still waiting for a slot: its deadline is not running yet
+                    continue
                 if isinstance(item, dict):
                     out.stats = item
                     continue

@@ -112,7 +112,8 @@ class Pipeline:
         gen = gen or GenerationConfig()
         check_prompt(prompt_ids, self.config.info, gen)
         refs = self.coordinator.generate.remote(uuid.uuid4().hex, list(prompt_ids), gen.model_dump())
-        return (ray.get(ref, timeout=self.config.timeout_s) for ref in refs)
+        items = (ray.get(ref, timeout=self.config.timeout_s) for ref in refs)
+        return (item for item in items if item is not None)  # None: still waiting for admission
 
     def generate(self, prompt_ids: list[int], gen: GenerationConfig | None = None) -> Generation:
         tokens: list[int] = []

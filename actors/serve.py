@@ -254,9 +254,11 @@ class PPSDServer:
 
     # -- generation
 
-    async def _tokens(self, ids: list[int], gen: GenerationConfig) -> AsyncIterator[int | TokenLogprobs | dict]:
-        """Tokens as the coordinator commits them, then its stats dict. Cancels the request
-        in the coordinator when the caller stops early (a stop string, a client that went away)."""
+    async def _tokens(self, ids: list[int], gen: GenerationConfig
+                      ) -> AsyncIterator[int | TokenLogprobs | dict | None]:
+        """Tokens as the coordinator commits them (None while it waits for admission), then its
+        stats dict. Cancels the request in the coordinator when the caller stops early (a stop
+        string, a client that went away)."""
         seq_id = uuid.uuid4().hex
         coordinator = self.pipe.coordinator
         refs = await self._submit(coordinator.generate.remote, seq_id, ids, gen.model_dump(mode="json"))

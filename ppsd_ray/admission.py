@@ -17,28 +17,48 @@ class Admission:
         self.max_seqs, self.max_tokens = max_seqs, max_tokens
         self.seqs = self.tokens = 0
         self._cond = threading.Condition()
-        self._queue: list[object] = []  # tickets of the waiting requests, oldest first
+        self._queue: list[Ticket] = []  # the waiting requests, oldest first
 
-    def acquire(self, tokens: int, cancelled: Callable[[], bool] = lambda: False) -> bool:
-        """Waits for a slot and `tokens` positions; False if cancelled while waiting."""
+    def join(self, tokens: int) -> "Ticket":
+        """Joins the queue for a slot and `tokens` positions."""
         if tokens > self.max_tokens:
             raise ValueError(f"kv_budget_gb: a request of {tokens} positions exceeds the budget of "
                              f"{self.max_tokens} positions")
-        ticket = object()
+        ticket = Ticket(tokens)
         with self._cond:
             self._queue.append(ticket)
-            try:
-                while not (self._queue[0] is ticket and self.seqs < self.max_seqs
-                           and self.tokens + tokens <= self.max_tokens):
-                    if cancelled():
-                        return False
-                    self._cond.wait(timeout=0.5)
+        return ticket
+
+    def wait(self, ticket: "Ticket", timeout: float) -> bool:
+        """Waits up to `timeout` s for the ticket's turn; True once admitted (then keep it until release)."""
+        with self._cond:
+            if self._cond.wait_for(lambda: self._fits(ticket), timeout):
+                self._queue.remove(ticket)
                 self.seqs += 1
-                self.tokens += tokens
+                self.tokens += ticket.tokens
+                self._cond.notify_all()
                 return True
-            finally:
+            return False
+
+    def leave(self, ticket: "Ticket") -> None:
+        """A ticket given up before its turn (its request was cancelled)."""
+        with self._cond:
+            if ticket in self._queue:
                 self._queue.remove(ticket)
                 self._cond.notify_all()
+
+    def acquire(self, tokens: int, cancelled: Callable[[], bool] = lambda: False) -> bool:
+        """join + wait until admitted; False (and left) if cancelled while waiting."""
+        ticket = self.join(tokens)
+        while not self.wait(ticket, 0.5):
+            if cancelled():
+                self.leave(ticket)
+                return False
+        return True
+
+    def _fits(self, ticket: "Ticket") -> bool:
+        return (self._queue[0] is ticket and self.seqs < self.max_seqs
+                and self.tokens + ticket.tokens <= self.max_tokens)
 
     def release(self, tokens: int) -> None:
         with self._cond:
@@ -49,3 +69,10 @@ class Admission:
     @property
     def waiting(self) -> int:
         return len(self._queue)
+
+
+class Ticket:
+    """One waiting request's place in the queue."""
+
+    def __init__(self, tokens: int):
+        self.tokens = tokens
