@@ -49,7 +49,8 @@ class Coordinator:
 
     def __init__(self, stages: list, eos_token_ids: list[int], window: int | None, transport: str,
                  timeout_s: float, tensor_group: str | None = None, max_num_seqs: int = 32,
-                 prefill_chunk: int | None = None, max_batch_tokens: int = 512, kv_budget_tokens: int = 2**40):
+                 prefill_chunk: int | None = None, max_batch_tokens: int = 512, kv_budget_tokens: int = 2**40,
+                 draft_max_seqs: int | None = None):
         """tensor_group, direct transport only: None sends hidden states inside the stages'
         messages (CPU stages); "nccl" (GPU stages) or "gloo" by torch.distributed point-to-point."""
         self.stages = stages
@@ -64,9 +65,10 @@ class Coordinator:
         self.generation = 0
         self._repair_lock = threading.Lock()
         self._pids = self._stage_pids()
-        self.decoder = Decoder(self.pipe, len(stages), get=get, eos_token_ids=eos_token_ids, window=window,
-                               repair=self, prefill_chunk=prefill_chunk)
         self.admission = Admission(max_num_seqs, kv_budget_tokens)
+        may_draft = (lambda: True) if draft_max_seqs is None else (lambda: self.admission.seqs <= draft_max_seqs)
+        self.decoder = Decoder(self.pipe, len(stages), get=get, eos_token_ids=eos_token_ids, window=window,
+                               repair=self, prefill_chunk=prefill_chunk, may_draft=may_draft)
         self.metrics = PipelineMetrics()
         self._running: set[str] = set()
         self._cancelled: dict[str, float] = {}  # seq_id: when cancel() came

@@ -106,6 +106,10 @@ class PipelineConfig(BaseModel):
                                                     "forward per stage step; more requests wait their turn")
     max_batch_tokens: int = Field(512, ge=1, description="most tokens one stage step computes (decode tokens, "
                                                          "drafts, prefill chunks of all sequences together)")
+    draft_max_seqs: int | None = Field(None, ge=0, description="a ppsd request drafts only if it starts while at "
+                                                               "most this many sequences decode; above, it runs as "
+                                                               "pp: under load the pipe is full without speculation "
+                                                               "and rejected drafts cost real compute. None: always")
     kv_budget_gb: float = Field(4.0, gt=0, description="KV cache memory the stages may hold together: a request "
                                                        "reserves its prompt + max_new_tokens positions when it is "
                                                        "admitted and waits while they do not fit")

@@ -57,6 +57,7 @@ class RequestStats:
     accepted: int = 0
     rollbacks: int = 0
     repairs: int = 0  # times the pipeline broke under this request and was made whole again
+    speculated: bool = False  # ppsd drafted for it (not when it started under load: then it ran as pp)
     wait_s: float = 0.0  # the coordinator blocked on answers; the rest of wall_s is its own work
     trace: list[bool] = field(default_factory=list)  # per verified draft, in order: accepted?
     stages: list[StageReport] = field(default_factory=list)
@@ -73,7 +74,8 @@ class RequestStats:
         return {
             "new_tokens": self.new_tokens, "wall_s": self.wall_s, "tokens_per_s": self.tokens_per_s,
             "drafted": self.drafted, "accepted": self.accepted, "acceptance_rate": self.acceptance_rate,
-            "rollbacks": self.rollbacks, "repairs": self.repairs, "prefill_s": self.prefill_s, "wait_s": self.wait_s,
+            "rollbacks": self.rollbacks, "repairs": self.repairs, "speculated": self.speculated,
+            "prefill_s": self.prefill_s, "wait_s": self.wait_s,
             "stage_compute_s": [s.compute_s for s in self.stages],
             "stale_s": sum(s.stale_s for s in self.stages),
             "stages": [s.to_dict() for s in self.stages],
@@ -97,7 +99,7 @@ MAX_REPAIRS = 3
 class Decoder:
     def __init__(self, pipe: Pipe, stages: int, get: Callable[[Any], Any] = lambda x: x,
                  eos_token_ids: Sequence[int] = (), window: int | None = None, repair: Repair | None = None,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, may_draft: Callable[[], bool] = lambda: True):
         self.pipe = pipe
         self.k = stages
         self.get = get
@@ -105,6 +107,7 @@ class Decoder:
         self.window = window or stages
         self.repair = repair
         self.prefill_chunk = prefill_chunk
+        self.may_draft = may_draft  # asked as a ppsd request starts: under load it runs as pp
 
     def decode(self, seq_id: str, prompt: Sequence[int], gen: GenerationConfig,
                stats: RequestStats) -> Iterator[int | TokenLogprobs]:
@@ -182,7 +185,7 @@ class Decoder:
 
     def _pipelined(self, seq_id, prompt, done, gen, sampling, stats, t0, get, epoch) -> Iterator:
         token, next_pos = yield from self._start(seq_id, prompt, done, sampling, stats, t0, get, epoch)
-        speculate = gen.mode == Mode.ppsd
+        speculate = stats.speculated = gen.mode == Mode.ppsd and self.may_draft()
         window = self.window if speculate else 2  # pp: the call whose token is being verified, and the next
         last_pos = len(prompt) + gen.max_new_tokens - 2  # the last position whose output we need
         in_flight: deque = deque()  # (pos, answer)

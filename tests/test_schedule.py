@@ -210,3 +210,13 @@ def test_a_request_that_kills_a_stage_every_time_fails_after_max_repairs(tiny_mo
     with pytest.raises(RuntimeError, match="stage died"):
         run(decoder, PROMPTS[0], mode="ppsd", max_new_tokens=40, stop_on_eos=False)
     assert repair.generation == MAX_REPAIRS
+
+
+def test_a_ppsd_request_started_under_load_runs_as_pp(tiny_model_dir):
+    """may_draft says no (the pipeline is busy): the request drafts nothing, same tokens."""
+    decoder = local_decoder(tiny_model_dir, 2, eos_token_ids=[2], may_draft=lambda: False)
+    got, stats = run(decoder, PROMPTS[0], mode="ppsd", max_new_tokens=20, stop_on_eos=False)
+    assert got == hf_greedy(tiny_model_dir, PROMPTS[0], 20, stop_on_eos=False)
+    assert stats.drafted == 0 and not stats.speculated
+    _, stats = run(local_decoder(tiny_model_dir, 2), PROMPTS[0], mode="ppsd", max_new_tokens=20, stop_on_eos=False)
+    assert stats.drafted > 0 and stats.speculated
