@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import ray
 
 from ppsd_ray.admission import Admission
-from ppsd_ray.config import GenerationConfig, Transport
+from ppsd_ray.config import GenerationConfig, Mode, Transport
 from ppsd_ray.schedule import Decoder, RequestStats
 from ppsd_ray.transport import DirectPipe, StageError
 
@@ -50,7 +50,7 @@ class Coordinator:
     def __init__(self, stages: list, eos_token_ids: list[int], window: int | None, transport: str,
                  timeout_s: float, tensor_group: str | None = None, max_num_seqs: int = 32,
                  prefill_chunk: int | None = None, max_batch_tokens: int = 512, kv_budget_tokens: int = 2**40,
-                 draft_max_seqs: int | None = None):
+                 draft_max_seqs: int | None = None, default_mode: str | None = None):
         """tensor_group, direct transport only: None sends hidden states inside the stages'
         messages (CPU stages); "nccl" (GPU stages) or "gloo" by torch.distributed point-to-point."""
         self.stages = stages
@@ -68,7 +68,8 @@ class Coordinator:
         self.admission = Admission(max_num_seqs, kv_budget_tokens)
         may_draft = (lambda: True) if draft_max_seqs is None else (lambda: self.admission.seqs <= draft_max_seqs)
         self.decoder = Decoder(self.pipe, len(stages), get=get, eos_token_ids=eos_token_ids, window=window,
-                               repair=self, prefill_chunk=prefill_chunk, may_draft=may_draft)
+                               repair=self, prefill_chunk=prefill_chunk, may_draft=may_draft,
+                               default_mode=Mode(default_mode) if default_mode else None)
         self.metrics = PipelineMetrics()
         self._running: set[str] = set()
         self._cancelled: dict[str, float] = {}  # seq_id: when cancel() came
@@ -151,6 +152,8 @@ class Coordinator:
         tokens, after cancel(seq_id); yields no token when cancelled before it started."""
         stats = RequestStats()
         gen = GenerationConfig(**gen)
+        if gen.mode == Mode.auto:
+            gen = gen.model_copy(update={"mode": self.decoder.default_mode})
         mode, status, t0, first = gen.mode.value, "error", time.perf_counter(), True
         tokens = self.decoder.decode(seq_id, prompt_ids, gen, stats)
         ticket = self.admission.join(len(prompt_ids) + gen.max_new_tokens)

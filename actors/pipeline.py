@@ -62,7 +62,7 @@ class Pipeline:
             raise
 
     def _start(self, pg, first_bundle: int) -> None:
-        config, k = self.config, self.config.stages
+        config, k = self.config, self.plan.stages
         gpus = config.use_gpus
         if gpus is None:
             gpus = ray.cluster_resources().get("GPU", 0) >= k
@@ -103,7 +103,8 @@ class Pipeline:
         self.coordinator = Coordinator.options(**options).remote(
             self.stages, list(config.info.eos_token_ids), config.window, config.transport.value, config.timeout_s,
             "nccl" if gpus else None, config.max_num_seqs, config.prefill_chunk, config.max_batch_tokens,
-            int(config.kv_budget_gb * 2**30) // max(1, config.info.kv_bytes_per_token), config.draft_max_seqs)
+            int(config.kv_budget_gb * 2**30) // max(1, config.info.kv_bytes_per_token), config.draft_max_seqs,
+            self.plan.mode.value)
         ray.get(self.coordinator.__ray_ready__.remote(), timeout=config.timeout_s)
 
     def stream(self, prompt_ids: list[int], gen: GenerationConfig | None = None) -> Iterator[int | dict]:

@@ -57,7 +57,8 @@ class ServeSettings(BaseModel):
 
     pipeline: PipelineConfig = Field(default_factory=lambda: PipelineConfig(model_dir="default"),
                                      description="the pipeline each replica builds (model_dir, stages, ...)")
-    mode: Mode | None = Field(None, description="default: ppsd, or ar for one stage")
+    mode: Mode | None = Field(None, description="default (auto): of the modes the configured stages run, the one "
+                                                "predicted fastest (one stage: ar)")
     model_name: str | None = Field(None, description="the id clients send as `model`; default: the directory name")
     api_key: str | None = Field(None, description=f"bearer token required on every endpoint; default: ${API_KEY_ENV}")
     require_api_key: bool = Field(False, description="a replica without a key refuses to start; set by "
@@ -81,14 +82,11 @@ class ServeSettings(BaseModel):
     @model_validator(mode="after")
     def _mode_fits_stages(self) -> "ServeSettings":
         stages = self.pipeline.stages
-        if self.mode is not None and self.mode != Mode.ar and stages < 2:
+        if self.mode not in (None, Mode.auto, Mode.ar) and stages < 2:
             raise ValueError(f"mode: {self.mode.value} needs at least 2 stages")
         if self.mode == Mode.ar and stages != 1:
             raise ValueError("mode: ar runs on one stage")
         return self
-
-    def decoding_mode(self) -> Mode:
-        return self.mode or (Mode.ppsd if self.pipeline.stages > 1 else Mode.ar)
 
     def key(self) -> str | None:
         """The API key: the setting, else $PPSD_API_KEY where this runs."""
@@ -117,7 +115,7 @@ def check_settings(args: dict) -> ServeSettings:
     except ValidationError as e:
         raise ValueError(describe(e)) from None
     try:
-        resolve(settings.pipeline, settings.decoding_mode())
+        resolve(settings.pipeline, settings.mode)
     except ValueError as e:
         raise ValueError(f"pipeline.{e}") from None
     return settings
@@ -186,10 +184,11 @@ class PPSDServer:
         self.settings = ServeSettings(**settings)
         app.state.api_key = self.settings.replica_key()
         config = self.settings.pipeline
-        self.mode = self.settings.decoding_mode()
+        plan = resolve(config, self.settings.mode)  # mode None: auto, on the configured stages
+        self.mode = plan.mode
+        print(f"ppsd serve: plan: {plan.describe()}", file=sys.stderr, flush=True)
         pg = ray.util.get_current_placement_group()  # the replica's own: bundle 0 is this actor
-        self.pipe = Pipeline(config, pg=pg, first_bundle=1 if pg is not None else 0,
-                             plan=resolve(config, self.mode))
+        self.pipe = Pipeline(config, pg=pg, first_bundle=1 if pg is not None else 0, plan=plan)
         self._submitter = ThreadPoolExecutor(1, thread_name_prefix="ppsd-submit")
         tokenizer = load_tokenizer(config.model_dir)
         self._probe_ids = encode_prompt(tokenizer, PROBE_PROMPT, raw=True)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import statistics
 import time
 from pathlib import Path
@@ -39,6 +41,9 @@ class Calibration(BaseModel):
     layer_s: float                  # one decoder layer
     lm_head_s: float                # final norm + full LM head + argmax
     draft_s: dict[str, float] = {}  # an exit head's draft, by draft_key(kind, vocabulary size)
+    # layer_s with this many other processes doing the same work at once (stages sharing one box:
+    # memory bandwidth, caches), divided by layer_s alone; by number of peers
+    contention: dict[int, float] = {}
 
 
 def draft_key(kind: str, vocab_size: int | None) -> str:
@@ -55,21 +60,81 @@ def cache_file(fingerprint: str, device: str, threads: int, dtype: str) -> Path:
 
 
 def calibration(model_dir: Path, device: str, threads: int, dtype: str, draft_keys: set[str],
-                remeasure: bool = False, runs: int | None = None) -> Calibration:
+                remeasure: bool = False, runs: int | None = None, peers: int = 0) -> Calibration:
     """The cached calibration, measuring first whatever it lacks of `draft_keys` (everything,
-    with `remeasure`)."""
+    with `remeasure`) and, on a CPU, the slowdown with `peers` other stages busy beside it."""
     path = cache_file(model_fingerprint(model_dir), device, threads, dtype)
     cal = None if remeasure else _MEMO.get(path)
     if cal is None and path.is_file() and not remeasure:
         cal = Calibration.model_validate_json(path.read_text())
-    if cal is None or not draft_keys <= cal.draft_s.keys():
+    peers = peers if device == "cpu" else 0  # GPU stages each own their device
+    if cal is None or not draft_keys <= cal.draft_s.keys() or (peers and peers not in cal.contention):
         cal = measure(Path(model_dir), device, threads, dtype, draft_keys, cal, runs)
+        if peers and peers not in cal.contention:
+            cal = cal.model_copy(update={"contention": cal.contention | {peers: contention(model_dir, threads, dtype,
+                                                                                         peers)}})
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.partial")
         tmp.write_text(cal.model_dump_json(indent=1))
         tmp.replace(path)
     _MEMO[path] = cal
     return cal
+
+
+def contention(model_dir: Path, threads: int, dtype: str, peers: int) -> float:
+    """A layer step's time while `peers` other processes run the same steps on this CPU, over
+    its time alone: what stages on one box cost each other (shared memory bandwidth and
+    caches, the OS's scheduling), which a calibration alone does not see. The peers are plain
+    subprocesses (`python -m ppsd_ray.calibrate busy ...`), never a re-run of the caller's script."""
+    cmd = [sys.executable, "-m", "ppsd_ray.calibrate", "busy", str(model_dir), str(threads), dtype]
+    with _threads(threads), torch.inference_mode():
+        layers = _layer_stack(Path(model_dir), "cpu", dtype)
+        alone = _median_s(layers, "cpu", MAX_RUNS)
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL) for _ in range(peers)]
+        try:
+            for p in procs:
+                if p.stdout.readline().strip() != b"ready":
+                    raise RuntimeError(f"calibration peer exited with {p.wait()}")
+            together = _median_s(layers, "cpu", MAX_RUNS)
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+    return max(1.0, together / alone)
+
+
+def _busy(model_dir: str, threads: int, dtype: str) -> None:
+    """A peer stage: decode steps of a layer stack until killed."""
+    with _threads(threads), torch.inference_mode():
+        layers = _layer_stack(Path(model_dir), "cpu", dtype)
+        layers()
+        print("ready", flush=True)
+        while True:
+            layers()
+
+
+def _layer_stack(model_dir: Path, device: str, dtype: str):
+    """A decode step through STACK one-layer models over CONTEXT cached positions."""
+    norm, lm_head, config = frozen_parts(model_dir)
+    lm_head = lm_head.to(device, getattr(torch, dtype))
+    x = torch.randn(1, 1, config.hidden_size, device=device, dtype=lm_head.weight.dtype)
+    pos = torch.tensor([[CONTEXT]], device=device)
+    stack = []
+    for _ in range(min(STACK, config.num_hidden_layers)):
+        head = build_head("layer", 1, norm, lm_head, config).to(device, lm_head.weight.dtype).eval()
+        cache = head.new_cache()
+        head.features(torch.randn(1, CONTEXT, config.hidden_size, device=device, dtype=x.dtype),
+                      torch.arange(CONTEXT, device=device)[None], cache)
+        stack.append((head, cache))
+
+    def layers():
+        h = x
+        for head, cache in stack:
+            if cache.get_seq_length() > CONTEXT:
+                cache.crop(CONTEXT)
+            h = head.features(h, pos, cache)
+        return h
+    return layers
 
 
 @torch.inference_mode()
@@ -101,18 +166,11 @@ def measure(model_dir: Path, device: str, threads: int, dtype: str, draft_keys: 
             if cache is not None and cache.get_seq_length() > CONTEXT:
                 cache.crop(CONTEXT)
 
-        stack = [head_at_context("layer") for _ in range(min(STACK, config.num_hidden_layers))]
-
-        def layers():
-            h = x
-            for head, cache in stack:
-                at_context(cache)
-                h = head.features(h, pos, cache)
-            return h
+        layers = _layer_stack(model_dir, device, dtype)
 
         if known is None:
             known = Calibration(model_fingerprint=model_fingerprint(model_dir), device=device, threads=threads,
-                                dtype=dtype, layer_s=_median_s(layers, device, runs) / len(stack),
+                                dtype=dtype, layer_s=_median_s(layers, device, runs) / min(STACK, config.num_hidden_layers),
                                 lm_head_s=_median_s(lambda: lm_head(norm(x)).argmax(-1), device, runs, layers))
         draft_s = dict(known.draft_s)
         for key in sorted(draft_keys - draft_s.keys()):
@@ -159,3 +217,7 @@ def _threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["busy"]:  # a peer of contention()
+    _busy(sys.argv[2], int(sys.argv[3]), sys.argv[4])

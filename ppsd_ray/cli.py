@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("prompt", nargs="?")
     p.add_argument("--prompts-file", type=Path, help="one JSON object per line with key 'prompt'")
     add_pipeline_args(p)
-    p.add_argument("--mode", default="ppsd", choices=[m.value for m in Mode])
+    p.add_argument("--mode", default="auto", choices=[m.value for m in Mode],
+                   help="auto (default): the mode and stages predicted fastest on this machine (printed on stderr)")
     p.add_argument("--gamma", type=int, default=4, help="eesd: drafts per verification")
     p.add_argument("--max-new-tokens", type=int, default=128)
     add_sampling_args(p)
@@ -135,14 +136,16 @@ def _exit_layer(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"not an integer or 'auto': {value!r}") from None
 
 
-def pipeline_config(args, mode: str = "ppsd") -> PipelineConfig:
-    """Validated before anything starts; a bad value is a UsageError naming the field."""
+def pipeline_config(args, mode: str = "auto") -> PipelineConfig:
+    """Validated before anything starts; a bad value is a UsageError naming the field. With mode
+    auto and no --stages, the plan chooses K."""
     stages = args.stages
-    if stages is None:
+    if stages is None and mode != "auto":
         stages = 1 if mode == "ar" else _default_stages()
     try:
-        return PipelineConfig(model_dir=args.model, stages=stages, exit_layer=args.exit_layer, head=args.head,
-                              transport=args.transport, max_num_seqs=args.max_num_seqs)
+        return PipelineConfig(model_dir=args.model, exit_layer=args.exit_layer, head=args.head,
+                              transport=args.transport, max_num_seqs=args.max_num_seqs,
+                              **({"stages": stages} if stages is not None else {}))
     except ValidationError as e:
         raise UsageError(describe(e)) from None
 
@@ -221,7 +224,7 @@ def _generate(args) -> int:
         prompt_ids.append(ids)
     plan = resolved(config, args.mode)
     if plan.predicted:
-        print(f"[auto: {plan.describe()}]", file=sys.stderr)
+        print(f"[plan: {plan.describe()}]", file=sys.stderr)
 
     with Pipeline(config, plan=plan) as pipe:
         if len(prompts) > 1 and not args.sequential:  # one batch: every prompt's calls share the forwards

@@ -23,6 +23,7 @@ from .protocol import Sampling
 
 
 class Mode(str, Enum):
+    auto = "auto"  # what the plan chose for this pipeline on this machine (ppsd_ray.plan.resolve)
     ppsd = "ppsd"  # verify-while-draft on K stages
     eesd = "eesd"  # classic early-exit self-speculation: draft gamma, verify in one pass
     pp = "pp"      # K stages, no speculation: one token in the pipe at a time
@@ -106,10 +107,11 @@ class PipelineConfig(BaseModel):
                                                     "forward per stage step; more requests wait their turn")
     max_batch_tokens: int = Field(512, ge=1, description="most tokens one stage step computes (decode tokens, "
                                                          "drafts, prefill chunks of all sequences together)")
-    draft_max_seqs: int | None = Field(None, ge=0, description="a ppsd request drafts only if it starts while at "
-                                                               "most this many sequences decode; above, it runs as "
-                                                               "pp: under load the pipe is full without speculation "
-                                                               "and rejected drafts cost real compute. None: always")
+    draft_max_seqs: int | None = Field(2, ge=0, description="a ppsd request drafts only if it starts while at "
+                                                            "most this many sequences decode (itself included); "
+                                                            "above, it runs as pp: under load the pipe is full "
+                                                            "without speculation and rejected drafts cost real "
+                                                            "compute (measured: docs/batching.md). None: always")
     kv_budget_gb: float = Field(4.0, gt=0, description="KV cache memory the stages may hold together: a request "
                                                        "reserves its prompt + max_new_tokens positions when it is "
                                                        "admitted and waits while they do not fit")
@@ -198,7 +200,7 @@ class GenerationConfig(BaseModel):
     greedy output; above 0, speculative sampling keeps the output distribution the model's own."""
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    mode: Mode = Mode.ppsd
+    mode: Mode = Mode.auto
     max_new_tokens: int = Field(128, ge=1)
     gamma: int = Field(4, ge=1, le=64, description="eesd: drafts per verification")
     stop_on_eos: bool = True

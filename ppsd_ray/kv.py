@@ -26,7 +26,9 @@ and a lone row is padded to two (which costs the same as one here).
 """
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -241,19 +243,48 @@ def invariant_tile(weight: torch.Tensor, limit: int = 32) -> int:
     return limit
 
 
+_calls = threading.local()
+
+
+@contextlib.contextmanager
+def call_rows(sizes: list[int]):
+    """Within: the rows the matmuls see are these calls' rows, packed in this order."""
+    _calls.sizes = sizes
+    try:
+        yield
+    finally:
+        _calls.sizes = None
+
+
 def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: int) -> torch.Tensor:
-    """F.linear on tiles of 2 to `tile` rows (a lone row is padded to two), so that every row's
-    result is the one it gets alone: the tile sizes stay in one class of invariant_tile."""
-    rows = x.reshape(-1, x.shape[-1])
+    """F.linear so that each row's result is the one it gets alone (see invariant_tile): the rows
+    of small calls (at most `tile` rows each) together in tiles of 2 to `tile` rows (a lone row
+    padded to two), and a larger call (a prompt chunk) in a matmul of its own, the same shape
+    whatever else is in the batch. The calls are those of call_rows; without it, one call."""
+    m = x.numel() // x.shape[-1]
+    if 2 <= m <= tile:  # a batch of small calls: the common case, kept lean
+        return F.linear(x, weight, bias)
+    sizes = getattr(_calls, "sizes", None)
+    if not sizes or sum(sizes) != m:
+        sizes = [m]
+    rows = x.reshape(m, x.shape[-1])
+    out, small = [], []
+    for call, n in zip(rows.split(sizes), sizes):
+        if n > tile:
+            out += _tiles(torch.cat(small), weight, bias, tile) if small else []
+            out.append(F.linear(call, weight, bias))
+            small = []
+        else:
+            small.append(call)
+    out += _tiles(torch.cat(small), weight, bias, tile) if small else []
+    return torch.cat(out).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _tiles(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: int) -> list[torch.Tensor]:
     m = rows.shape[0]
     if m == 1:
-        rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
-    if m <= tile:
-        out = F.linear(rows, weight, bias)
-    else:
-        n = -(-m // tile)  # tiles of near-equal size, each at least 2 rows
-        out = torch.cat([F.linear(t, weight, bias) for t in rows.tensor_split(n)])
-    return out[:m].reshape(*x.shape[:-1], weight.shape[0])
+        return [F.linear(torch.cat([rows, torch.zeros_like(rows)]), weight, bias)[:1]]
+    return [F.linear(t, weight, bias) for t in rows.tensor_split(-(-m // tile))]  # near-equal, >= 2 rows each
 
 
 def batch_invariant(module: nn.Module) -> nn.Module:

@@ -34,6 +34,7 @@ from .theory import ppsd_token_s
 # at exits 8 - 15 of SmolLM2-135M-Instruct (docs/heads.md); models not trained for early
 # exit are all near there, so it is taken low.
 LM_ACCEPTANCE = 0.05
+MAX_CPU_STAGES = 4  # mode auto on a CPU considers up to this many stages (one per core at most)
 
 
 class Plan(BaseModel):
@@ -41,7 +42,7 @@ class Plan(BaseModel):
     predicted figures are there when something was 'auto' (chosen from a calibration)."""
     model_config = ConfigDict(frozen=True)
 
-    mode: Mode                            # what the caller asked for (auto planning of the mode: later)
+    mode: Mode                            # what the requests run (mode auto: the plan's choice)
     stages: int                           # K
     exit_layer: int                       # E: stage 1 holds layers [0, E)
     head: str                             # stage 1's exit head: 'lm' or a head file
@@ -52,6 +53,8 @@ class Plan(BaseModel):
     acceptance: float | None = None       # predicted: the head's acceptance,
     stage_s: list[float] | None = None    # each stage's decode step,
     token_s: float | None = None          # seconds per token
+    contention: float | None = None       # CPU stages on one box: the slowdown applied to the steps
+    considered: list[str] = []            # mode auto: every option's predicted tokens/s
 
     @property
     def predicted(self) -> bool:
@@ -59,41 +62,92 @@ class Plan(BaseModel):
 
     def describe(self) -> str:
         """One line for stderr and logs."""
-        name = "lm" if self.head == "lm" else Path(self.head).name
-        out = f"exit layer {self.exit_layer}, head {name}"
+        layers = " | ".join(f"{a}-{b}" for a, b in self.layer_ranges)
+        out = (f"{self.mode.value} on {self.stages} stage{'s' if self.stages > 1 else ''} (layers {layers}), "
+               f"{self.device}, {self.threads} thread{'s' if self.threads > 1 else ''}, {self.dtype}")
+        if self.mode in (Mode.ppsd, Mode.eesd):
+            out += f"; exit layer {self.exit_layer}, head {'lm' if self.head == 'lm' else Path(self.head).name}"
+            if self.acceptance is not None:
+                out += f" (acceptance {self.acceptance:.3f})"
         if self.predicted:
             steps = " / ".join(f"{1e3 * s:.1f}" for s in self.stage_s)
-            out += (f" (acceptance {self.acceptance:.3f}); predicted stage steps {steps} ms, "
-                    f"{1 / self.token_s:.1f} tokens/s")
-        layers = " | ".join(f"{a}-{b}" for a, b in self.layer_ranges)
-        return (f"{out}; {self.mode.value} on {self.stages} stage{'s' if self.stages > 1 else ''} "
-                f"(layers {layers}), {self.device}, {self.threads} thread{'s' if self.threads > 1 else ''}, "
-                f"{self.dtype}")
+            out += f"; predicted stage steps {steps} ms, {1 / self.token_s:.1f} tokens/s"
+        if self.contention:
+            out += f" (stages together {self.contention:.2f}x slower than alone)"
+        if self.considered:
+            out += f"; considered (tokens/s): {', '.join(self.considered)}"
+        return out
 
 
 def resolve(config: PipelineConfig, mode: Mode | str | None = None) -> Plan:
-    """The plan for `config` here: 'auto' exit layer and head resolved (calibrating once per
-    model, device, threads and dtype; cached), then checked. A ValueError names the field
-    (exit_layer, head) when what 'auto' resolved to does not fit. mode None: ppsd on K > 1
-    stages, ar on one."""
-    mode = Mode(mode) if mode is not None else Mode.ppsd if config.stages > 1 else Mode.ar
-    device, threads, dtype = stage_target(config.stages, config.use_gpus, config.threads_per_stage, config.dtype)
+    """The plan for `config` here. mode 'auto' (or None): the mode and K predicted fastest
+    (`choose`); any other mode runs on config.stages stages. 'auto' exit layer and head are
+    resolved (calibrating once per model, device, threads and dtype; cached), then checked:
+    a ValueError names the field (exit_layer, head) when what 'auto' resolved to does not fit."""
+    mode = Mode(mode) if mode is not None else Mode.auto
+    if mode == Mode.auto:
+        return choose(config)
+    return _plan(config, mode, config.stages)
+
+
+def choose(config: PipelineConfig) -> Plan:
+    """mode auto: of ar on one stage with every thread, and ppsd and pp on each K the machine
+    allows (one per GPU; on a CPU up to one stage per core, the threads shared out), the plan
+    with the most tokens/s predicted from the calibration. An explicit `stages` is obeyed. On
+    one CPU box the stages share its memory bandwidth, so a multi-stage prediction uses a
+    layer's step measured while K - 1 peer processes run the same steps (calibrate.contention)."""
+    if "stages" in config.model_fields_set:
+        counts = [config.stages]
+    else:
+        gpus = config.use_gpus if config.use_gpus is not None else torch.cuda.device_count() >= 2
+        most = torch.cuda.device_count() if gpus else min(os.cpu_count() or 1, MAX_CPU_STAGES)
+        counts = sorted({1, *range(2, min(most, config.info.num_layers) + 1)})
+    options = [_plan(config, m, k, predict=True) for k in counts for m in ([Mode.ar] if k == 1 else [Mode.ppsd, Mode.pp])]
+    best = min(options, key=lambda p: p.token_s)
+    considered = [f"{p.mode.value} K={p.stages} {1 / p.token_s:.1f}" for p in options]
+    return best.model_copy(update={"considered": considered})
+
+
+def _plan(config: PipelineConfig, mode: Mode, k: int, predict: bool = False) -> Plan:
+    """`mode` on k stages; predicted figures when `predict` or when something was 'auto'."""
+    device, threads, dtype = stage_target(k, config.use_gpus, config.threads_per_stage, config.dtype)
     layers = config.info.num_layers
-    target = dict(mode=mode, stages=config.stages, device=device, threads=threads, dtype=dtype)
-    if config.stages > 1 and "auto" in (config.exit_layer, config.head):
-        best = fastest(config.model_dir, config.stages, config.given_exit_layer, config.head, device, threads, dtype)
+    target = dict(mode=mode, stages=k, device=device, threads=threads, dtype=dtype)
+    if k == 1:
+        plan = Plan(exit_layer=layers, head="lm", layer_ranges=[(0, layers)], **target)
+        if not predict:
+            return plan
+        cal = calibration(config.model_dir, device, threads, dtype, set())
+        step = layers * cal.layer_s + cal.lm_head_s
+        return plan.model_copy(update={"stage_s": [step], "token_s": step})
+    drafts = mode in (Mode.ppsd, Mode.eesd)
+    if drafts and "auto" in (config.exit_layer, config.head):
+        best = fastest(config.model_dir, k, config.given_exit_layer, config.head, device, threads, dtype)
         e, head = best.exit_layer, best.head
-        check_exit_layer(e, config.stages, layers)  # a head file given with exit_layer 'auto' brings its own
+        check_exit_layer(e, k, layers)  # a head file given with exit_layer 'auto' brings its own
         if head != "lm":
             try:
                 check_head_meta(read_head_meta(head), config.model_dir, e, head)
             except HeadMismatch as err:
                 raise ValueError(str(err)) from None
-        return Plan(exit_layer=e, head=head, layer_ranges=split_layers(layers, config.stages, e),
-                    acceptance=best.acceptance, stage_s=best.stage_s, token_s=best.token_s, **target)
-    e = config.exit_layer if isinstance(config.exit_layer, int) else round(layers / config.stages)
-    head = "lm" if config.head == "auto" else config.head
-    return Plan(exit_layer=e, head=head, layer_ranges=split_layers(layers, config.stages, e), **target)
+        plan = Plan(exit_layer=e, head=head, layer_ranges=split_layers(layers, k, e), acceptance=best.acceptance,
+                    stage_s=best.stage_s, token_s=best.token_s, **target)
+    else:
+        e = config.exit_layer if isinstance(config.exit_layer, int) else round(layers / k)
+        head = "lm" if config.head == "auto" or not drafts else config.head
+        plan = Plan(exit_layer=e, head=head, layer_ranges=split_layers(layers, k, e), **target)
+        if predict:
+            cand = candidates(config.model_dir, layers, k, e, head)[0]
+            cal = calibration(config.model_dir, device, threads, dtype, {cand.draft_key})
+            steps = stage_times(cal, layers, k, e, cand.draft_key if drafts else None)
+            token_s = ppsd_token_s(cand.acceptance, steps) if mode == Mode.ppsd else sum(steps)
+            plan = plan.model_copy(update={"acceptance": cand.acceptance if drafts else None, "stage_s": steps,
+                                           "token_s": token_s})
+    if predict and device == "cpu":  # stages on one box slow each other down
+        factor = calibration(config.model_dir, device, threads, dtype, set(), peers=k - 1).contention[k - 1]
+        plan = plan.model_copy(update={"stage_s": [s * factor for s in plan.stage_s],
+                                       "token_s": plan.token_s * factor, "contention": factor})
+    return plan
 
 
 def split_layers(num_layers: int, stages: int, exit_layer: int) -> list[tuple[int, int]]:
@@ -149,9 +203,10 @@ class Choice(BaseModel):
                 f"steps {steps} ms, {1 / self.token_s:.1f} tokens/s ({self.device}, {self.threads} threads)")
 
 
-def stage_times(cal: Calibration, num_layers: int, stages: int, exit_layer: int, key: str) -> list[float]:
+def stage_times(cal: Calibration, num_layers: int, stages: int, exit_layer: int, key: str | None) -> list[float]:
+    """Each stage's decode step: its layers, stage 1's draft (key None: no draft), the LM head."""
     steps = [(b - a) * cal.layer_s for a, b in split_layers(num_layers, stages, exit_layer)]
-    steps[0] += cal.draft_s[key]
+    steps[0] += cal.draft_s[key] if key else 0.0
     steps[-1] += cal.lm_head_s
     return steps
 

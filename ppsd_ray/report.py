@@ -147,8 +147,11 @@ def _load_sweep(sweep: dict) -> list[str]:
              f"{k['max_new_tokens']} new tokens, greedy, exit layer {k['exit_layer']}. Each level runs every system in "
              "turn. Our systems: one streaming request per client through the Python driver, all at once (the "
              "stages batch their calls); 1 client: each prompt alone, one after another, which is also the "
-             "reference every answer under load must equal. hf-batched: transformers' batched generation of the "
-             "same prompts in one call (1 client: plain `generate`, one prompt at a time).", "",
+             "reference every answer under load must equal. default: PipelineConfig's defaults with mode auto "
+             "(the plan's mode and K; ppsd drafts only while at most draft_max_seqs sequences decode). "
+             "hf-generate_batch / hf-generate: transformers' continuous batching and its padded batched `generate` "
+             "of the same prompts in one call (1 client: each prompt alone). TTFT is measured for streaming "
+             "clients only.", "",
              "| system | clients | tokens/s (all) | TTFT p50 / p99 s | inter-token p50 ms | identical to alone "
              "| errors | acceptance | note |", "|---|---|---|---|---|---|---|---|---|"]
     for r in load_sweep_rows(sweep):

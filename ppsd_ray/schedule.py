@@ -99,7 +99,8 @@ MAX_REPAIRS = 3
 class Decoder:
     def __init__(self, pipe: Pipe, stages: int, get: Callable[[Any], Any] = lambda x: x,
                  eos_token_ids: Sequence[int] = (), window: int | None = None, repair: Repair | None = None,
-                 prefill_chunk: int | None = None, may_draft: Callable[[], bool] = lambda: True):
+                 prefill_chunk: int | None = None, may_draft: Callable[[], bool] = lambda: True,
+                 default_mode: Mode | None = None):
         self.pipe = pipe
         self.k = stages
         self.get = get
@@ -108,6 +109,7 @@ class Decoder:
         self.repair = repair
         self.prefill_chunk = prefill_chunk
         self.may_draft = may_draft  # asked as a ppsd request starts: under load it runs as pp
+        self.default_mode = default_mode or (Mode.ppsd if stages > 1 else Mode.ar)  # what mode auto runs
 
     def decode(self, seq_id: str, prompt: Sequence[int], gen: GenerationConfig,
                stats: RequestStats) -> Iterator[int | TokenLogprobs]:
@@ -115,6 +117,8 @@ class Decoder:
         breaks and `repair` makes it whole, the request goes on from its committed tokens:
         every stage's KV is filled again from the prompt and them, nothing is lost or repeated."""
         k = self.k
+        if gen.mode == Mode.auto:
+            gen = gen.model_copy(update={"mode": self.default_mode})
         if gen.mode == Mode.ar and k != 1:
             raise ValueError(f"mode: ar runs on a 1-stage pipeline, this one has {k} stages")
         if gen.mode in (Mode.ppsd, Mode.eesd) and k < 2:

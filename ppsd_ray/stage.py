@@ -39,7 +39,7 @@ import torch
 
 from .families import build_shard
 from .heads import ExitHead, load_exit_head
-from .kv import KVManager, PackedBatch, SeqKV, batch_invariant, use_packed_attention
+from .kv import KVManager, PackedBatch, SeqKV, batch_invariant, call_rows, use_packed_attention
 from .protocol import Hop, StageReport, Verdict, Work
 from .sampling import propose, verify
 
@@ -162,7 +162,8 @@ class Stage:
             return [(Hop(w, p.cpu() if self.device.type == "cpu" else p, d, q), p.shape[1])
                     for w, p, d, q in zip(works, parts, drafts, dists)]
         rows = [p[0, p.shape[1] - w.verify:] for w, p in zip(works, parts)]
-        logits = self.lm_head(torch.cat(rows)) if any(w.verify for w in works) else None
+        with call_rows([w.verify for w in works if w.verify]):
+            logits = self.lm_head(torch.cat(rows)) if any(w.verify for w in works) else None
         results, at = [], 0
         for w, p, d, q in zip(works, parts, drafts, dists):
             n = p.shape[1]
@@ -180,14 +181,16 @@ class Stage:
         head = self.exit_head
         if head.needs_cache:  # an attending head sees every position, drafted or not
             heads = [self.kv.head_at(w.seq_id, w.pos, f"stage {self.index}") for w in works]
-            feats = head.features(torch.cat(parts, dim=1), self._positions([w.pos for w in works], sizes),
-                                  PackedBatch(heads, sizes)).split(sizes, dim=1)
+            with call_rows(sizes):
+                feats = head.features(torch.cat(parts, dim=1), self._positions([w.pos for w in works], sizes),
+                                      PackedBatch(heads, sizes)).split(sizes, dim=1)
             last = [f[:, -1:] for f in feats]
         drafting = [j for j, w in enumerate(works) if w.chain + w.draft > 0]
         if not drafting:
             return
         rows = torch.cat([last[j] for j in drafting] if head.needs_cache else [parts[j][:, -1:] for j in drafting], 1)
-        logits, vocab = head.draft_logits(rows if head.needs_cache else head.features(rows))
+        with call_rows([1] * len(drafting)):
+            logits, vocab = head.draft_logits(rows if head.needs_cache else head.features(rows))
         for r, j in enumerate(drafting):
             work, row = works[j], logits[0, r]
             seq, pos, n = work.seq_id, work.pos, sizes[j]
@@ -213,8 +216,9 @@ class Stage:
             parts[j] = torch.cat(hidden, dim=1) if len(hidden) > 1 else parts[j]
 
     def _layers(self, x: torch.Tensor, starts: list[int], sizes: list[int], caches: list[SeqKV]) -> torch.Tensor:
-        return self.body(inputs_embeds=x, position_ids=self._positions(starts, sizes), use_cache=True,
-                         **{self._cache_kw: PackedBatch(caches, sizes)}).last_hidden_state
+        with call_rows(sizes):
+            return self.body(inputs_embeds=x, position_ids=self._positions(starts, sizes), use_cache=True,
+                             **{self._cache_kw: PackedBatch(caches, sizes)}).last_hidden_state
 
     def _positions(self, starts: list[int], sizes: list[int]) -> torch.Tensor:
         return torch.cat([torch.arange(p, p + n, device=self.device) for p, n in zip(starts, sizes)])[None]

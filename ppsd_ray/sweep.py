@@ -80,25 +80,21 @@ def run_clients(pipe, prompts: list[list[int]], gen) -> tuple[list[dict], float]
 
 
 class HFBatched:
-    """transformers' best batched generation here: `generate_batch` (continuous batching, paged
-    cache) where it runs, else `generate` on the left-padded batch."""
+    """transformers' batched generation of the same prompts in one call: `generate_batch`
+    (continuous batching, a paged cache) and `generate` on the left-padded batch."""
 
     def __init__(self, model_dir: Path):
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.pad = AutoTokenizer.from_pretrained(model_dir).pad_token_id or 0
-        self.how = None
 
-    def run(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], float]:
-        if self.how in (None, "generate_batch"):
-            try:
-                cfg = HFGenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None)
-                t0 = time.perf_counter()
-                done = self.model.generate_batch(inputs=prompts, generation_config=cfg, progress_bar=False)
-                wall = time.perf_counter() - t0
-                self.how = "generate_batch"
-                return [list(done[k].generated_tokens) for k in sorted(done, key=lambda r: int(r.split("_")[-1]))], wall
-            except Exception as e:  # e.g. "attn_implementation sdpa_paged is not supported" on CPU
-                self.how = f"generate (padded; generate_batch: {type(e).__name__}: {str(e)[:80]})"
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], float]:
+        cfg = HFGenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None)
+        t0 = time.perf_counter()
+        done = self.model.generate_batch(inputs=prompts, generation_config=cfg, progress_bar=False)
+        wall = time.perf_counter() - t0
+        return [list(done[k].generated_tokens) for k in sorted(done, key=lambda r: int(r.split("_")[-1]))], wall
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], float]:
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
@@ -111,33 +107,48 @@ class HFBatched:
 
 def run_sweep(model_dir: Path, levels: list[int], prompts: list[list[int]], max_new_tokens: int,
               exit_layer: int, head: str = "auto", progress: bool = True) -> dict:
-    """Systems: ppsd-K2, pp-K2, ar (batched pipelines) and hf-batched. `prompts`: the distinct
-    prompts; a level of c clients sends prompts[i % len(prompts)] for i < c."""
+    """Systems: ppsd-K2 (drafting at every load), pp-K2, ar (batched pipelines), default (what
+    PipelineConfig's defaults and mode auto give: the plan's mode and K, drafting only while
+    at most draft_max_seqs decode), and transformers' hf-generate_batch and hf-generate (the
+    padded batch; 1 client: each prompt alone). `prompts`: the distinct prompts; a level of c
+    clients sends prompts[i % len(prompts)] for i < c."""
     started = not ray.is_initialized()
     if started:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     top = max(levels)
     k2 = Pipeline(PipelineConfig(model_dir=model_dir, stages=2, exit_layer=exit_layer, head=head,
-                                 cpus_per_stage=0.01, max_num_seqs=top))
+                                 cpus_per_stage=0.01, max_num_seqs=top, draft_max_seqs=None))
     k1 = Pipeline(PipelineConfig(model_dir=model_dir, stages=1, cpus_per_stage=0.01, max_num_seqs=top))
-    systems = {"ppsd-K2": (k2, "ppsd"), "pp-K2": (k2, "pp"), "ar": (k1, "ar")}
+    default = Pipeline(PipelineConfig(model_dir=model_dir, cpus_per_stage=0.01, max_num_seqs=top))
+    systems = {"ppsd-K2": (k2, "ppsd"), "pp-K2": (k2, "pp"), "ar": (k1, "ar"), "default": (default, "auto")}
     hf = HFBatched(model_dir)
     results: list[LevelResult] = []
     alone: dict[str, list[list[int]]] = {}
-    names = [*systems, "hf-batched"]
+    names = [*systems, "hf-generate_batch", "hf-generate"]
     bar = tqdm(total=len(levels) * len(names), desc="load sweep", disable=not progress)
     try:
         for pipe, mode in systems.values():  # warm-up
             pipe.generate(prompts[0], GenerationConfig(mode=mode, max_new_tokens=4))
-        hf.run(prompts[:2], 4)
+        hf.generate_batch(prompts[:2], 4)
+        hf.generate(prompts[:2], 4)
         for li, clients in enumerate(sorted(levels)):
             batch = [prompts[i % len(prompts)] for i in range(clients)]
             for name in names[li % len(names):] + names[:li % len(names)]:
                 r = LevelResult(name, clients)
-                if name == "hf-batched":
-                    outs, r.wall_s = hf.run(batch, max_new_tokens) if clients > 1 else _hf_one(hf, batch, max_new_tokens)
+                if name.startswith("hf-"):
+                    run = getattr(hf, name.removeprefix("hf-"))
+                    if clients == 1:  # each prompt alone, one after another
+                        outs, r.wall_s = [], 0.0
+                        for p in prompts:
+                            o, wall = run([p], max_new_tokens)
+                            outs += o
+                            r.wall_s += wall
+                    else:
+                        try:
+                            outs, r.wall_s = run(batch, max_new_tokens)
+                        except Exception as e:  # transformers 5.24: "sdpa_paged is not supported" on CPU
+                            outs, r.errors = [], [f"{type(e).__name__}: {str(e)[:120]}"]
                     r.tokens = sum(len(o) for o in outs)
-                    r.note = hf.how if clients > 1 else "generate, one prompt at a time"
                 else:
                     pipe, mode = systems[name]
                     gen = GenerationConfig(mode=mode, max_new_tokens=max_new_tokens, stop_on_eos=False)
@@ -160,6 +171,8 @@ def run_sweep(model_dir: Path, levels: list[int], prompts: list[list[int]], max_
                         if clients > 1 and name in alone:
                             r.compared += 1
                             r.identical += rec["tokens"] == alone[name][i % len(prompts)]
+                    if name == "default":
+                        r.note = f"{pipe.plan.mode.value} on {pipe.plan.stages} stage(s)"
                     drafted = sum(rec.get("stats", {}).get("drafted", 0) for rec in recs)
                     if drafted:
                         r.acceptance = sum(rec["stats"]["accepted"] for rec in recs) / drafted
@@ -167,24 +180,10 @@ def run_sweep(model_dir: Path, levels: list[int], prompts: list[list[int]], max_
                 bar.update()
         bar.close()
     finally:
-        k2.shutdown()
-        k1.shutdown()
+        for pipe in (k2, k1, default):
+            pipe.shutdown()
         if started:
             ray.shutdown()
     return {"setup": machine_info() | {"model_dir": str(model_dir), "max_new_tokens": max_new_tokens,
                                        "prompts": len(prompts), "levels": sorted(levels), "exit_layer": exit_layer},
             "results": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in results]}
-
-
-def _hf_one(hf: HFBatched, prompts: list[list[int]], max_new_tokens: int):
-    """One client: transformers' plain generate of each prompt alone."""
-    outs, wall = [], 0.0
-    for p in prompts:
-        x = torch.tensor([p])
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = hf.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
-                                    max_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=hf.pad)
-        wall += time.perf_counter() - t0
-        outs.append(out[0, len(p):].tolist())
-    return outs, wall

@@ -97,3 +97,23 @@ def test_batched_sampling_equals_sampling_alone_and_a_cancel_frees_its_slot(tiny
     finally:
         for loop in loops:
             loop.stop()
+
+
+def test_tiled_linear_gives_each_call_its_result_alone():
+    """Small calls share tiles of 2..tile rows, a call longer than the tile gets a matmul of its
+    own: either way each call's rows are bit for bit what the call gets alone."""
+    import torch
+
+    from ppsd_ray.kv import call_rows, invariant_tile, tiled_linear
+
+    torch.manual_seed(0)
+    weight = torch.randn(192, 64)
+    tile = invariant_tile(weight)
+    assert 2 <= tile < 5  # this shape changes its order early (as SmolLM2's 576x576 with two threads)
+    sizes = [1, 5, 2, 1, 1, 7, 3, 1]
+    x = torch.randn(1, sum(sizes), 64)
+    with call_rows(sizes):
+        together = tiled_linear(x, weight, None, tile).split(sizes, dim=1)
+    for call, got in zip(x.split(sizes, dim=1), together):
+        with call_rows([call.shape[1]]):
+            assert torch.equal(tiled_linear(call, weight, None, tile), got)

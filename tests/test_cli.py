@@ -23,7 +23,8 @@ def test_generate_json_equals_transformers_greedy(tiny_model_dir, tmp_path):
         out = ppsd("generate", "--prompts-file", file, "--model", tiny_model_dir, "--json",
                    "--max-new-tokens", 16, "--stages", 3, *flags)
         assert out.returncode == 0, out.stderr
-        assert "auto: exit layer" in out.stderr and "predicted stage steps" in out.stderr  # exit_layer auto
+        # mode auto on the 3 stages asked for: ppsd or pp, whichever is predicted faster
+        assert "plan: " in out.stderr and "predicted stage steps" in out.stderr and "considered" in out.stderr
         lines = out.stdout.splitlines()
         assert len(lines) == len(prompts)
         for prompt, line in zip(prompts, lines):

@@ -223,12 +223,13 @@ def test_draft_vocab_and_attach_commands_record_and_reproduce(tiny_model_dir, tm
 def test_exit_layer_auto_is_valid_and_calibrated_once(tiny_model_dir, cache, monkeypatch):
     config = PipelineConfig(model_dir=tiny_model_dir, stages=2)
     assert config.exit_layer == "auto" and not list(cache.glob("calibration/*.json"))  # a config does not plan
-    resolved = plan.resolve(config)
+    resolved = plan.resolve(config, "ppsd")
     assert resolved.predicted and resolved.mode.value == "ppsd"
     e = resolved.exit_layer
     assert 1 <= e <= 7 and resolved.layer_ranges == [(0, e), (e, 8)] and resolved.head == "lm"
     assert len(resolved.stage_s) == 2 and resolved.token_s > 0
-    assert resolved.describe().startswith(f"exit layer {e}, head lm (acceptance ")
+    assert f"ppsd on 2 stages (layers 0-{e} | {e}-8)" in resolved.describe()
+    assert f"exit layer {e}, head lm (acceptance " in resolved.describe()
     files = list((cache / "calibration").glob("*.json"))
     assert len(files) == 1 and files[0].name.startswith(model_fingerprint(tiny_model_dir))
     calibrate._MEMO.clear()  # a new process: reads the file, measures nothing
@@ -238,9 +239,9 @@ def test_exit_layer_auto_is_valid_and_calibrated_once(tiny_model_dir, cache, mon
 
     monkeypatch.setattr(calibrate, "measure", no_measuring)
     again = PipelineConfig(model_dir=tiny_model_dir, stages=2)
-    assert plan.resolve(again).exit_layer == e
-    assert plan.resolve(PipelineConfig(model_dir=tiny_model_dir, stages=3)).layer_ranges[-1][1] == 8
-    one = plan.resolve(PipelineConfig(model_dir=tiny_model_dir, stages=1))
+    assert plan.resolve(again, "ppsd").exit_layer == e
+    assert plan.resolve(PipelineConfig(model_dir=tiny_model_dir, stages=3), "ppsd").layer_ranges[-1][1] == 8
+    one = plan.resolve(PipelineConfig(model_dir=tiny_model_dir, stages=1), "ar")
     assert not one.predicted and one.layer_ranges == [(0, 8)] and one.mode.value == "ar"
     with pytest.raises(ValidationError, match="exit_layer"):
         PipelineConfig(model_dir=tiny_model_dir, stages=2, exit_layer="soon")
@@ -297,3 +298,16 @@ def test_calibrate_command_measures_and_reports_the_choice(tiny_model_dir, cache
     assert out["layer_ms"] > 0 and out["lm_head_ms"] > 0 and {"lm", "layer@64"} <= out["draft_ms"].keys()
     assert out["auto"].startswith("exit layer ") and "predicted stage steps" in out["auto"]
     assert calibrate.cache_file(model_fingerprint(tiny_model_dir), "cpu", 1, "float32").is_file()
+
+
+def test_mode_auto_picks_the_fastest_predicted_plan_and_obeys_given_stages(tiny_model_dir, cache):
+    """auto weighs ar on one stage against ppsd and pp on K stages, each predicted from the
+    calibration (multi-stage CPU plans slowed by the measured contention), and takes the
+    fastest; given stages, it chooses only the mode."""
+    free = plan.resolve(PipelineConfig(model_dir=tiny_model_dir), "auto")
+    assert free.predicted and len(free.considered) >= 3  # ar K=1, ppsd K=2, pp K=2 at least
+    options = {c.rsplit(" ", 1)[0]: float(c.rsplit(" ", 1)[1]) for c in free.considered}
+    assert f"{free.mode.value} K={free.stages}" == max(options, key=options.get)
+    fixed = plan.resolve(PipelineConfig(model_dir=tiny_model_dir, stages=2), "auto")
+    assert fixed.stages == 2 and fixed.mode.value in ("ppsd", "pp") and fixed.contention >= 1.0
+    assert {c.rsplit(" ", 1)[0] for c in fixed.considered} == {"ppsd K=2", "pp K=2"}
