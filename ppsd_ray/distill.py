@@ -15,6 +15,10 @@
 3. Acceptance (`acceptance`): along the model's own greedy output, how often the
    head's argmax is the model's next token (greedy) or among its top 2.
 
+`train_head` runs one loop over either kind of data: `SequenceData` (the records
+above: whole sequences, full-vocabulary KL) or `TopkData` (the data job's shards,
+ppsd_ray/teacher.py: single shuffled positions with the teacher's top-k, `topk_loss`).
+
 Position t of a record holds the hidden states of input token t; it predicts
 token t + 1. Records keep the prompt's positions too (a 'layer' head attends
 over them), the loss and acceptance count only positions >= prompt_len - 1.
