@@ -10,6 +10,10 @@ same for the validation prompts (greedy only); then the head is trained with
 KL(teacher || head) and its validation acceptance measured and recorded in the
 file's metadata together with this exact command. Re-running the same command
 reuses the data and continues an interrupted training from its checkpoint.
+
+With --teacher-data DIR..., the training data is instead the data job's top-k shards
+(`ppsd distill-data`, jobs/distill_data.py): single shuffled positions, batches of
+--batch-positions, a loss over the teacher's top-k (distill.topk_loss); a 'linear' head only.
 """
 from __future__ import annotations
 
@@ -61,6 +65,9 @@ def parse(argv):
     p.add_argument("--prompt-positions", action="store_true",
                    help="the loss also counts the prompts' positions (about twice the tokens)")
     p.add_argument("--max-records", type=int, help="train on the first N sequences only (data-size studies)")
+    p.add_argument("--teacher-data", type=Path, nargs="+",
+                   help="train on these `ppsd distill-data` directories (top-k shards) instead of generating")
+    p.add_argument("--batch-positions", type=int, default=512, help="with --teacher-data: positions per step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads for training")
     p.add_argument("--out", type=Path, help="head file; default ppsd_ray/heads/<model>.exit<E>.<type>.safetensors")
@@ -93,44 +100,62 @@ def main(argv=None) -> int:
                               seed=args.seed) for f, n in zip(args.train_prompts, answers)]
     val_spec = D.DataSpec(prompts_file=str(args.val_prompts), exit_layers=layers,
                           max_new_tokens=args.val_max_new_tokens, seed=args.seed)
-    train_dirs = [D.build_dataset(model_dir, s, args.workers, args.threads_per_worker, progress) for s in train_specs]
-    val_dir = D.build_dataset(model_dir, val_spec, args.workers, args.threads_per_worker, progress)
-    gen_s = time.time() - t0
-    train = [r for d, n in zip(train_dirs, answers) for r in D.load_dataset(d, args.exit_layer, n)]
-    val = D.load_dataset(val_dir, args.exit_layer)
-
+    if args.teacher_data and args.head_type != "linear":
+        raise SystemExit("teacher-data: top-k shards hold single positions; only a 'linear' head trains on them")
     spec = D.TrainSpec(head_type=args.head_type, epochs=args.epochs, lr=args.lr, batch_seqs=args.batch_seqs,
                        seed=args.seed, max_records=args.max_records, prompt_positions=args.prompt_positions)
+    if args.teacher_data:
+        try:
+            data = D.TopkData(args.teacher_data, args.exit_layer, args.batch_positions, args.seed, spec.bf16)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        train_dirs, train_specs, train = [Path(d).resolve() for d in args.teacher_data], [], None
+    else:
+        train_dirs = [D.build_dataset(model_dir, s, args.workers, args.threads_per_worker, progress)
+                      for s in train_specs]
+        train = [r for d, n in zip(train_dirs, answers) for r in D.load_dataset(d, args.exit_layer, n)]
+        data = D.SequenceData(train, spec)
+    val_dir = D.build_dataset(model_dir, val_spec, args.workers, args.threads_per_worker, progress)
+    gen_s = time.time() - t0
+    val = D.load_dataset(val_dir, args.exit_layer)
+
     torch.manual_seed(args.seed)
     head = D.new_head(args.head_type, model_dir, args.exit_layer)
-    run_key = hashlib.sha256(json.dumps([[d.name for d in train_dirs], answers, args.exit_layer, asdict(spec)]).encode()).hexdigest()[:16]
+    what = [[d.name for d in train_dirs], answers, args.exit_layer, asdict(spec)]
+    if args.teacher_data:
+        what = [[str(d) for d in train_dirs], data.size, args.exit_layer, asdict(spec)]
+    run_key = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
     run_dir = cache_dir() / "runs" / f"exit{args.exit_layer}-{args.head_type}-{run_key}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"data: {', '.join(map(str, train_dirs))} ({len(train)} sequences), {val_dir} ({len(val)}); checkpoints: {run_dir}",
+    print(f"data: {', '.join(map(str, train_dirs))} ({data.size}), {val_dir} ({len(val)}); checkpoints: {run_dir}",
           file=sys.stderr)
 
-    seen = train[:: max(1, len(train) // 200)]  # about 200 training sequences: the generalisation gap
+    seen = train[:: max(1, len(train) // 200)] if train else None  # about 200 training sequences: the gap
 
     def on_epoch(epoch):
-        acc, fit = D.acceptance(head, val), D.acceptance(head, seen)
+        acc = D.acceptance(head, val)
+        fit = D.acceptance(head, seen) if seen is not None else D.topk_agreement(head, data)
         print(f"epoch {epoch}: val greedy {acc['greedy']:.3f} top-2 {acc['top2']:.3f}; "
               f"train greedy {fit['greedy']:.3f}", file=sys.stderr)
         return {"val_greedy": round(acc["greedy"], 4), "val_top2": round(acc["top2"], 4),
                 "train_greedy": round(fit["greedy"], 4)}
 
     t1 = time.time()
-    stats = D.train_head(head, train, spec, ckpt=run_dir / "checkpoint.pt", progress=progress,
+    stats = D.train_head(head, data, spec, ckpt=run_dir / "checkpoint.pt", progress=progress,
                          log=lambda m: print(m, file=sys.stderr), on_epoch=on_epoch)
     acc = D.acceptance(head, val)
     meta = {
         "format": 1, "model_fingerprint": fp, "model_name": Path(model_dir).name,
         "hidden_size": head.lm_head.weight.shape[1], "vocab_size": head.lm_head.weight.shape[0],
-        "training_tokens": stats["training_tokens"], "training_sequences": len(train[: args.max_records]),
+        "training_tokens": stats["training_tokens"], "training_sequences": len(data.records) if train else None,
         "epochs": args.epochs, "val_greedy_acceptance": round(acc["greedy"], 4),
         "val_top2_acceptance": round(acc["top2"], 4), "val_tokens": acc["tokens"],
         "val_prompts": Path(args.val_prompts).name, "final_kl": round(stats["final_kl"], 4),
         "history": stats["history"], "train_wall_s": stats["train_wall_s"],
-        "data": [{**asdict(s), "prompts_file": Path(s.prompts_file).name} for s in train_specs],
+        "data": [{**asdict(s), "prompts_file": Path(s.prompts_file).name} for s in train_specs] or
+                [{"teacher_data": str(d), **{k: m[k] for k in ("key", "positions", "sources")},
+                  "spec": {k: v for k, v in m["spec"].items() if k != "answers_prompts"}}
+                 for d in train_dirs for m in [D.read_topk_manifest(d)]],
         "train": asdict(spec), "command": command,
         "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -1,4 +1,4 @@
-"""`ppsd` command line: model-path, generate, eval-acceptance, bench, serve."""
+"""`ppsd` command line: model-path, generate, eval-acceptance, distill-data, bench, serve."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from actors.pipeline import Pipeline
 from actors.serve import check_settings, serve_forever
 
-from . import bench, calibrate, distill, report, sweep, vocab
+from . import bench, calibrate, distill, report, sweep, teacher, vocab
 from .config import GenerationConfig, Mode, ModelInfo, PipelineConfig, Transport, check_prompt, describe
 from .detokenize import StreamDetokenizer
 from .heads import HeadMismatch, find_shipped_head, load_exit_head, read_head_meta
@@ -53,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
 
     add_eval_acceptance_parser(sub)
     add_vocab_parsers(sub)
+
+    p = sub.add_parser("distill-data", help="build exit-head distillation data: teacher-forced text from this "
+                                            "machine and the model's own answers -> shuffled top-k shards "
+                                            "(resumable; docs/heads.md)")
+    teacher.add_arguments(p)
+    p.set_defaults(run=_distill_data)
 
     p = sub.add_parser("calibrate", help="measure the decode-step costs of a layer, the exit heads and the LM "
                                          "head here (cached for exit_layer auto); print them and the auto choice")
@@ -393,6 +399,16 @@ def _attach_vocab(args) -> int:
                           "val_greedy": meta["val_greedy_acceptance"],
                           "full_vocab_val_greedy": meta["full_vocab_val_greedy_acceptance"],
                           "size_mb": round(Path(head).stat().st_size / 1e6, 2)}))
+    return 0
+
+
+def _distill_data(args) -> int:
+    model_dir, _ = checked_model(args.model)
+    try:
+        summary = teacher.run(args, model_dir)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(json.dumps(summary))
     return 0
 
 

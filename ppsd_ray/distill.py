@@ -15,6 +15,10 @@
 3. Acceptance (`acceptance`): along the model's own greedy output, how often the
    head's argmax is the model's next token (greedy) or among its top 2.
 
+`train_head` runs one loop over either kind of data: `SequenceData` (the records
+above: whole sequences, full-vocabulary KL) or `TopkData` (the data job's shards,
+ppsd_ray/teacher.py: single shuffled positions with the teacher's top-k, `topk_loss`).
+
 Position t of a record holds the hidden states of input token t; it predicts
 token t + 1. Records keep the prompt's positions too (a 'layer' head attends
 over them), the loss and acceptance count only positions >= prompt_len - 1.
@@ -32,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -123,8 +128,8 @@ class Generator:
         taken: dict[str, list] = {f"exit{e}": [] for e in self.exit_layers}
         taken["final"] = []
         body = decoder(self.model)
-        hooks = [body.layers[e - 1].register_forward_hook(_recorder(taken[f"exit{e}"])) for e in self.exit_layers]
-        hooks.append(body.norm.register_forward_hook(_recorder(taken["final"])))
+        hooks = [body.layers[e - 1].register_forward_hook(recorder(taken[f"exit{e}"])) for e in self.exit_layers]
+        hooks.append(body.norm.register_forward_hook(recorder(taken["final"])))
         torch.manual_seed(batch["seed"])
         kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if batch["sample"] else \
             dict(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -154,7 +159,7 @@ class Generator:
         return records
 
 
-def _recorder(store: list):
+def recorder(store: list):
     def hook(module, args, output):
         store.append((output[0] if isinstance(output, tuple) else output).detach())
     return hook
@@ -356,15 +361,124 @@ class _nullctx:
         return False
 
 
-def train_head(head: ExitHead, records: list[dict], spec: TrainSpec, ckpt: Path | None = None,
+class SequenceData:
+    """Training data as whole sequences (distill's own records): batches of `batch_seqs`
+    sequences, the loss KL(teacher || head) over the full vocabulary, the teacher's logits
+    recomputed from the recorded final hidden state."""
+
+    def __init__(self, records: list[dict], spec: TrainSpec):
+        self.records = records[: spec.max_records] if spec.max_records else records
+        self.spec = spec
+        self.per_epoch = math.ceil(len(self.records) / spec.batch_seqs)
+        self.size = len(self.records)  # what a checkpoint is checked against
+        self.tokens = training_tokens(self.records, spec.prompt_positions)
+
+    def loss(self, head: ExitHead, epoch: int, k: int):
+        """(loss, positions) of batch k of an epoch."""
+        idx = _batches(self.records, self.spec.batch_seqs, self.spec.seed, epoch)[k]
+        x, y, att, mask, _ = _collate(self.records, idx, self.spec.prompt_positions)
+        return kl_loss(head, x, y, att, mask, self.spec.bf16), int(mask.sum())
+
+
+class TopkData:
+    """Training data as single positions: the data job's shards (ppsd_ray/teacher.py), each
+    position the exit layer's hidden state and the teacher's top-k ids and probabilities. An
+    epoch visits the shards in a seeded order, each shard's positions in a seeded order, in
+    batches of `batch_positions` that never cross a shard (so a step maps to one shard and a
+    resumed training takes the same batches); one shard in memory at a time. The positions are
+    shuffled single positions: a head that attends over past positions ('layer') cannot use them."""
+
+    def __init__(self, dirs: list[Path] | Path, exit_layer: int, batch_positions: int = 512, seed: int = 0,
+                 bf16: bool = True, max_positions: int | None = None):
+        dirs = [Path(dirs)] if isinstance(dirs, (str, Path)) else [Path(d) for d in dirs]
+        self.shards: list[tuple[Path, int]] = []
+        for d in dirs:
+            manifest = read_topk_manifest(d)
+            if exit_layer not in manifest["spec"]["exit_layers"]:
+                raise ValueError(f"exit_layer: data {d} has no hidden states for layer {exit_layer} "
+                                 f"(it has {manifest['spec']['exit_layers']})")
+            self.shards += [(d / s["file"], s["positions"]) for s in manifest["shards"]]
+        if max_positions is not None:  # whole shards, in the order written, up to about max_positions
+            kept, n = [], 0
+            for path, m in self.shards:
+                if n >= max_positions:
+                    break
+                kept.append((path, m))
+                n += m
+            self.shards = kept
+        if not self.shards:
+            raise ValueError(f"data: no shards in {', '.join(map(str, dirs))}")
+        self.key = f"exit{exit_layer}"
+        self.batch, self.seed, self.bf16 = batch_positions, seed, bf16
+        self.tokens = sum(n for _, n in self.shards)
+        self.per_epoch = sum(math.ceil(n / batch_positions) for _, n in self.shards)
+        self.size = f"{self.tokens} positions in {len(self.shards)} shards, batches of {batch_positions}"
+        self._loaded: tuple[Path, dict] | None = None
+
+    def _plan(self, epoch: int) -> list[tuple[int, int]]:
+        """(shard, batch within it) for every step of an epoch."""
+        order = list(range(len(self.shards)))
+        random.Random(self.seed * 1000 + epoch).shuffle(order)
+        return [(i, b) for i in order for b in range(math.ceil(self.shards[i][1] / self.batch))]
+
+    def _shard(self, i: int) -> dict:
+        path = self.shards[i][0]
+        if self._loaded is None or self._loaded[0] != path:
+            self._loaded = (path, load_file(path))
+        return self._loaded[1]
+
+    def batch_at(self, epoch: int, k: int):
+        """hidden [B, H] fp32, top-k ids [B, k] int64, top-k probabilities [B, k] fp32."""
+        i, b = self._plan(epoch)[k]
+        shard = self._shard(i)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 10_007 + i)
+        sel = torch.randperm(self.shards[i][1], generator=g)[b * self.batch: (b + 1) * self.batch]
+        return shard[self.key][sel].float(), shard["topk_ids"][sel].long(), shard["topk_probs"][sel].float()
+
+    def loss(self, head: ExitHead, epoch: int, k: int):
+        if head.needs_cache:
+            raise ValueError(f"head: a '{head.kind}' head attends over past positions; top-k shards hold shuffled "
+                             "single positions (train a 'linear' head on them)")
+        x, ids, probs = self.batch_at(epoch, k)
+        return topk_loss(head, x, ids, probs, self.bf16), x.shape[0]
+
+
+def read_topk_manifest(path: Path) -> dict:
+    try:
+        return json.loads((Path(path) / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise ValueError(f"data: {path} has no manifest.json; not a directory the data job wrote") from None
+
+
+def topk_loss(head: ExitHead, x, ids, probs, bf16: bool = True):
+    """KL between the teacher and the head over the partition {each of the teacher's top-k
+    tokens, all the other tokens}: the stored top-k probabilities as they are, the rest of the
+    teacher's mass (1 - their sum) against the head's mass outside those k tokens. It is the
+    full-vocabulary KL when the teacher's top-k hold all its mass, a lower bound of it otherwise.
+    Mean over positions. x [B, H] at the exit layer; ids, probs [B, k]."""
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else _nullctx()
+    with ctx:
+        student = head.logits(head.features(x[:, None])[:, 0])
+    log_q = F.log_softmax(student.float(), dim=-1)
+    log_q_top = log_q.gather(-1, ids)
+    p = probs.clamp_min(0)
+    rest_p = (1 - p.sum(-1)).clamp_min(0)
+    top_mass = torch.logsumexp(log_q_top, dim=-1).clamp_max(-1e-6)
+    log_q_rest = torch.log(-torch.expm1(top_mass))  # log(1 - sum of the head's top-k mass)
+    kl = (torch.xlogy(p, p) - p * log_q_top).sum(-1) + torch.xlogy(rest_p, rest_p) - rest_p * log_q_rest
+    return kl.mean()
+
+
+def train_head(head: ExitHead, data, spec: TrainSpec, ckpt: Path | None = None,
                progress: bool = True, log=print, on_epoch=None) -> dict:
     """Trains `head` in place; resumes from `ckpt` if it exists. Returns training stats.
-    on_epoch(epoch) -> dict, called after each epoch; its answers are kept as 'history'."""
-    if spec.max_records:
-        records = records[: spec.max_records]
+    data: records (a list: SequenceData) or a SequenceData / TopkData. on_epoch(epoch) -> dict,
+    called after each epoch; its answers are kept as 'history'."""
+    if isinstance(data, list):
+        data = SequenceData(data, spec)
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.lr_or_default(), weight_decay=spec.weight_decay)
-    per_epoch = math.ceil(len(records) / spec.batch_seqs)
+    per_epoch = data.per_epoch
     total = per_epoch * spec.epochs
 
     def lr_at(step):  # linear warmup, cosine decay to 10%
@@ -376,7 +490,7 @@ def train_head(head: ExitHead, records: list[dict], spec: TrainSpec, ckpt: Path 
     step, losses, wall, history = 0, [], 0.0, []
     if ckpt is not None and Path(ckpt).exists():
         state = torch.load(ckpt, weights_only=False)
-        if state["spec"] != asdict(spec) or state["records"] != len(records):
+        if state["spec"] != asdict(spec) or state["records"] != data.size:
             raise ValueError(f"checkpoint {ckpt} was written for other settings; delete it to start over")
         head.load_state_dict(state["head"], strict=False)
         opt.load_state_dict(state["opt"])
@@ -388,7 +502,7 @@ def train_head(head: ExitHead, records: list[dict], spec: TrainSpec, ckpt: Path 
         if ckpt is None:
             return
         tmp = Path(ckpt).with_suffix(".partial")
-        torch.save({"spec": asdict(spec), "records": len(records), "head": head.trainable_state(),
+        torch.save({"spec": asdict(spec), "records": data.size, "head": head.trainable_state(),
                     "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
                     "losses": losses, "wall_s": wall, "history": history}, tmp)
         tmp.replace(ckpt)
@@ -396,13 +510,10 @@ def train_head(head: ExitHead, records: list[dict], spec: TrainSpec, ckpt: Path 
     head.train()
     bar = tqdm(total=total, initial=step, desc=f"train {head.kind}@{head.exit_layer}", unit="step",
                disable=not progress)
-    tokens = 0
     while step < total:
         epoch, k = divmod(step, per_epoch)
-        idx = _batches(records, spec.batch_seqs, spec.seed, epoch)[k]
         t0 = time.perf_counter()
-        x, y, att, mask, _ = _collate(records, idx, spec.prompt_positions)
-        loss = kl_loss(head, x, y, att, mask, spec.bf16)
+        loss, _ = data.loss(head, epoch, k)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -410,7 +521,6 @@ def train_head(head: ExitHead, records: list[dict], spec: TrainSpec, ckpt: Path 
         sched.step()
         step += 1
         wall += time.perf_counter() - t0
-        tokens += int(mask.sum())
         losses.append(float(loss.detach()))
         bar.update(1)
         bar.set_postfix(epoch=epoch, kl=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
@@ -424,7 +534,7 @@ def train_head(head: ExitHead, records: list[dict], spec: TrainSpec, ckpt: Path 
     head.eval()
     return {"steps": total, "epochs": spec.epochs, "train_wall_s": round(wall, 1),
             "final_kl": sum(losses[-per_epoch:]) / max(1, len(losses[-per_epoch:])), "history": history,
-            "training_tokens": training_tokens(records, spec.prompt_positions)}
+            "training_tokens": data.tokens, "losses": losses}
 
 
 def training_tokens(records: list[dict], prompt_positions: bool = False) -> int:
@@ -454,4 +564,24 @@ def acceptance(head: ExitHead, records: list[dict], batch_seqs: int = 16) -> dic
         hit1 += int((top2[:, 0] == target).sum())
         hit2 += int((top2 == target[:, None]).any(-1).sum())
         n += int(mask.sum())
+    return {"greedy": hit1 / max(1, n), "top2": hit2 / max(1, n), "tokens": n}
+
+
+@torch.no_grad()
+def topk_agreement(head: ExitHead, data: TopkData, max_positions: int = 4096) -> dict:
+    """On top-k shards: how often the head's argmax is the teacher's top-1 (greedy) or in the
+    head's top 2 (top2), over up to max_positions positions of the first epoch's order."""
+    head.eval()
+    hit1 = hit2 = n = 0
+    for k in range(data.per_epoch):
+        if n >= max_positions:
+            break
+        x, ids, _ = data.batch_at(0, k)
+        logits, vocab_ids = head.draft_logits(head.features(x[:, None])[:, 0])
+        top2 = logits.topk(2, dim=-1).indices
+        if vocab_ids is not None:
+            top2 = vocab_ids[top2]
+        hit1 += int((top2[:, 0] == ids[:, 0]).sum())
+        hit2 += int((top2 == ids[:, :1]).any(-1).sum())
+        n += x.shape[0]
     return {"greedy": hit1 / max(1, n), "top2": hit2 / max(1, n), "tokens": n}
