@@ -231,7 +231,19 @@ def invariant_tile(weight: torch.Tensor, limit: int = 32) -> int:
     """The most rows a matmul tile with this weight may have so that each row's result is the
     same in every tile of 2 to that many rows, on this process's threads. Measured, because
     kernels pick their reduction order by row count: here (one thread) 1 row, 2-15 rows and
-    16+ rows give three different low bits, and with two threads some shapes change at 4."""
+    16+ rows give three different low bits, and with two threads some shapes change at 4.
+
+    Measured on a thread of its own: once the process's main thread has run a multi-threaded
+    matmul, its OpenMP team slows every later matmul on the stage loop's thread about 4x
+    (measured here: 143 against 35 us for 576x1536)."""
+    out: list[int] = []
+    probe = threading.Thread(target=lambda: out.append(_invariant_tile(weight, limit)))
+    probe.start()
+    probe.join()
+    return out[0]
+
+
+def _invariant_tile(weight: torch.Tensor, limit: int) -> int:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(limit, weight.shape[1], generator=g).to(weight.dtype).to(weight.device)
     first = F.linear(x[:2], weight)
