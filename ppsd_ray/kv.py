@@ -77,9 +77,6 @@ class SeqKV:
         self.lengths[layer] = end
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.keys + self.values if b is not None)
 
 
 def _grown(old: torch.Tensor | None, like: torch.Tensor, capacity: int, keep: int) -> torch.Tensor:
@@ -122,11 +119,6 @@ class KVManager:
         self.layers.pop(seq_id, None)
         self.heads.pop(seq_id, None)
 
-    @property
-    def nbytes(self) -> int:
-        """Memory the caches hold now (buffers, not only valid positions)."""
-        return sum(c.nbytes for c in [*self.layers.values(), *self.heads.values()])
-
 
 def _cut(cache: SeqKV, pos: int, where: str) -> int:
     held = max(cache.lengths) if cache.lengths else 0
@@ -136,13 +128,6 @@ def _cut(cache: SeqKV, pos: int, where: str) -> int:
     if cache.lengths and min(cache.lengths) < pos:
         raise RuntimeError(f"{where}: call at position {pos} but only {min(cache.lengths)} positions cached")
     return 0
-
-
-def kv_bytes_per_token(config, layers: int, dtype: torch.dtype) -> int:
-    """Bytes of keys and values one position costs over `layers` layers of this model."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 # ---- one forward over many sequences
@@ -160,18 +145,15 @@ class PerSequence(list):
 @dataclass
 class PackedBatch:
     """What the model is handed as its cache for one packed forward: the calls' caches and
-    token counts, in the order their tokens are packed. `layer_offset` maps the model's
-    layer_idx to the cache's."""
+    token counts, in the order their tokens are packed."""
     caches: list[SeqKV]
     sizes: list[int]
-    layer_offset: int = 0
 
     def update(self, key, value, layer_idx, *args, **kwargs):
         """Each call's new entries into its own sequence's cache; the per-sequence views back."""
         keys, values = [], []
-        layer = layer_idx - self.layer_offset
         for cache, k, v in zip(self.caches, key.split(self.sizes, dim=2), value.split(self.sizes, dim=2)):
-            k_all, v_all = cache.update(layer, k, v)
+            k_all, v_all = cache.update(layer_idx, k, v)
             keys.append(k_all)
             values.append(v_all)
         return PerSequence(keys, self.sizes), PerSequence(values, self.sizes)
