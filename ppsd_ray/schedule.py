@@ -168,9 +168,18 @@ class Decoder:
 
     def _start(self, seq_id, prompt, done, sampling, stats, t0, get, epoch):
         """Fills every stage's KV: the prompt, yielding the first token; or, resuming, the prompt
-        and the committed tokens but the newest. Returns (token entering next, its position)."""
+        and the committed tokens but the newest. Returns (token entering next, its position).
+
+        Resuming replays the calls as they first ran: the prompt in the same chunks, then each
+        committed token in a call of its own, all sent at once. A prefill's kernels (many
+        queries, other matmul shapes) differ from a decode step's in low bits, so KV refilled in
+        one prefill could turn a near-tie later. Exact for ar, pp and ppsd, whose every generated
+        position was a one-token call; eesd's verification chunks are not replayed as chunks."""
         if done:
-            get(self._prefill(seq_id, epoch[0], prompt + done[:-1], sampling))
+            last = self._prefill(seq_id, epoch[0], prompt, sampling)
+            for i, token in enumerate(done[:-1]):
+                last = self.pipe.submit(Work(seq_id, epoch[0], len(prompt) + i, (token,), verify=0, sampling=sampling))
+            get(last)
             return done[-1], len(prompt) + len(done) - 1
         verdict = get(self._prefill(seq_id, epoch[0], prompt, sampling))
         stats.prefill_s = time.perf_counter() - t0
