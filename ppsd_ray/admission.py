@@ -9,7 +9,6 @@ arrival order; a request that could never fit is refused at once.
 from __future__ import annotations
 
 import threading
-from typing import Callable
 
 
 class Admission:
@@ -46,15 +45,6 @@ class Admission:
             if ticket in self._queue:
                 self._queue.remove(ticket)
                 self._cond.notify_all()
-
-    def acquire(self, tokens: int, cancelled: Callable[[], bool] = lambda: False) -> bool:
-        """join + wait until admitted; False (and left) if cancelled while waiting."""
-        ticket = self.join(tokens)
-        while not self.wait(ticket, 0.5):
-            if cancelled():
-                self.leave(ticket)
-                return False
-        return True
 
     def _fits(self, ticket: "Ticket") -> bool:
         return (self._queue[0] is ticket and self.seqs < self.max_seqs

@@ -7,13 +7,18 @@ import pytest
 from ppsd_ray.admission import Admission
 
 
+def admit(adm: Admission, tokens: int) -> bool:
+    """What the coordinator does, without its heartbeats: join, then wait for the turn."""
+    return adm.wait(adm.join(tokens), timeout=5)
+
+
 def test_requests_wait_for_slots_and_positions_in_arrival_order():
     adm = Admission(max_seqs=2, max_tokens=100)
     order = []
-    assert adm.acquire(60) and adm.acquire(30)  # two slots, 90 positions
+    assert admit(adm, 60) and admit(adm, 30)  # two slots, 90 positions
 
     def wait(name, tokens):
-        assert adm.acquire(tokens)
+        assert admit(adm, tokens)
         order.append(name)
 
     big = threading.Thread(target=wait, args=("big", 50))
@@ -34,8 +39,10 @@ def test_requests_wait_for_slots_and_positions_in_arrival_order():
 
 def test_a_cancelled_wait_leaves_and_a_request_too_large_is_refused():
     adm = Admission(max_seqs=1, max_tokens=10)
-    assert adm.acquire(10)
-    assert adm.acquire(1, cancelled=lambda: True) is False
+    assert admit(adm, 10)
+    ticket = adm.join(1)
+    assert not adm.wait(ticket, timeout=0.1)  # no slot: its request is cancelled and leaves
+    adm.leave(ticket)
     assert adm.waiting == 0
     with pytest.raises(ValueError, match="kv_budget_gb"):
-        adm.acquire(11)
+        adm.join(11)
