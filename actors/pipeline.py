@@ -94,7 +94,7 @@ class Pipeline:
             # a stage whose process dies restarts in its bundle; the coordinator repairs the pipeline
             self.stages.append(StageActor.options(max_restarts=config.max_restarts, **opts).remote(
                 str(config.model_dir), start, stop, i, k, self.plan.head, self.plan.exit_layer,
-                config.dtype, None if gpus else threads))
+                config.dtype, None if gpus else threads, config.max_num_seqs > 1))
         self.layout = ray.get([s.ready.remote() for s in self.stages], timeout=config.timeout_s * 5)
         # a thread per admitted request, as many again waiting for a slot, and the health probe's
         options = {"max_concurrency": 2 * config.max_num_seqs + 2}

@@ -24,14 +24,14 @@ from ppsd_ray.transport import StageLoop, TensorGroup, free_port
 @ray.remote(concurrency_groups={"compute": 1, "control": 1})
 class StageActor:
     def __init__(self, model_dir: str, start: int, stop: int, index: int, num_stages: int,
-                 head: str, exit_layer: int, dtype: str, threads: int | None):
+                 head: str, exit_layer: int, dtype: str, threads: int | None, batched: bool = True):
         device = "cuda" if ray.get_gpu_ids() else "cpu"
         if threads:
             torch.set_num_threads(threads)
         if dtype == "auto":
             dtype = "bfloat16" if device == "cuda" else "float32"
         self.stage = Stage(model_dir, start, stop, index=index, num_stages=num_stages,
-                           head=head, exit_layer=exit_layer, dtype=dtype, device=device)
+                           head=head, exit_layer=exit_layer, dtype=dtype, device=device, batched=batched)
         self.loop: StageLoop | None = None
 
     @ray.method(concurrency_group="control")

@@ -118,10 +118,11 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[Prompt], max
 
     pipelines = {}  # one per (K, head, transport); modes share it
     for k, head, transport in sorted({key(s) for s in systems if s.kind == "pipeline"}):
-        # many pipelines at once on one machine: a small CPU reservation each, or Ray runs out
+        # many pipelines at once on one machine: a small CPU reservation each, or Ray runs out;
+        # one request at a time, as `ppsd generate` runs one prompt (the load sweep batches)
         pipelines[k, head, transport] = Pipeline(PipelineConfig(
             model_dir=model_dir, stages=k, exit_layer=exit_layers.get(k), head=head, transport=transport,
-            cpus_per_stage=0.01))
+            cpus_per_stage=0.01, max_num_seqs=1))
 
     def run_one(system: System, prompt_ids: list[int], n: int, timeline: bool = False, seed: int = 0):
         if system.kind != "pipeline":

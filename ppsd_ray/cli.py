@@ -121,8 +121,10 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transport", default="direct", choices=[t.value for t in Transport],
                    help="how hidden states move between stages: 'direct' (stage loops over TCP; NCCL between GPUs) "
                         "or 'ray' (an actor call per stage per token)")
-    p.add_argument("--max-num-seqs", type=int, default=32,
-                   help="sequences decoded at once, batched into one forward per stage step (default 32)")
+    p.add_argument("--max-num-seqs", type=int,
+                   help="sequences decoded at once, batched into one forward per stage step (default 32; 1 for "
+                        "one prompt or --sequential: a stage that holds one sequence keeps the model's own "
+                        "1-row linears, about 10%% faster alone than the batch-invariant ones)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -142,15 +144,15 @@ def _exit_layer(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"not an integer or 'auto': {value!r}") from None
 
 
-def pipeline_config(args, mode: str = "auto") -> PipelineConfig:
+def pipeline_config(args, mode: str = "auto", sequences: int = 32) -> PipelineConfig:
     """Validated before anything starts; a bad value is a UsageError naming the field. With mode
-    auto and no --stages, the plan chooses K."""
+    auto and no --stages, the plan chooses K. `sequences`: max_num_seqs unless --max-num-seqs."""
     stages = args.stages
     if stages is None and mode != "auto":
         stages = 1 if mode == "ar" else _default_stages()
     try:
         return PipelineConfig(model_dir=args.model, exit_layer=args.exit_layer, head=args.head,
-                              transport=args.transport, max_num_seqs=args.max_num_seqs,
+                              transport=args.transport, max_num_seqs=sequences if args.max_num_seqs is None else args.max_num_seqs,
                               **({"stages": stages} if stages is not None else {}))
     except ValidationError as e:
         raise UsageError(describe(e)) from None
@@ -212,7 +214,8 @@ def _generate(args) -> int:
                 for i in range(len(prompts))]
     except ValidationError as e:
         raise UsageError(describe(e)) from None
-    config = pipeline_config(args, args.mode)
+    batch = len(prompts) > 1 and not args.sequential  # one batch: every prompt's calls share the forwards
+    config = pipeline_config(args, args.mode, sequences=32 if batch else 1)
     if args.mode == "ar" and config.stages != 1:
         raise UsageError("stages: --mode ar runs on one stage")
     try:
@@ -233,7 +236,7 @@ def _generate(args) -> int:
         print(f"[plan: {plan.describe()}]", file=sys.stderr)
 
     with Pipeline(config, plan=plan) as pipe:
-        if len(prompts) > 1 and not args.sequential:  # one batch: every prompt's calls share the forwards
+        if batch:
             for prompt, result in zip(prompts, pipe.generate_many(prompt_ids, gens)):
                 detok = StreamDetokenizer(tokenizer)
                 for token in result.token_ids:

@@ -18,6 +18,10 @@ A stage step runs the ready calls of several sequences as one forward
 (`forward_batch`): their tokens are packed into one row, each call with its own
 positions and its own sequence's KV cache (ppsd_ray.kv). One call alone takes the
 same path, so a sequence's tokens do not depend on what else is in the batch.
+That takes linears whose rows do not depend on the batch (kv.batch_invariant),
+which costs a lone decode token about 10% here (a 2-row kernel, not the 1-row
+one); a stage built with `batched=False` only ever holds one sequence and keeps
+the model's own linears, as transformers computes them.
 
 KV caches (kv.KVManager) are per sequence id and always hold exactly the positions
 before the call's `pos`: a call at `pos` first drops entries >= pos. That drop is the
@@ -47,7 +51,7 @@ from .sampling import propose, verify
 class Stage:
     def __init__(self, model_dir: Path, start: int, stop: int, *, index: int = 0, num_stages: int = 1,
                  head: str = "lm", exit_layer: int | None = None, dtype: str = "float32",
-                 device: str = "cpu"):
+                 device: str = "cpu", batched: bool = True):
         self.index, self.start, self.stop = index, start, stop
         self.first, self.last = index == 0, index == num_stages - 1
         self.device = torch.device(device)
@@ -62,7 +66,8 @@ class Stage:
                                             model_dir=Path(model_dir)).to(self.device)
         for part in (self.body, self.lm_head, self.exit_head, getattr(self.exit_head, "body", None)):
             if part is not None:
-                batch_invariant(part)
+                if batched:
+                    batch_invariant(part)
                 if hasattr(part, "config") and hasattr(part, "layers"):
                     use_packed_attention(part)
         self.kv = KVManager(stop - start, head_layers=1 if self.exit_head and self.exit_head.needs_cache else 0)

@@ -16,14 +16,14 @@ PROMPTS = [[3, 5, 78, 7, 5, 195, 4, 3], [1, 40, 41, 42], [9]]
 MODES = {1: ["ar"], 2: ["pp", "ppsd", "eesd"], 3: ["pp", "ppsd", "eesd"], 4: ["pp", "ppsd", "eesd"]}
 
 
-def local_stages(model_dir, k, exit_layer=None):
+def local_stages(model_dir, k, exit_layer=None, batched=True):
     plan = resolve(PipelineConfig(model_dir=model_dir, stages=k, exit_layer=exit_layer))
-    return [Stage(model_dir, a, b, index=i, num_stages=k, exit_layer=plan.exit_layer)
+    return [Stage(model_dir, a, b, index=i, num_stages=k, exit_layer=plan.exit_layer, batched=batched)
             for i, (a, b) in enumerate(plan.layer_ranges)]
 
 
-def local_decoder(model_dir, k, exit_layer=None, **kw):
-    return Decoder(LocalPipe(local_stages(model_dir, k, exit_layer)), k, **kw)
+def local_decoder(model_dir, k, exit_layer=None, batched=True, **kw):
+    return Decoder(LocalPipe(local_stages(model_dir, k, exit_layer, batched)), k, **kw)
 
 
 def run(decoder, prompt, **gen):
@@ -42,6 +42,18 @@ def test_every_mode_equals_transformers_greedy(tiny_model_dir, k):
                 got, stats = run(decoder, prompt, mode=mode, gamma=gamma, max_new_tokens=40, stop_on_eos=False)
                 assert got == want, (k, mode, gamma, prompt)
                 assert stats.new_tokens == 40
+
+
+def test_a_pipeline_of_one_sequence_keeps_the_models_own_linears(tiny_model_dir):
+    """max_num_seqs 1: no batch to be invariant against, so the stages compute a lone token with
+    the 1-row kernels transformers uses (faster alone), and stay lossless."""
+    decoder = local_decoder(tiny_model_dir, 2, batched=False, eos_token_ids=[2])
+    linears = [m for s in decoder.pipe.stages for m in s.body.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and not any("forward" in vars(m) for m in linears)
+    for prompt in PROMPTS:
+        want = hf_greedy(tiny_model_dir, prompt, 40, stop_on_eos=False)
+        for mode in MODES[2]:
+            assert run(decoder, prompt, mode=mode, max_new_tokens=40, stop_on_eos=False)[0] == want, (mode, prompt)
 
 
 def test_speculation_is_exercised(tiny_model_dir):
