@@ -2,7 +2,10 @@
 
 Systems: transformers greedy `generate` (what a user would pick instead),
 transformers assisted generation with `assistant_early_exit=E` (its own
-early-exit self-speculation), and this project's ar, pp, eesd and ppsd modes.
+early-exit self-speculation), this project's ar, pp, eesd and ppsd modes, `default`
+(what `ppsd generate` runs with no options: the plan's choice) and `ar-1core` (ar on
+one thread: one CPU "device", the base of the per-device figure). Beside each of
+our systems, the tokens/s the plan (ppsd_ray/plan.py) predicts for it.
 Each prompt runs every system in turn (order rotated per prompt and repetition);
 every run is checked token for token against transformers' greedy output.
 """
@@ -29,6 +32,7 @@ from actors.pipeline import Pipeline
 from .config import GenerationConfig, PipelineConfig
 from .heads import describe_head
 from .model import encode_prompt, load_tokenizer
+from .plan import predict
 from .prompts import Prompt
 from .simulate import Timing, calibrate_hop, decode_step_times, simulate
 from .theory import eesd_speedup, ppsd_speedup
@@ -48,10 +52,7 @@ class System:
     head: str | None = None  # None: the run's head for this K; "lm" for a "...@lm" system
     transport: str = "direct"
     temperature: float = 0.0
-
-    @property
-    def pipeline_key(self) -> tuple:
-        return self.stages, self.head, self.transport
+    threads: int | None = None  # per stage; None: the cores shared out
 
     @property
     def pp_base(self) -> str:
@@ -60,11 +61,16 @@ class System:
 
 
 def parse_systems(spec: str, transport: str = "direct") -> list[System]:
-    """hf, hf-ee, ar, or MODE-K<k>[-g<gamma>][@lm][/ray|/direct][-t<temperature>], e.g. ppsd-K2/ray-t0.7."""
+    """hf, hf-ee, default, ar-1core, ar, or MODE-K<k>[-g<gamma>][@lm][/ray|/direct][-t<temperature>],
+    e.g. ppsd-K2/ray-t0.7."""
     out = []
     for name in spec.split(","):
         if name in ("hf", "hf-ee"):
             out.append(System(name, name))
+        elif name == "default":
+            out.append(System(name, "pipeline", 0, "auto", transport=transport))
+        elif name == "ar-1core":
+            out.append(System(name, "pipeline", 1, "ar", transport=transport, threads=1))
         elif m := re.fullmatch(r"(ar|pp|ppsd|eesd)(?:-K(\d+))?(?:-g(\d+))?(@lm)?(?:/(ray|direct))?(?:-t([\d.]+))?",
                                name):
             mode, k, gamma = m.group(1), int(m.group(2) or 1), int(m.group(3) or 4)
@@ -77,7 +83,7 @@ def parse_systems(spec: str, transport: str = "direct") -> list[System]:
         else:
             raise ValueError(f"systems: unknown system {name!r} (e.g. hf, hf-ee, ar, pp-K2, eesd-K2-g4, ppsd-K3, "
                              "ppsd-K2@lm for the untrained head, ppsd-K2/ray for the ray transport, "
-                             "ppsd-K2-t0.7 sampled at temperature 0.7)")
+                             "ppsd-K2-t0.7 sampled at temperature 0.7, default, ar-1core)")
     return out
 
 
@@ -114,22 +120,35 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[Prompt], max
         return s.head or heads.get(s.stages, "auto")
 
     def key(s: System) -> tuple:
-        return s.stages, head_of(s), s.transport
+        return s.stages, head_of(s), s.transport, s.threads
 
-    pipelines = {}  # one per (K, head, transport); modes share it
-    for k, head, transport in sorted({key(s) for s in systems if s.kind == "pipeline"}):
+    def config_of(k, head, transport, threads) -> PipelineConfig:
         # many pipelines at once on one machine: a small CPU reservation each, or Ray runs out;
         # one request at a time, as `ppsd generate` runs one prompt (the load sweep batches)
-        pipelines[k, head, transport] = Pipeline(PipelineConfig(
-            model_dir=model_dir, stages=k, exit_layer=exit_layers.get(k), head=head, transport=transport,
-            cpus_per_stage=0.01, max_num_seqs=1))
+        common = dict(model_dir=model_dir, transport=transport, cpus_per_stage=0.01, max_num_seqs=1,
+                      threads_per_stage=threads)
+        if not k:  # default: everything as `ppsd generate` plans it
+            return PipelineConfig(**common)
+        return PipelineConfig(stages=k, exit_layer=exit_layers.get(k), head=head, **common)
+
+    pipelines = {}  # one per (K, head, transport, threads); modes share it
+    predicted = {}  # system -> the plan's predicted tokens/s
+    for s in systems:
+        if s.kind == "pipeline":
+            config = config_of(*key(s))
+            plan = predict(config, s.mode)
+            predicted[s.name] = 1 / plan.token_s if plan.predicted else None
+            if key(s) not in pipelines:
+                pipelines[key(s)] = Pipeline(config, plan=plan if s.mode == "auto" else None)
 
     def run_one(system: System, prompt_ids: list[int], n: int, timeline: bool = False, seed: int = 0):
         if system.kind != "pipeline":
             return hf.run(system.kind, prompt_ids, n)
-        gen = GenerationConfig(mode=system.mode, gamma=system.gamma, max_new_tokens=n, stop_on_eos=False,
+        pipe = pipelines[key(system)]
+        mode = pipe.plan.mode if system.mode == "auto" else system.mode
+        gen = GenerationConfig(mode=mode, gamma=system.gamma, max_new_tokens=n, stop_on_eos=False,
                                timeline=timeline, temperature=system.temperature, seed=seed)
-        result = pipelines[key(system)].generate(prompt_ids, gen)
+        result = pipe.generate(prompt_ids, gen)
         return result.token_ids, result.stats
 
     try:
@@ -167,7 +186,10 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[Prompt], max
                                        "systems": [asdict(s) for s in systems],
                                        "exit_layers": exit_layers,
                                        "heads": {f"K={k} {h}": describe_head(p.plan.head)
-                                                 for (k, h, _), p in pipelines.items()}},
+                                                 for (k, h, _, _), p in pipelines.items() if k},
+                                       "default_plan": next((p.plan.describe() for (k, *_), p in pipelines.items()
+                                                             if not k), None),
+                                       "predicted_tokens_per_s": predicted},
             "records": records, "timeline": timeline}
 
 
@@ -226,7 +248,10 @@ def summarize(result: dict, num_layers: int) -> dict:
             key = cat or "all"
             t = tps(s.name, cat)
             c = {"tokens_per_s": t, "speedup_vs_hf": t / tps("hf", cat) if rows("hf") else None,
-                 "speedup_vs_ar": t / tps("ar", cat) if rows("ar") else None}
+                 "speedup_vs_ar": t / tps("ar", cat) if rows("ar") else None,
+                 # K stages of one core each against ar on one core: what K separate devices would give
+                 "per_device": t / tps("ar-1core", cat) if rows("ar-1core") and s.threads is None
+                 and s.stages > 1 else None}
             rs = rows(s.name, cat)
             if s.kind == "pipeline" and s.mode in ("ppsd", "eesd"):
                 drafted = sum(r["stats"]["drafted"] for r in rs)
@@ -238,6 +263,9 @@ def summarize(result: dict, num_layers: int) -> dict:
                 c |= {"acceptance": alpha, "speedup_vs_pp": measured, "ideal": ideal,
                       "efficiency": measured / ideal if measured else None}
             entry[key] = c
+        planned = result["setup"].get("predicted_tokens_per_s", {}).get(s.name)
+        if planned:
+            entry["plan"] = {"predicted_tokens_per_s": planned, "error": planned / entry["all"]["tokens_per_s"] - 1}
         rs = rows(s.name)
         if s.kind == "pipeline":
             tok = [r["stats"]["new_tokens"] for r in rs]

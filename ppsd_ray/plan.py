@@ -90,6 +90,13 @@ def resolve(config: PipelineConfig, mode: Mode | str | None = None) -> Plan:
     return _plan(config, mode, config.stages)
 
 
+def predict(config: PipelineConfig, mode: Mode | str) -> Plan:
+    """`resolve` with the predicted figures always filled in: for the bench, which shows each
+    system's prediction beside what it measured."""
+    mode = Mode(mode)
+    return choose(config) if mode == Mode.auto else _plan(config, mode, config.stages, predict=True)
+
+
 def choose(config: PipelineConfig) -> Plan:
     """mode auto: of ar on one stage with every thread, and ppsd and pp on each K the machine
     allows (one per GPU; on a CPU up to one stage per core, the threads shared out), the plan

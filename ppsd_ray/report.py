@@ -34,18 +34,29 @@ def write_markdown(path: Path, result: dict, summary: dict, projections: list[di
         f"(EOS does not stop), chat template; {setup['reps']} repetitions. Systems interleave: each prompt runs "
         "every system in turn, in an order rotated per prompt and repetition.",
         "- tokens/s: per prompt the median over repetitions, then the median over prompts; prefill included.",
-        "- Our stages run one torch thread each on a 2-core machine (ar: one stage, 2 threads; transformers: 2 threads).",
+        f"- Our stages share the {setup['cores']} cores out (K=2: one torch thread each; ar: one stage on every "
+        "thread; transformers: every thread). `default` is what `ppsd generate` runs with no options: "
+        f"{setup.get('default_plan') or 'not run'}.",
+        "- Same-box figures (vs transformers, vs our ar) give each system all the cores of this one box. The "
+        "per-device figure runs K stages of one core each against ar on one core (`ar-1core`): what K devices "
+        "with their own memory would give, except that on one CPU box the cores share one memory bus, so it "
+        "understates them. The GPU projection below uses per-device figures.",
+        "- plan predicts: the tokens/s ppsd_ray/plan.py predicts for the system from its calibration (what "
+        "`--mode auto` chooses by), and its error against the measured median.",
         "- ideal: the PPSD formula K / (a + (1 - a) K) at the measured acceptance a (eesd rows: the EESD formula "
         "with gamma and e = E / L); efficiency = measured speedup over pp on the same K stages / ideal.",
         "",
         "## All prompts",
         "",
-        "| system | tokens/s | vs transformers | vs our ar | acceptance | vs pp (same K) | ideal | efficiency | identical to greedy |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| system | tokens/s | vs transformers | vs our ar | per device | plan predicts (error) | acceptance | "
+        "vs pp (same K) | ideal | efficiency | identical to greedy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, e in systems.items():
-        a = e["all"]
+        a, plan = e["all"], e.get("plan")
+        predicted = f"{plan['predicted_tokens_per_s']:.1f} ({100 * plan['error']:+.0f}%)" if plan else "-"
         lines.append(f"| {name} | {a['tokens_per_s']:.1f} | {_f(a['speedup_vs_hf'])}x | {_f(a['speedup_vs_ar'])}x | "
+                     f"{_f(a.get('per_device'), '{:.2f}x')} | {predicted} | "
                      f"{_f(a.get('acceptance'))} | {_f(a.get('speedup_vs_pp'))} | {_f(a.get('ideal'))} | "
                      f"{_f(a.get('efficiency'))} | {_lossless(e['lossless'])} |")
     lines += ["", "## Per category: tokens/s (speedup over transformers greedy)", "",

@@ -26,23 +26,28 @@ def test_bench_writes_json_markdown_and_plots(tiny_model_dir, tmp_path):
                                                         "lm_head_ms": 0.2}}}))
     run = subprocess.run([sys.executable, "-m", "ppsd_ray.cli", "bench", "--model", str(tiny_model_dir),
                           "--prompts-file", str(prompts), "--max-new-tokens", "10", "--reps", "2",
-                          "--systems", "hf,hf-ee,ar,pp-K2,pp-K2/ray,eesd-K2-g2,ppsd-K2,ppsd-K2/ray,ppsd-K2-t0.7",
+                          "--systems", "hf,hf-ee,ar,pp-K2,pp-K2/ray,eesd-K2-g2,ppsd-K2,ppsd-K2/ray,ppsd-K2-t0.7,default,ar-1core",
                           "--out", str(out),
                           "--markdown", str(md), "--gpu-layers", str(gpu)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
-    assert len(result["records"]) == 2 * 2 * 9
+    assert len(result["records"]) == 2 * 2 * 11
     assert all(r["lossless"] for r in result["records"] if r["system"] != "ppsd-K2-t0.7")
     assert all(r["lossless"] is None for r in result["records"] if r["system"] == "ppsd-K2-t0.7")
     summary = result["summary"]["systems"]
     assert set(summary) == {"hf", "hf-ee", "ar", "pp-K2", "pp-K2/ray", "eesd-K2-g2", "ppsd-K2", "ppsd-K2/ray",
-                            "ppsd-K2-t0.7"}
+                            "ppsd-K2-t0.7", "default", "ar-1core"}
     assert summary["ppsd-K2/ray"]["transport"] == "ray" and summary["ppsd-K2"]["transport"] == "direct"
     assert set(result["summary"]["hop_s"]) == {"K2/direct", "K2/ray"}
     assert summary["ppsd-K2-t0.7"]["all"]["acceptance"] is not None
     assert {"acceptance", "ideal", "efficiency"} <= set(summary["ppsd-K2"]["all"])
     assert "simulator" in summary["ppsd-K2"] and summary["ppsd-K2"]["code"]["tokens_per_s"] > 0
+    # every system of ours shows the plan's prediction beside the measurement; K stages of a core
+    # each are also compared with ar on one core
+    assert all(summary[n]["plan"]["predicted_tokens_per_s"] > 0 for n in summary if n not in ("hf", "hf-ee"))
+    assert summary["ppsd-K2"]["all"]["per_device"] > 0 and summary["ar"]["all"]["per_device"] is None
+    assert result["setup"]["default_plan"].startswith(("ar on 1 stage", "ppsd on", "pp on"))
     assert [p["shape"] for p in result["projections"]][0] == "llama2-7b"
     assert {p["transport"] for p in result["projections"]} == {"direct", "ray"}
     text = md.read_text()
@@ -51,7 +56,7 @@ def test_bench_writes_json_markdown_and_plots(tiny_model_dir, tmp_path):
     assert "| stage step |" in text and f"{steps[0]:.1f} / {steps[1]:.1f}" in text
     assert "| 32 | 32 | 0 | 250 / 1500 | 21.0 | 0.70 | 100 | 14.0 |" in text
     assert "| 20.0 | 900 | 0 | 2000 / 9000 | no | 2000 | 2030 | +1.5% |" in text
-    for needle in ["| ppsd-K2 |", "Simulator check", "Projected multi-GPU", "speedup_vs_acceptance.png", "timeline.png"]:
+    for needle in ["| ppsd-K2 |", "| default |", "plan predicts", "Simulator check", "Projected multi-GPU", "speedup_vs_acceptance.png", "timeline.png"]:
         assert needle in text
     assert (out / "speedup_vs_acceptance.png").stat().st_size > 10_000
     assert (out / "timeline.png").stat().st_size > 10_000
