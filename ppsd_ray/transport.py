@@ -32,6 +32,7 @@ import selectors
 import socket
 import struct
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import fields
@@ -453,6 +454,7 @@ class DirectPipe:
         self._reports: dict[tuple[str, int], Future] = {}
         self._failed: dict[str, StageError] = {}
         self._stages: list = []
+        self._heard = time.monotonic()  # the last answer of any kind, for any sequence
         threading.Thread(target=self._receive, daemon=True, name="ppsd-verdicts").start()
 
     def connect(self, stage_addresses: Sequence[str]) -> None:
@@ -505,10 +507,17 @@ class DirectPipe:
         return futures
 
     def get(self, fut: Future):
-        try:
-            return fut.result(timeout=self.timeout_s)
-        except TimeoutError:
-            raise StageError(None, f"no answer within {self.timeout_s:.0f} s") from None
+        """The answer; an error once the stages have answered nothing at all, to any sequence, for
+        timeout_s. A request queued behind others' work (32 long prompts prefilling) waits on."""
+        start = time.monotonic()
+        while True:
+            remaining = max(start, self._heard) + self.timeout_s - time.monotonic()
+            if remaining <= 0:
+                raise StageError(None, f"no answer within {self.timeout_s:.0f} s")
+            try:
+                return fut.result(timeout=remaining)
+            except TimeoutError:
+                continue
 
     def fail(self, error: StageError, seq_id: str | None = None) -> None:
         """The requests waiting on `seq_id`, or on the pipeline at all, get `error`."""
@@ -531,6 +540,7 @@ class DirectPipe:
         while True:
             msg, _ = self.inbox.recv()
             kind = msg[0]
+            self._heard = time.monotonic()
             with self._lock:
                 if kind == "verdicts":
                     fut = [(self._verdicts.pop((v.seq_id, v.epoch, v.pos), None), v) for v in msg[1]]

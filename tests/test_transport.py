@@ -2,6 +2,7 @@
 over TCP on loopback exactly as they do between stage processes."""
 import threading
 import time
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -180,3 +181,26 @@ def test_a_stage_that_dies_fails_its_requests_at_once_naming_it(tiny_model_dir):
     finally:
         hold.set()
         loops[1].stop()
+
+
+def test_a_request_queued_behind_others_waits_while_the_stages_answer():
+    """The answer timeout counts silence of the whole pipeline, not one request's wait: with 32
+    long prompts prefilling, the last request's first answer comes after everyone's chunks."""
+    pipe = DirectPipe("127.0.0.1", timeout_s=0.6)
+    others = Outbox(pipe.address)  # stands in for the last stage answering other sequences
+    fut = Future()
+
+    def answer_others_then_this():
+        for _ in range(8):  # 1.6 s of answers to other sequences, longer than the timeout
+            others.send(("verdicts", []))
+            time.sleep(0.2)
+        fut.set_result("the verdict")
+
+    threading.Thread(target=answer_others_then_this).start()
+    assert pipe.get(fut) == "the verdict"
+    silent = Future()
+    t0 = time.perf_counter()
+    with pytest.raises(StageError, match="no answer within"):
+        pipe.get(silent)
+    assert 0.5 < time.perf_counter() - t0 < 2
+    others.close()
