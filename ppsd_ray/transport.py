@@ -255,6 +255,12 @@ class TensorGroup:
         self.pg.recv([tensor], src, 0).wait()
 
 
+def _call_tokens(msg: tuple) -> int:
+    """The positions a queued ("run", work, hop) call computes."""
+    _, work, hop = msg
+    return hop.hidden.shape[1] if isinstance(hop, Hop) else len(work.tokens or (0,)) + work.chain
+
+
 class StageLoop:
     """Runs one Stage behind the direct transport, in the stage's own process, on one thread.
 
@@ -328,31 +334,35 @@ class StageLoop:
                     self._send_coordinator(("error", work.seq_id, index, f"{type(e).__name__}: {e}"))
 
     def _next_batch(self) -> list[tuple]:
-        """The queued calls that run together this step: from the front of the queue up to the
-        first control message, one per sequence, within the token budget. A pp call whose token
-        has not come round yet waits aside (`_waiting`); the calls passed over keep their order."""
-        batch, seqs, tokens, passed = [], set(), 0, deque()
+        """The queued calls that run together this step, from the front of the queue up to the
+        first control message: one per sequence, the smallest first (the streams already
+        running: a decode token, a draft, a verification), then prompt chunks oldest first,
+        within the token budget; so a burst of long prompts does not stall the running streams.
+        A pp call whose token has not come round yet waits aside (`_waiting`); the calls not
+        taken keep their order."""
+        scanned, runnable, seqs = [], [], set()
         while self._pending and self._pending[0][0] == "run":
             msg = self._pending.popleft()
             _, work, hop = msg
-            if work.seq_id in seqs:
-                passed.append(msg)
-                continue
-            if hop is None and self.stage.waits(work):  # pp: the token comes round
+            if work.seq_id not in seqs and hop is None and self.stage.waits(work):  # pp: the token comes round
                 fed = self._fed.pop((work.seq_id, work.pos), None)
                 if fed is None:
                     self._waiting[work.seq_id, work.pos] = work
                     continue
                 msg = ("run", work, fed)
-            n = hop.hidden.shape[1] if isinstance(hop, Hop) else len(work.tokens or (0,)) + work.chain
-            if batch and tokens + n > self.max_batch_tokens:
-                passed.append(msg)
+            scanned.append(msg)
+            if work.seq_id not in seqs:
+                seqs.add(work.seq_id)
+                runnable.append(msg)
+        taken, tokens = set(), 0
+        for msg in sorted(runnable, key=_call_tokens):  # stable: equal sizes keep their order
+            n = _call_tokens(msg)
+            if taken and tokens + n > self.max_batch_tokens:
                 break
-            batch.append(msg)
-            seqs.add(work.seq_id)
+            taken.add(id(msg))
             tokens += n
-        self._pending.extendleft(reversed(passed))
-        return batch
+        self._pending.extendleft(reversed([m for m in scanned if id(m) not in taken]))
+        return [m for m in runnable if id(m) in taken]
 
     def _run_batch(self, batch: list[tuple]) -> None:
         outs = self.stage.forward_batch([(work, hop) for _, work, hop in batch])

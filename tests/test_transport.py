@@ -204,3 +204,22 @@ def test_a_request_queued_behind_others_waits_while_the_stages_answer():
         pipe.get(silent)
     assert 0.5 < time.perf_counter() - t0 < 2
     others.close()
+
+
+def test_a_step_takes_the_running_streams_first_then_prompt_chunks_oldest_first():
+    class Ready:  # every call can run
+        def waits(self, work):
+            return False
+
+    loop = StageLoop(Ready(), "127.0.0.1", max_batch_tokens=300)
+    try:
+        chunks = [("run", Work(f"new{i}", 0, c * 128, (5,) * 128, verify=0), None) for i in range(3) for c in range(2)]
+        decode = [("run", Work(f"old{i}", 0, 40, (7,)), None) for i in range(3)]
+        loop._pending.extend(chunks + decode)
+        first = [(w.seq_id, w.pos) for _, w, _ in loop._next_batch()]
+        # the three decode tokens, then the oldest prompt's first chunk and the next prompt's first
+        assert first == [("new0", 0), ("new1", 0), ("old0", 40), ("old1", 40), ("old2", 40)]
+        rest = [(w.seq_id, w.pos) for _, w, _ in loop._pending]
+        assert rest == [("new0", 128), ("new1", 128), ("new2", 0), ("new2", 128)]  # in their order
+    finally:
+        loop.inbox.close()
