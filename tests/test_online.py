@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from actors.pipeline import Pipeline
+from actors.serve import check_settings
 from conftest import build_tiny_model, hf_greedy
 from ppsd_ray.cli import main
 from ppsd_ray.config import GenerationConfig, LearnConfig, PipelineConfig
@@ -269,6 +270,10 @@ def test_learning_settings_are_checked_naming_the_field(tiny_model_dir, tmp_path
     with pytest.raises(ValueError, match="holdout_fraction"):
         LearnConfig(holdout_fraction=0.9)
     assert PipelineConfig(model_dir=tiny_model_dir, stages=2, learn_drafts=True).learn.buffer_positions == 65536
+    pipeline = {"model_dir": str(tiny_model_dir), "stages": 2, "learn_drafts": True}
+    with pytest.raises(ValueError, match="pipeline.learn_drafts: the pipeline runs pp, which drafts nothing"):
+        check_settings({"pipeline": pipeline, "mode": "pp"})
+    assert check_settings({"pipeline": pipeline, "mode": "ppsd"}).pipeline.learn_drafts
 
 
 # ---------------------------------------------------------------- (d) on Ray: the learner actor
