@@ -68,7 +68,8 @@ class Pipeline:
         check_learning(config, self.plan)
         self.head_version = 0
         if config.learn_drafts:
-            head, self.head_version = starting_head(config.learn, config.model_dir, self.plan.exit_layer, self.plan.head)
+            head, self.head_version = starting_head(config.learn, config.model_dir, self.plan.exit_layer,
+                                                    self.plan.head)
             self.plan = self.plan.model_copy(update={"head": head})
         self.stages, self.coordinator, self.learner = [], None, None
         self._pg, self._own_pg = pg, pg is None

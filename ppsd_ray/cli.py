@@ -568,7 +568,8 @@ def add_heads_parser(sub) -> None:
             v.add_argument("path", type=Path, help="the file (or directory) to write")
         v.add_argument("--model", default="default", help=MODEL_HELP)
         v.add_argument("--exit-layer", type=int, help="default: the one exit layer with stored versions")
-        v.add_argument("--store", type=Path, default=LearnConfig().store, help="the version store (default %(default)s)")
+        v.add_argument("--store", type=Path, default=LearnConfig().store,
+                       help="the version store (default %(default)s)")
         v.set_defaults(run=_heads)
 
 
