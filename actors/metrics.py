@@ -24,9 +24,12 @@ class PipelineMetrics:
         self.running = Gauge("ppsd_requests_running", "requests being decoded now")
         self.tokens = Counter("ppsd_tokens", "committed (generated) tokens", tag_keys=mode)
         self.prompt_tokens = Counter("ppsd_prompt_tokens", "prompt tokens prefilled", tag_keys=mode)
+        drafts = ("mode", "head_version")  # online learning: acceptance per exit head version over time
         self.drafted = Counter("ppsd_drafted_tokens", "drafts that entered the pipe and were checked",
-                               tag_keys=mode)
-        self.accepted = Counter("ppsd_accepted_tokens", "drafts equal to the verified token", tag_keys=mode)
+                               tag_keys=drafts)
+        self.accepted = Counter("ppsd_accepted_tokens", "drafts equal to the verified token", tag_keys=drafts)
+        self.head_version = Gauge("ppsd_draft_head_version", "the exit head version of the newest request "
+                                                             "that drafted (online learning)")
         self.rollbacks = Counter("ppsd_rollbacks", "rejected drafts: pipeline rollbacks", tag_keys=mode)
         self.busy = Counter("ppsd_stage_busy_seconds", "seconds each stage spent computing",
                             tag_keys=("stage",))
@@ -55,10 +58,15 @@ class PipelineMetrics:
         self.requests.inc(1, tags={"mode": mode, "status": status})
         self.latency.observe(seconds, tags=tags)
         self.prompt_tokens.inc(prompt_tokens, tags=tags)
-        for counter, value in ((self.tokens, stats.new_tokens), (self.drafted, stats.drafted),
-                               (self.accepted, stats.accepted), (self.rollbacks, stats.rollbacks)):
+        for counter, value in ((self.tokens, stats.new_tokens), (self.rollbacks, stats.rollbacks)):
             if value:
                 counter.inc(value, tags=tags)
+        if stats.drafted:
+            version = {**tags, "head_version": str(stats.head_version)}
+            self.drafted.inc(stats.drafted, tags=version)
+            if stats.accepted:
+                self.accepted.inc(stats.accepted, tags=version)
+            self.head_version.set(stats.head_version or 0)
         for stage in stats.stages:
             if stage.compute_s > 0:
                 self.busy.inc(stage.compute_s, tags={"stage": str(stage.index)})

@@ -265,6 +265,7 @@ class PPSDStats(BaseModel):
     acceptance_rate: float
     rollbacks: int
     tokens_per_s: float
+    head_version: int | None = None  # the exit head version that drafted it (online learning: docs/heads.md)
 
 
 class TopLogprob(BaseModel):

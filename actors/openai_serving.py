@@ -200,7 +200,8 @@ class OpenAIServing:
         s = out.stats
         return PPSDStats(mode=self.mode.value, stages=self.stages, drafted=s.get("drafted", 0),
                          accepted=s.get("accepted", 0), acceptance_rate=s.get("acceptance_rate", 0.0),
-                         rollbacks=s.get("rollbacks", 0), tokens_per_s=s.get("tokens_per_s", 0.0))
+                         rollbacks=s.get("rollbacks", 0), tokens_per_s=s.get("tokens_per_s", 0.0),
+                         head_version=s.get("head_version"))
 
     async def _respond(self, body: RequestBase, ids: list[int], gen: GenerationConfig, chat: bool):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex

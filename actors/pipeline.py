@@ -17,12 +17,15 @@ from typing import Iterator
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from ppsd_ray.config import GenerationConfig, PipelineConfig, check_prompt
+from ppsd_ray.config import GenerationConfig, Mode, PipelineConfig, check_learnable, check_prompt
+from ppsd_ray.heads import read_head_meta
+from ppsd_ray.online import starting_head
 from ppsd_ray.plan import Plan, resolve
 
 from .coordinator import Coordinator
+from .learner import HeadLearner, LearnerStatus
 from .stage import StageActor
 
 
@@ -40,6 +43,16 @@ class GenerationError(RuntimeError):
         self.token_ids = token_ids
 
 
+def check_learning(config: PipelineConfig, plan: Plan) -> None:
+    """With learn_drafts, a ValueError naming it unless the plan drafts with a head it can train."""
+    if not config.learn_drafts:
+        return
+    if plan.mode not in (Mode.ppsd, Mode.eesd):
+        raise ValueError(f"learn_drafts: the pipeline runs {plan.mode.value}, which drafts nothing to learn from "
+                         "(use mode ppsd or eesd)")
+    check_learnable("lm" if plan.head == "lm" else read_head_meta(plan.head)["head_type"], plan.head)
+
+
 class Pipeline:
     def __init__(self, config: PipelineConfig, pg=None, first_bundle: int = 0, plan: Plan | None = None):
         """pg: a ready placement group made by someone else (a Serve replica's own): stage i
@@ -47,10 +60,18 @@ class Pipeline:
         bundle 0. Without one, GPU stages get a group of their own (one GPU each).
         A constructor that fails leaves nothing running: actors, group and Ray are taken down.
         plan: `ppsd_ray.plan.resolve(config)` if the caller has it already; else resolved here,
-        before Ray starts (a ValueError names the field)."""
+        before Ray starts (a ValueError names the field).
+        With config.learn_drafts, stage 1 starts from the version store's current head, if any
+        (`pipe.plan.head` is then its file), and a HeadLearner learns beside it."""
         self.config = config
         self.plan = plan or resolve(config)
-        self.stages, self.coordinator = [], None
+        check_learning(config, self.plan)
+        self.head_version = 0
+        if config.learn_drafts:
+            head, self.head_version = starting_head(config.learn, config.model_dir, self.plan.exit_layer,
+                                                    self.plan.head)
+            self.plan = self.plan.model_copy(update={"head": head})
+        self.stages, self.coordinator, self.learner = [], None, None
         self._pg, self._own_pg = pg, pg is None
         self._started_ray = not ray.is_initialized()
         if self._started_ray:
@@ -92,10 +113,18 @@ class Pipeline:
             else:
                 opts = {"num_cpus": config.cpus_per_stage}
             # a stage whose process dies restarts in its bundle; the coordinator repairs the pipeline
+            learning = config.learn_drafts and i == 0
             self.stages.append(StageActor.options(max_restarts=config.max_restarts, **opts).remote(
                 str(config.model_dir), start, stop, i, k, self.plan.head, self.plan.exit_layer,
-                config.dtype, None if gpus else threads, config.max_num_seqs > 1))
+                config.dtype, None if gpus else threads, config.max_num_seqs > 1, self.head_version,
+                config.learn.buffer_positions if learning else 0))
         self.layout = ray.get([s.ready.remote() for s in self.stages], timeout=config.timeout_s * 5)
+        if config.learn_drafts:  # on stage 1's node: the version files it loads are written there
+            node = ray.get(self.stages[0].node_id.remote(), timeout=config.timeout_s)
+            self.learner = HeadLearner.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+                str(config.model_dir), self.plan.exit_layer, self.plan.head, self.head_version,
+                config.learn.model_dump(), self.stages[0])
         # a thread per admitted request, as many again waiting for a slot, and the health probe's
         options = {"max_concurrency": 2 * config.max_num_seqs + 2}
         if pg is not None:
@@ -148,11 +177,15 @@ class Pipeline:
             raise errors[0]
         return [f.result() for f in futures]
 
+    def learner_status(self) -> LearnerStatus | None:
+        """With learn_drafts: the head version, positions seen, rounds and installs so far."""
+        return ray.get(self.learner.status.remote(), timeout=self.config.timeout_s) if self.learner else None
+
     def shutdown(self) -> None:
-        for actor in [self.coordinator, *self.stages]:
+        for actor in [self.learner, self.coordinator, *self.stages]:
             if actor is not None:
                 ray.kill(actor)
-        self.stages, self.coordinator = [], None
+        self.stages, self.coordinator, self.learner = [], None, None
         if self._pg and self._own_pg:
             remove_placement_group(self._pg)
             self._pg = None

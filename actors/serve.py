@@ -42,7 +42,7 @@ from ppsd_ray.schedule import TokenLogprobs
 from .coordinator import Health
 from .openai_api import APIError, ChatCompletionRequest, CompletionRequest, install_error_handlers
 from .openai_serving import OpenAIServing
-from .pipeline import Pipeline
+from .pipeline import Pipeline, check_learning
 
 API_KEY_ENV = "PPSD_API_KEY"
 PROBE_PROMPT = "Hello"  # the health probe decodes one greedy token of it
@@ -115,7 +115,7 @@ def check_settings(args: dict) -> ServeSettings:
     except ValidationError as e:
         raise ValueError(describe(e)) from None
     try:
-        resolve(settings.pipeline, settings.mode)
+        check_learning(settings.pipeline, resolve(settings.pipeline, settings.mode))
     except ValueError as e:
         raise ValueError(f"pipeline.{e}") from None
     return settings

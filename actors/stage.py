@@ -5,6 +5,9 @@ time, each an actor call with the previous stage's Hop as an object ref; rollbac
 runs on the "control" thread, so it takes effect while the calls it makes stale are
 still queued behind the running one: they are then skipped, not computed.
 
+Online learning: `take_samples` and `install_head` run on a "learn" thread; the
+stage swaps a new head in under its lock, between steps, whichever transport runs them.
+
 transport "direct": Ray only starts the process; `open_inbox`, `join_group` and
 `start_loop` hand the Stage to a ppsd_ray.transport.StageLoop, and from then on
 no actor call carries a token.
@@ -16,22 +19,24 @@ import os
 import ray
 import torch
 
-from ppsd_ray.protocol import Work
+from ppsd_ray.protocol import Samples, Work
 from ppsd_ray.stage import Stage
 from ppsd_ray.transport import StageLoop, TensorGroup, free_port
 
 
-@ray.remote(concurrency_groups={"compute": 1, "control": 1})
+@ray.remote(concurrency_groups={"compute": 1, "control": 1, "learn": 1})
 class StageActor:
     def __init__(self, model_dir: str, start: int, stop: int, index: int, num_stages: int,
-                 head: str, exit_layer: int, dtype: str, threads: int | None, batched: bool = True):
+                 head: str, exit_layer: int, dtype: str, threads: int | None, batched: bool = True,
+                 head_version: int = 0, learn_positions: int = 0):
         device = "cuda" if ray.get_gpu_ids() else "cpu"
         if threads:
             torch.set_num_threads(threads)
         if dtype == "auto":
             dtype = "bfloat16" if device == "cuda" else "float32"
         self.stage = Stage(model_dir, start, stop, index=index, num_stages=num_stages,
-                           head=head, exit_layer=exit_layer, dtype=dtype, device=device, batched=batched)
+                           head=head, exit_layer=exit_layer, dtype=dtype, device=device, batched=batched,
+                           head_version=head_version, learn_positions=learn_positions)
         self.loop: StageLoop | None = None
 
     @ray.method(concurrency_group="control")
@@ -48,6 +53,16 @@ class StageActor:
     @ray.method(concurrency_group="control")
     def sequences(self) -> list[str]:
         return self.stage.sequences()
+
+    # online learning (actors.learner): on a thread of their own, never waiting behind a forward
+
+    @ray.method(concurrency_group="learn")
+    def take_samples(self) -> Samples:
+        return self.stage.take_samples()
+
+    @ray.method(concurrency_group="learn")
+    def install_head(self, version: int, path: str) -> None:
+        self.stage.install_head(version, path)
 
     # transport "ray"
 

@@ -1,4 +1,4 @@
-"""`ppsd` command line: model-path, generate, eval-acceptance, distill-data, bench, serve."""
+"""`ppsd` command line: model-path, generate, eval-acceptance, distill-data, bench, serve, heads."""
 from __future__ import annotations
 
 import argparse
@@ -16,10 +16,11 @@ from actors.pipeline import Pipeline
 from actors.serve import check_settings, serve_forever
 
 from . import bench, calibrate, distill, report, sweep, teacher, vocab
-from .config import GenerationConfig, Mode, ModelInfo, PipelineConfig, Transport, check_prompt, describe
+from .config import GenerationConfig, LearnConfig, Mode, ModelInfo, PipelineConfig, Transport, check_prompt, describe
 from .detokenize import StreamDetokenizer
 from .heads import HeadMismatch, find_shipped_head, load_exit_head, read_head_meta
 from .model import MODELS, encode_prompt, load_tokenizer, resolve_model
+from .online import HeadStore, stored_exit_layers
 from .plan import Plan, candidates, fastest, resolve, stage_target
 from .prompts import Prompt, PromptsFileError, read_prompts
 
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=_bench)
 
     add_serve_parser(sub)
+    add_heads_parser(sub)
 
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
@@ -153,6 +155,7 @@ def pipeline_config(args, mode: str = "auto", sequences: int = 32) -> PipelineCo
     try:
         return PipelineConfig(model_dir=args.model, exit_layer=args.exit_layer, head=args.head,
                               transport=args.transport, max_num_seqs=sequences if args.max_num_seqs is None else args.max_num_seqs,
+                              learn_drafts=getattr(args, "learn_drafts", False),
                               **({"stages": stages} if stages is not None else {}))
     except ValidationError as e:
         raise UsageError(describe(e)) from None
@@ -529,6 +532,9 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--metrics-port", type=int, help="Ray's Prometheus metrics port (default: Ray picks one)")
     p.add_argument("--address", help="join this running Ray cluster (host:port) instead of starting a new "
                                      "local one; on exit only this application is deleted")
+    p.add_argument("--learn-drafts", action="store_true",
+                   help="stage 1's exit head learns from the server's own verified tokens at the lowest CPU "
+                        "priority; better versions draft for later requests (docs/heads.md, 'Learning online')")
     p.set_defaults(run=_serve)
 
 
@@ -546,6 +552,51 @@ def _serve(args) -> int:
     return serve_forever(checked, host=args.host, port=args.port, metrics_port=args.metrics_port,
                          address=args.address)
 
+
+
+def add_heads_parser(sub) -> None:
+    p = sub.add_parser("heads", help="the exit head versions learned online (serve --learn-drafts): list, "
+                                     "export, restore")
+    verbs = p.add_subparsers(dest="verb", required=True)
+    for verb, help_text in (("list", "every stored version, the current one marked"),
+                            ("export", "copy a version's head file (usable as --head FILE)"),
+                            ("restore", "make a version current: the next server with --learn-drafts starts from it")):
+        v = verbs.add_parser(verb, help=help_text)
+        if verb != "list":
+            v.add_argument("version", type=int)
+        if verb == "export":
+            v.add_argument("path", type=Path, help="the file (or directory) to write")
+        v.add_argument("--model", default="default", help=MODEL_HELP)
+        v.add_argument("--exit-layer", type=int, help="default: the one exit layer with stored versions")
+        v.add_argument("--store", type=Path, default=LearnConfig().store,
+                       help="the version store (default %(default)s)")
+        v.set_defaults(run=_heads)
+
+
+def _heads(args) -> int:
+    model_dir = resolve_model(args.model)
+    exits = [args.exit_layer] if args.exit_layer is not None else stored_exit_layers(args.store, model_dir)
+    if args.verb == "list":
+        for e in exits:
+            for v in HeadStore(args.store, model_dir, e).list():
+                print(json.dumps({"exit_layer": e, "version": v.version, "current": v.current, "path": str(v.path),
+                                  **{k: v.meta.get(k) for k in ("parent_version", "holdout_greedy_acceptance",
+                                                                "parent_holdout_greedy_acceptance",
+                                                                "holdout_positions", "positions_seen", "time")}}))
+        return 0
+    if len(exits) != 1:
+        raise UsageError(f"exit-layer: versions are stored for exit layers {exits}; name one" if exits else
+                         f"version: no versions are stored for this model in {args.store}")
+    store = HeadStore(args.store, model_dir, exits[0])
+    try:
+        if args.verb == "export":
+            print(store.export(args.version, args.path))
+        else:
+            store.restore(args.version)
+            print(f"exit layer {exits[0]}: version {args.version} is current")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

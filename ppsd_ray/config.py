@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .families import family_of, read_config_json, read_json_object
 from .heads import HeadMismatch, check_head_meta, read_head_meta
-from .model import check_weights, resolve_model
+from .model import cache_dir, check_weights, resolve_model
 from .protocol import Sampling
 
 
@@ -83,6 +83,43 @@ def _kv_width(cfg: dict) -> int:
     return (cfg.get("num_key_value_heads") or heads) * head_dim
 
 
+class LearnConfig(BaseModel):
+    """Online learning of the exit head from the server's own traffic (ppsd_ray/online.py)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    buffer_positions: int = Field(65536, ge=1, description="verified positions kept for training: (exit hidden "
+                                                           "state fp16, next token) pairs, the newest replacing "
+                                                           "the oldest")
+    holdout_fraction: float = Field(0.1, gt=0, le=0.5, description="share of the positions held back to score "
+                                                                   "heads on (every 1/fraction-th position)")
+    min_holdout: int = Field(256, ge=1, description="held-back positions needed before a head is scored")
+    margin: float = Field(0.01, ge=0, le=1, description="greedy acceptance on the held-back positions a candidate "
+                                                        "must gain over the serving head to replace it")
+    batch_positions: int = Field(256, ge=1, description="positions per training step")
+    lr: float = Field(1e-3, gt=0, description="the candidate's learning rate")
+    steps_per_round: int = Field(50, ge=1, description="training steps before a candidate is scored")
+    threads: int = Field(1, ge=1, description="torch threads of the trainer, at the lowest CPU priority")
+    store: Path = Field(default_factory=lambda: cache_dir() / "learned-heads",
+                        description="where versions are kept: a directory per model fingerprint and exit layer")
+
+    @property
+    def holdout_every(self) -> int:
+        """Every this many-th position goes to the held-back ring."""
+        return max(2, round(1 / self.holdout_fraction))
+
+    @property
+    def holdout_positions(self) -> int:
+        """The held-back ring's size: the buffer's share, at least min_holdout."""
+        return max(self.min_holdout, round(self.buffer_positions * self.holdout_fraction))
+
+    @model_validator(mode="after")
+    def _batch_fits_buffer(self) -> "LearnConfig":
+        if self.batch_positions > self.buffer_positions:
+            raise _field_error("batch_positions", f"{self.batch_positions} is more than buffer_positions "
+                                                  f"({self.buffer_positions})")
+        return self
+
+
 class PipelineConfig(BaseModel):
     """How the model is cut into stages and where the stages run."""
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -120,6 +157,10 @@ class PipelineConfig(BaseModel):
     transport: Transport = Field(Transport.direct, description="how hidden states move between stages")
     timeout_s: float = Field(120.0, gt=0, description="longest wait for any one answer from the stages")
     max_restarts: int = Field(10, ge=0, description="times each stage's process is restarted after dying")
+    learn_drafts: bool = Field(False, description="stage 1's exit head learns from the verified positions of the "
+                                                  "pipeline's own traffic; a better head serves the requests that "
+                                                  "start after it is installed (docs/heads.md)")
+    learn: LearnConfig = Field(default_factory=LearnConfig, description="how it learns, with learn_drafts")
 
     @field_validator("model_dir", mode="before")
     @classmethod
@@ -155,9 +196,15 @@ class PipelineConfig(BaseModel):
                 check_exit_layer(e, self.stages, layers)
             if self.head not in ("auto", "lm"):  # a trained head: refused here, before any actor starts
                 try:  # e None ('auto'): any exit layer here; plan.resolve checks the one it picks
-                    check_head_meta(read_head_meta(self.head), self.model_dir, e, self.head)
+                    meta = read_head_meta(self.head)
+                    check_head_meta(meta, self.model_dir, e, self.head)
                 except HeadMismatch as err:
                     raise ValueError(str(err)) from None
+                if self.learn_drafts:
+                    check_learnable(meta["head_type"], self.head)
+        elif self.learn_drafts:
+            raise _field_error("learn_drafts", "needs a pipeline of at least 2 stages: drafts come from stage 1's "
+                                               "exit head")
         return self
 
     @cached_property
@@ -172,6 +219,14 @@ class PipelineConfig(BaseModel):
         if isinstance(self.exit_layer, int):
             return self.exit_layer
         return round(self.info.num_layers / self.stages)
+
+
+def check_learnable(head_type: str, head: str) -> None:
+    """ValueError naming learn_drafts for a head online learning cannot train."""
+    if head_type not in ("lm", "linear"):
+        raise _field_error("learn_drafts", f"head {head} is a '{head_type}' head; online learning trains 'lm' and "
+                                           "'linear' heads (a 'layer' head attends over past positions, the buffer "
+                                           "holds single positions): pass --head lm or a linear head file")
 
 
 def check_exit_layer(e: int, stages: int, layers: int) -> None:

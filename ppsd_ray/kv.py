@@ -284,12 +284,16 @@ def _tiles(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
 def batch_invariant(module: nn.Module) -> nn.Module:
     """Every linear layer in `module` computes through tiled_linear, with the tile measured for
     its weight's shape (a layer with its own forward around the product, families.LMHead,
-    names it `matmul`)."""
+    names it `matmul`). A layer done before keeps its tile: an exit head installed later
+    shares stage 1's LM head, and measuring that again would cost a stage step or more."""
     tiles: dict[tuple, int] = {}
     for m in module.modules():
         if not (hasattr(m, "matmul") or type(m) is nn.Linear):
             continue
         key = (tuple(m.weight.shape), m.weight.dtype, m.weight.device)
+        if getattr(m, "_invariant_for", None) == key:  # a copy of another shape is measured anew
+            continue
+        m._invariant_for = key
         tile = tiles[key] = tiles.get(key) or invariant_tile(m.weight)
         if hasattr(m, "matmul"):
             m.matmul = lambda x, w, b, tile=tile: tiled_linear(x, w, b, tile)

@@ -52,7 +52,8 @@ class Work:
     draft: bool = False
     verify: int = 1
     feed: bool = False
-    sampling: Sampling = GREEDY
+    prompt: bool = False  # a chunk of the prompt: text the model did not write (never learned from)
+    sampling: Sampling = GREEDY  # last: the direct transport's wire format relies on it
 
 
 @dataclass
@@ -91,7 +92,18 @@ class StageReport:
     stopped_s: float = 0.0
     calls: int = 0
     skipped: int = 0
+    head_version: Optional[int] = None  # stage 1: the exit head version that drafted for the sequence
     events: list[tuple[float, float, int, int]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class Samples:
+    """What stage 1 hands an online learner: the exit layer's hidden state [n, H] (fp16) at
+    verified positions the model wrote and the token that followed each [n], and the exit
+    head version stage 1 now drafts new sequences with."""
+    hidden: torch.Tensor
+    targets: torch.Tensor
+    head_version: int

@@ -63,6 +63,11 @@ class RequestStats:
     stages: list[StageReport] = field(default_factory=list)
 
     @property
+    def head_version(self) -> int | None:
+        """The exit head version that drafted for the request (stage 1's; None: no exit head)."""
+        return self.stages[0].head_version if self.stages else None
+
+    @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.wall_s if self.wall_s else 0.0
 
@@ -75,6 +80,7 @@ class RequestStats:
             "new_tokens": self.new_tokens, "wall_s": self.wall_s, "tokens_per_s": self.tokens_per_s,
             "drafted": self.drafted, "accepted": self.accepted, "acceptance_rate": self.acceptance_rate,
             "rollbacks": self.rollbacks, "repairs": self.repairs, "speculated": self.speculated,
+            "head_version": self.head_version,
             "prefill_s": self.prefill_s, "wait_s": self.wait_s,
             "stage_compute_s": [s.compute_s for s in self.stages],
             "stale_s": sum(s.stale_s for s in self.stages),
@@ -192,9 +198,10 @@ class Decoder:
         is verified; the answer to wait for is its Verdict."""
         step = self.prefill_chunk or len(ids)
         for start in range(0, len(ids) - step, step):
-            self.pipe.submit(Work(seq_id, epoch, start, tuple(ids[start:start + step]), verify=0, sampling=sampling))
+            self.pipe.submit(Work(seq_id, epoch, start, tuple(ids[start:start + step]), verify=0, prompt=True,
+                                  sampling=sampling))
         start = (len(ids) - 1) // step * step
-        return self.pipe.submit(Work(seq_id, epoch, start, tuple(ids[start:]), sampling=sampling))
+        return self.pipe.submit(Work(seq_id, epoch, start, tuple(ids[start:]), prompt=True, sampling=sampling))
 
     def _pipelined(self, seq_id, prompt, done, gen, sampling, stats, t0, get, epoch) -> Iterator:
         token, next_pos = yield from self._start(seq_id, prompt, done, sampling, stats, t0, get, epoch)

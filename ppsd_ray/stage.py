@@ -30,6 +30,15 @@ before the rollback are skipped without computing, and a running forward stops a
 its next layer once every call in it is stale (a stale call in a batch with live
 ones is computed and dropped). An exit head that attends (type 'layer') keeps its
 own cache per sequence under the same rule.
+
+Online learning (ppsd_ray/online.py): stage 1 holds its exit heads by version. A
+sequence drafts with the version current at its first call to the end, so its seeded
+sampled output never depends on when a new version is installed (`install_head`);
+a version no sequence uses any more is dropped. With `learn_positions`, stage 1
+also keeps per sequence the exit hidden state and input token of every position
+after the prompt, cut back like its cache; at release the positions before `keep`
+are the committed ones, and they wait as (hidden, next token) pairs for
+`take_samples`.
 """
 from __future__ import annotations
 
@@ -44,33 +53,40 @@ import torch
 from .families import build_shard
 from .heads import ExitHead, load_exit_head
 from .kv import KVManager, PackedBatch, SeqKV, batch_invariant, call_rows, use_packed_attention
-from .protocol import Hop, StageReport, Verdict, Work
+from .protocol import Hop, Samples, StageReport, Verdict, Work
 from .sampling import propose, verify
 
 
 class Stage:
     def __init__(self, model_dir: Path, start: int, stop: int, *, index: int = 0, num_stages: int = 1,
                  head: str = "lm", exit_layer: int | None = None, dtype: str = "float32",
-                 device: str = "cpu", batched: bool = True):
+                 device: str = "cpu", batched: bool = True, head_version: int = 0, learn_positions: int = 0):
+        """head_version: the version number of `head` (online learning); learn_positions: with online
+        learning, the most committed positions held for take_samples (0: none recorded)."""
         self.index, self.start, self.stop = index, start, stop
+        self.batched = batched
         self.first, self.last = index == 0, index == num_stages - 1
         self.device = torch.device(device)
-        self.config, self.body, final_norm, lm_head = self._build(Path(model_dir), getattr(torch, dtype))
+        self.model_dir, self.exit_layer = Path(model_dir), exit_layer or stop
+        self.config, self.body, final_norm, lm_head = self._build(self.model_dir, getattr(torch, dtype))
         # transformers 5.24 renamed past_key_values to cache
         params = inspect.signature(self.body.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.lm_head = lm_head if self.last else None
-        self.exit_head: ExitHead | None = None
-        if self.first and not self.last:
-            self.exit_head = load_exit_head(head, exit_layer or stop, final_norm, lm_head,
-                                            model_dir=Path(model_dir)).to(self.device)
-        for part in (self.body, self.lm_head, self.exit_head, getattr(self.exit_head, "body", None)):
+        self._head_parts = (final_norm, lm_head)
+        self._heads: dict[int, ExitHead] = {}  # stage 1: exit heads by version
+        self.head_version: int | None = None  # the version new sequences draft with
+        self._pinned: dict[str, int] = {}  # sequence -> the head version it drafts with
+        for part in (self.body, self.lm_head):
             if part is not None:
-                if batched:
-                    batch_invariant(part)
-                if hasattr(part, "config") and hasattr(part, "layers"):
-                    use_packed_attention(part)
+                self._prepare(part)
+        if self.first and not self.last:
+            self._heads[head_version] = self._load_head(head)
+            self.head_version = head_version
         self.kv = KVManager(stop - start, head_layers=1 if self.exit_head and self.exit_head.needs_cache else 0)
+        self.learn_positions = learn_positions if self.exit_head is not None else 0
+        self._recorded: dict[str, _Recorded] = {}
+        self._samples: list[tuple[torch.Tensor, torch.Tensor]] = []  # released pairs waiting for take_samples
         self._epochs: dict[str, int] = {}
         self._drafts: dict[str, tuple[int, int]] = {}  # stage 1: (position, token) of its newest draft
         self._stats: dict[str, _SeqStats] = {}
@@ -80,6 +96,54 @@ class Stage:
         self._started = 0.0
         for layer in self.body.layers:
             layer.register_forward_pre_hook(self._check_stale)
+
+    @property
+    def exit_head(self) -> ExitHead | None:
+        """Stage 1's current exit head: the one new sequences draft with."""
+        return self._heads.get(self.head_version)
+
+    def _load_head(self, spec: str) -> ExitHead:
+        head = load_exit_head(spec, self.exit_layer, *self._head_parts, model_dir=self.model_dir).to(self.device)
+        for part in (head, getattr(head, "body", None)):
+            if part is not None:
+                self._prepare(part)
+        return head
+
+    def _prepare(self, part: torch.nn.Module) -> None:
+        """Batch-invariant linears (unless one sequence only), packed attention for a model's layers."""
+        if self.batched:
+            batch_invariant(part)
+        if hasattr(part, "config") and hasattr(part, "layers"):
+            use_packed_attention(part)
+
+    def install_head(self, version: int, path: str) -> None:
+        """Head `version` (a head file, checked against the model and exit layer) drafts for the
+        sequences that start from now on; the running ones keep the version they started with.
+        Loaded first, then swapped in under the lock, between stage steps."""
+        if self.exit_head is None:
+            raise ValueError(f"stage {self.index}: has no exit head to replace")
+        head = self._load_head(path)
+        if head.needs_cache != self.exit_head.needs_cache:  # the head caches are laid out at start
+            raise ValueError(f"head: {path} is a '{head.kind}' head; stage 1 serves a '{self.exit_head.kind}' "
+                             "head and keeps caches for one kind")
+        with self._lock:
+            self._heads[version] = head
+            self.head_version = version
+            self._drop_unused_heads()
+
+    def _drop_unused_heads(self) -> None:
+        used = set(self._pinned.values()) | {self.head_version}
+        for version in [v for v in self._heads if v not in used]:
+            del self._heads[version]
+
+    def take_samples(self) -> Samples:
+        """The committed (exit hidden state, next token) pairs released since the last call."""
+        with self._lock:
+            taken, self._samples = self._samples, []
+        hidden = torch.cat([h for h, _ in taken]) if taken else torch.zeros(0, self.config.hidden_size,
+                                                                           dtype=torch.float16)
+        targets = torch.cat([t for _, t in taken]) if taken else torch.zeros(0, dtype=torch.long)
+        return Samples(hidden, targets, self.head_version)
 
     def _build(self, model_dir: Path, dtype):
         """Transformers' own model class for this stage's layers (ppsd_ray/families.py);
@@ -113,6 +177,8 @@ class Stage:
                         self._stats[seq].report.skipped += 1
                     continue
                 self._epochs[seq] = work.epoch
+                if self.head_version is not None:
+                    self._pinned.setdefault(seq, self.head_version)
                 live.append(i)
         if not live:
             return outs
@@ -163,6 +229,8 @@ class Stage:
         dists: list = [None if self.first or w.sampling.greedy else hop.draft_dists for w, (_, hop) in zip(works, batch)]
         if self.first and not self.last:
             self._draft(works, parts, sizes, caches, drafts, dists)
+            if self.learn_positions:
+                self._record(works, ids, parts, drafts)
         if not self.last:
             return [(Hop(w, p.cpu() if self.device.type == "cpu" else p, d, q), p.shape[1])
                     for w, p, d, q in zip(works, parts, drafts, dists)]
@@ -180,17 +248,26 @@ class Stage:
         return results
 
     def _draft(self, works, parts, sizes, caches, drafts, dists) -> None:
-        """Stage 1's exit head: one draft per drafting call from its last position, all in one
-        pass; eesd's chained drafts each run as the next position right away, one call at a
-        time. A trailing draft waits for the next call (ppsd: stage 1's own draft)."""
-        head = self.exit_head
+        """Stage 1's exit heads: one draft per drafting call from its last position, in one pass
+        per head version; eesd's chained drafts each run as the next position right away, one
+        call at a time. A trailing draft waits for the next call (ppsd: stage 1's own draft)."""
+        by_version: dict[int, list[int]] = {}
+        for j, w in enumerate(works):
+            by_version.setdefault(self._pinned[w.seq_id], []).append(j)
+        for version, group in by_version.items():
+            self._draft_with(self._heads[version], group, works, parts, sizes, caches, drafts, dists)
+
+    def _draft_with(self, head: ExitHead, group: list[int], works, parts, sizes, caches, drafts, dists) -> None:
+        """The calls `group` (indices into the batch) drafting with `head`."""
         if head.needs_cache:  # an attending head sees every position, drafted or not
-            heads = [self.kv.head_at(w.seq_id, w.pos, f"stage {self.index}") for w in works]
-            with call_rows(sizes):
-                feats = head.features(torch.cat(parts, dim=1), self._positions([w.pos for w in works], sizes),
-                                      PackedBatch(heads, sizes)).split(sizes, dim=1)
-            last = [f[:, -1:] for f in feats]
-        drafting = [j for j, w in enumerate(works) if w.chain + w.draft > 0]
+            heads = [self.kv.head_at(works[j].seq_id, works[j].pos, f"stage {self.index}") for j in group]
+            group_sizes = [sizes[j] for j in group]
+            with call_rows(group_sizes):
+                feats = head.features(torch.cat([parts[j] for j in group], dim=1),
+                                      self._positions([works[j].pos for j in group], group_sizes),
+                                      PackedBatch(heads, group_sizes)).split(group_sizes, dim=1)
+            last = {j: f[:, -1:] for j, f in zip(group, feats)}
+        drafting = [j for j in group if works[j].chain + works[j].draft > 0]
         if not drafting:
             return
         rows = torch.cat([last[j] for j in drafting] if head.needs_cache else [parts[j][:, -1:] for j in drafting], 1)
@@ -220,6 +297,24 @@ class Stage:
                 n += 1
             parts[j] = torch.cat(hidden, dim=1) if len(hidden) > 1 else parts[j]
 
+    def _record(self, works, ids, parts, drafts) -> None:
+        """Online learning: each call's exit hidden states and input tokens (eesd: its chained
+        drafts too), cut back to the call's position like the cache. Of a prompt only its last
+        position is kept: it predicts the first token the model wrote."""
+        for work, tokens, part, drafted in zip(works, ids, parts, drafts):
+            hidden = part[0].to("cpu", torch.float16)
+            if work.prompt:
+                self._recorded[work.seq_id] = _Recorded(work.pos + len(tokens) - 1, [hidden[-1]], [])
+                continue
+            rec = self._recorded.get(work.seq_id)
+            kept = work.pos - rec.start if rec is not None else 0
+            if kept <= 0 or kept > len(rec.hidden):  # nothing recorded to continue (a stage restarted)
+                self._recorded.pop(work.seq_id, None)
+                continue
+            del rec.hidden[kept:], rec.targets[kept - 1:]
+            rec.hidden.extend(hidden.unbind(0))
+            rec.targets.extend([*tokens, *drafted[:work.chain]])
+
     def _layers(self, x: torch.Tensor, starts: list[int], sizes: list[int], caches: list[SeqKV]) -> torch.Tensor:
         with call_rows(sizes):
             return self.body(inputs_embeds=x, position_ids=self._positions(starts, sizes), use_cache=True,
@@ -247,15 +342,31 @@ class Stage:
         """Ends a sequence; positions >= keep count as stale work. Returns its report,
         with the timeline of computed calls if `events`."""
         stats = self._stats.pop(seq_id, None) or _SeqStats(StageReport(index=self.index))
+        recorded = self._recorded.pop(seq_id, None)
         with self._lock:
             self.kv.release(seq_id)
             self._epochs.pop(seq_id, None)
             self._drafts.pop(seq_id, None)
+            stats.report.head_version = self._pinned.pop(seq_id, None)
+            self._drop_unused_heads()
+            if recorded is not None:
+                self._keep_samples(recorded, keep)
         report = stats.report
         report.stale_s += sum(stats.spent[keep:])
         if not events:
             report.events = []
         return report
+
+    def _keep_samples(self, recorded: "_Recorded", keep: int) -> None:
+        """The positions before `keep` are committed: position p's hidden state and the token at
+        p + 1. The oldest pairs go when more than learn_positions wait."""
+        n = min(keep - 1 - recorded.start, len(recorded.targets))
+        if n <= 0:
+            return
+        self._samples.append((torch.stack(recorded.hidden[:n]), torch.tensor(recorded.targets[:n])))
+        waiting = sum(len(t) for _, t in self._samples)
+        while waiting > self.learn_positions:
+            waiting -= len(self._samples.pop(0)[1])
 
     def busy_s(self) -> float:
         """How long the forward computing now has been running (0 when idle): names a hung stage."""
@@ -264,7 +375,8 @@ class Stage:
     def sequences(self) -> list[str]:
         """Sequences holding state here (empty once every request has ended)."""
         with self._lock:
-            return sorted(set(self.kv.layers) | set(self._epochs) | set(self._stats))
+            return sorted(set(self.kv.layers) | set(self._epochs) | set(self._stats) | set(self._pinned)
+                          | set(self._recorded))
 
     def _has_own_input(self, work: Work) -> bool:
         """Stage 1 needs no hop when the call brings its tokens or it drafted this position itself."""
@@ -286,6 +398,15 @@ class Stage:
             stats.report.stale_s += sum(stats.spent[pos:])
             del stats.spent[pos:]
         return cache
+
+
+@dataclass
+class _Recorded:
+    """Online learning: a sequence's exit hidden states from position `start` on, and the
+    input token of each position after it (targets[i]: the token at start + i + 1)."""
+    start: int
+    hidden: list[torch.Tensor]
+    targets: list[int]
 
 
 class _Stale(Exception):

@@ -371,7 +371,7 @@ def test_metrics_exported(server, client, ray_cluster):
               "ray_ppsd_rollbacks_total", "ray_ppsd_stage_busy_seconds_total", "ray_ppsd_stage_stale_seconds_total",
               "ray_ppsd_prompt_tokens_total", "ray_ppsd_requests_running",
               "ray_ppsd_request_latency_seconds_bucket", "ray_ppsd_time_to_first_token_seconds_bucket",
-              'status="cancelled"']
+              "ray_ppsd_draft_head_version", 'head_version="0"', 'status="cancelled"']
     deadline, text = time.time() + 40, ""
     while time.time() < deadline:
         text = urllib.request.urlopen(url, timeout=10).read().decode()
