@@ -221,9 +221,12 @@ class PipelineConfig(BaseModel):
         return round(self.info.num_layers / self.stages)
 
 
+LEARNABLE_HEADS = ("lm", "linear")  # what online learning trains: heads of one position each
+
+
 def check_learnable(head_type: str, head: str) -> None:
     """ValueError naming learn_drafts for a head online learning cannot train."""
-    if head_type not in ("lm", "linear"):
+    if head_type not in LEARNABLE_HEADS:
         raise _field_error("learn_drafts", f"head {head} is a '{head_type}' head; online learning trains 'lm' and "
                                            "'linear' heads (a 'layer' head attends over past positions, the buffer "
                                            "holds single positions): pass --head lm or a linear head file")

@@ -12,11 +12,12 @@ from actors.pipeline import Pipeline
 from actors.serve import check_settings
 from conftest import build_tiny_model, hf_greedy
 from ppsd_ray.cli import main
-from ppsd_ray.config import GenerationConfig, LearnConfig, PipelineConfig
+from ppsd_ray.config import GenerationConfig, LearnConfig, Mode, PipelineConfig
 from ppsd_ray.distill import new_head
 from ppsd_ray.heads import HeadMismatch, check_head_meta, read_head_meta, save_head
 from ppsd_ray.model import model_fingerprint
 from ppsd_ray.online import HeadStore, OnlineLearner, TrafficBuffer, agreement, starting_head
+from ppsd_ray.plan import candidates, resolve
 from ppsd_ray.schedule import Decoder, RequestStats
 from ppsd_ray.transport import LocalPipe
 from test_schedule import local_stages
@@ -300,3 +301,15 @@ def test_a_pipeline_that_learns_on_ray_installs_versions_and_changes_no_token(ra
         after = pipe.generate(prompts[0], gen)
         assert after.token_ids == wants[0] and after.stats["head_version"] == 1
     assert HeadStore(learn.store, tiny_model_dir, EXIT).current() == 1
+
+
+@pytest.mark.real_model
+def test_auto_with_learning_plans_a_head_it_can_train(real_model_dir):
+    """SmolLM2's shipped heads are 'layer' heads, which learning cannot train: with learn_drafts,
+    'auto' plans among the learnable ones (and a mode that drafts) instead of refusing."""
+    kinds = {c.draft_key.partition("@")[0] for c in candidates(real_model_dir, 30, 2, None, "auto")}
+    assert "layer" in kinds
+    learnable = candidates(real_model_dir, 30, 2, None, "auto", learnable=True)
+    assert learnable and {c.draft_key.partition("@")[0] for c in learnable} <= {"lm", "linear"}
+    plan = resolve(PipelineConfig(model_dir=real_model_dir, learn_drafts=True))
+    assert plan.mode == Mode.ppsd and plan.stages >= 2 and plan.head == "lm"
