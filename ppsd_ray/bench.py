@@ -32,6 +32,7 @@ from actors.pipeline import Pipeline
 from .config import GenerationConfig, PipelineConfig
 from .heads import describe_head
 from .model import encode_prompt, load_tokenizer
+from .calibrate import forget
 from .plan import predict
 from .prompts import Prompt
 from .simulate import Timing, calibrate_hop, decode_step_times, simulate
@@ -132,12 +133,13 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[Prompt], max
         return PipelineConfig(stages=k, exit_layer=exit_layers.get(k), head=head, **common)
 
     pipelines = {}  # one per (K, head, transport, threads); modes share it
-    predicted = {}  # system -> the plan's predicted tokens/s
+    predicted = {}  # system -> the plan's predicted decode tokens/s and stage steps
+    forget(model_dir)  # predictions from a calibration measured now: a CPU's speed drifts within hours
     for s in systems:
         if s.kind == "pipeline":
             config = config_of(*key(s))
             plan = predict(config, s.mode)
-            predicted[s.name] = 1 / plan.token_s if plan.predicted else None
+            predicted[s.name] = {"tokens_per_s": 1 / plan.token_s, "stage_step_ms": [1e3 * x for x in plan.stage_s]}
             if key(s) not in pipelines:
                 pipelines[key(s)] = Pipeline(config, plan=plan if s.mode == "auto" else None)
 
@@ -189,7 +191,7 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[Prompt], max
                                                  for (k, h, _, _), p in pipelines.items() if k},
                                        "default_plan": next((p.plan.describe() for (k, *_), p in pipelines.items()
                                                              if not k), None),
-                                       "predicted_tokens_per_s": predicted},
+                                       "predicted": predicted},
             "records": records, "timeline": timeline}
 
 
@@ -263,10 +265,14 @@ def summarize(result: dict, num_layers: int) -> dict:
                 c |= {"acceptance": alpha, "speedup_vs_pp": measured, "ideal": ideal,
                       "efficiency": measured / ideal if measured else None}
             entry[key] = c
-        planned = result["setup"].get("predicted_tokens_per_s", {}).get(s.name)
-        if planned:
-            entry["plan"] = {"predicted_tokens_per_s": planned, "error": planned / entry["all"]["tokens_per_s"] - 1}
         rs = rows(s.name)
+        planned = result["setup"].get("predicted", {}).get(s.name)
+        if planned:  # the plan predicts decoding: measured without the prefill
+            decode = _median([(r["stats"]["new_tokens"] - 1) / (r["stats"]["wall_s"] - r["stats"]["prefill_s"])
+                              for r in rs])
+            entry["plan"] = {"predicted_tokens_per_s": planned["tokens_per_s"], "decode_tokens_per_s": decode,
+                             "error": planned["tokens_per_s"] / decode - 1,
+                             "predicted_stage_step_ms": planned["stage_step_ms"]}
         if s.kind == "pipeline":
             tok = [r["stats"]["new_tokens"] for r in rs]
             entry["breakdown_ms_per_token"] = {

@@ -59,6 +59,15 @@ def cache_file(fingerprint: str, device: str, threads: int, dtype: str) -> Path:
     return cache_dir() / "calibration" / f"{fingerprint}-{device}-{threads}t-{dtype}.json"
 
 
+def forget(model_dir: Path) -> None:
+    """Drops this model's cached calibrations (every device and thread count): the next plan
+    measures afresh. A CPU's speed drifts within hours (README, "Planning")."""
+    fingerprint = model_fingerprint(model_dir)
+    for path in (cache_dir() / "calibration").glob(f"{fingerprint}-*.json"):
+        _MEMO.pop(path, None)
+        path.unlink(missing_ok=True)
+
+
 def calibration(model_dir: Path, device: str, threads: int, dtype: str, draft_keys: set[str],
                 remeasure: bool = False, runs: int | None = None, peers: int = 0) -> Calibration:
     """The cached calibration, measuring first whatever it lacks of `draft_keys` (everything,

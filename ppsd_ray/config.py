@@ -98,6 +98,8 @@ class LearnConfig(BaseModel):
     batch_positions: int = Field(256, ge=1, description="positions per training step")
     lr: float = Field(1e-3, gt=0, description="the candidate's learning rate")
     steps_per_round: int = Field(50, ge=1, description="training steps before a candidate is scored")
+    passes: float = Field(4.0, gt=0, description="the most times each position seen is trained on: rounds go on "
+                                                 "after the traffic stops until then, and wait for new traffic after")
     threads: int = Field(1, ge=1, description="torch threads of the trainer, at the lowest CPU priority")
     store: Path = Field(default_factory=lambda: cache_dir() / "learned-heads",
                         description="where versions are kept: a directory per model fingerprint and exit layer")

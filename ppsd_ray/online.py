@@ -207,23 +207,24 @@ class OnlineLearner:
         self.store = HeadStore(config.store, self.model_dir, exit_layer)
         self.buffer = TrafficBuffer(config)
         self.rounds = 0
-        self._trained_at = 0  # buffer.seen at the last round
+        self._trained = 0  # positions trained on so far (a position trained twice counts twice)
 
     def add(self, hidden: torch.Tensor, targets: torch.Tensor) -> None:
         self.buffer.add(hidden, targets)
 
     def ready(self) -> bool:
-        """Enough pairs for a round: a training batch's worth new since the last round (no traffic,
-        no training), min_holdout held back."""
-        return self.buffer.seen - self._trained_at >= self.config.batch_positions and \
-            len(self.buffer.holdout) >= self.config.min_holdout
+        """Enough pairs for a round: a training batch's worth and min_holdout held back, and the
+        positions seen not yet trained on `passes` times each (no new traffic, no endless training)."""
+        cfg = self.config
+        return (self.buffer.seen >= cfg.batch_positions and len(self.buffer.holdout) >= cfg.min_holdout
+                and self._trained < cfg.passes * self.buffer.seen)
 
     def round(self) -> RoundResult | None:
         """Trains the candidate steps_per_round steps and scores it; None when not ready."""
         if not self.ready():
             return None
-        self.rounds, self._trained_at = self.rounds + 1, self.buffer.seen
         cfg = self.config
+        self.rounds, self._trained = self.rounds + 1, self._trained + cfg.steps_per_round * cfg.batch_positions
         spec = TrainSpec(head_type="linear", epochs=1, lr=cfg.lr, warmup=0, ckpt_every=cfg.steps_per_round,
                          seed=self.rounds, bf16=False)
         data = BufferData(self.buffer.train, cfg.batch_positions, cfg.steps_per_round, self.rounds)

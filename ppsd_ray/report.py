@@ -41,8 +41,10 @@ def write_markdown(path: Path, result: dict, summary: dict, projections: list[di
         "per-device figure runs K stages of one core each against ar on one core (`ar-1core`): what K devices "
         "with their own memory would give, except that on one CPU box the cores share one memory bus, so it "
         "understates them. The GPU projection below uses per-device figures.",
-        "- plan predicts: the tokens/s ppsd_ray/plan.py predicts for the system from its calibration (what "
-        "`--mode auto` chooses by), and its error against the measured median.",
+        "- plan predicts: the decode tokens/s ppsd_ray/plan.py predicts for the system from a calibration "
+        "measured at the start of this run (what `--mode auto` chooses by), and its error against the measured "
+        "decode rate (tokens after the first over the time after the prefill, median); its predicted stage "
+        "steps are beside the measured ones below.",
         "- ideal: the PPSD formula K / (a + (1 - a) K) at the measured acceptance a (eesd rows: the EESD formula "
         "with gamma and e = E / L); efficiency = measured speedup over pp on the same K stages / ideal.",
         "",
@@ -75,13 +77,15 @@ def write_markdown(path: Path, result: dict, summary: dict, projections: list[di
               "overhead (pp, ar): wall minus the stages' compute, the median of each run's own difference; "
               "hop: one hand-off between calls, calibrated from pp runs (pp token = sum of stage steps + K "
               "hops: K - 1 between stages, one from the last stage back to stage 1).", "",
-              "| system | wall | stage compute | overhead | stage step | stale | coordinator | hop |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| system | wall | stage compute | overhead | stage step | predicted step | stale | coordinator | hop |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for name, e in systems.items():
         b = e.get("breakdown_ms_per_token")
         if b:
+            planned = e.get("plan", {}).get("predicted_stage_step_ms")
             lines.append(f"| {name} | {b['wall']:.1f} | {' / '.join(f'{x:.1f}' for x in b['stage_compute'])} | "
                          f"{_f(b.get('overhead'))} | {' / '.join(f'{x:.1f}' for x in b['stage_step'])} | "
+                         f"{' / '.join(f'{x:.1f}' for x in planned) if planned else '–'} | "
                          f"{b['stale']:.1f} | {b['coordinator']:.1f} | {b['hop']:.2f} |")
     sims = {n: e["simulator"] for n, e in systems.items() if "simulator" in e}
     if sims:
