@@ -128,6 +128,11 @@ def build_app(args: dict) -> serve.Application:
     settings = check_settings(args)
     if settings.key():
         settings = settings.model_copy(update={"require_api_key": True})
+    # the plan is made once, here, and every replica builds it: with mode auto and no stages
+    # given, the K it chose (the bundles below are reserved for it)
+    plan = resolve(settings.pipeline, settings.mode)
+    settings = settings.model_copy(update={"mode": plan.mode,
+                                           "pipeline": settings.pipeline.model_copy(update={"stages": plan.stages})})
     gpus = settings.pipeline.use_gpus
     if gpus is None:
         gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= settings.pipeline.stages
@@ -195,7 +200,7 @@ class PPSDServer:
         self.openai = OpenAIServing(
             tokenizer, self.settings.model_name or Path(config.model_dir).name,
             config.info.eos_token_ids, config.info.max_positions, self.settings.max_tokens_limit,
-            self.mode, config.stages, self._tokens, self.settings.timeout_s)
+            self.mode, plan.stages, self._tokens, self.settings.timeout_s)
 
     def __del__(self):  # Serve calls this when the replica shuts down
         pipe = getattr(self, "pipe", None)
@@ -229,7 +234,7 @@ class PPSDServer:
         """503 unless the health probe passes; `sequences`: per stage, how many hold state;
         `repairs`: pipeline rebuilds after a stage process died (`stage_pids`: the current ones)."""
         probe = await self._probe()
-        return {"status": "ok", "model": self.openai.model_id, "stages": self.pipe.config.stages,
+        return {"status": "ok", "model": self.openai.model_id, "stages": self.pipe.plan.stages,
                 "mode": self.mode.value, "layout": self.pipe.layout, "running": probe.running,
                 "sequences": [len(s) for s in probe.sequences], "stage_pids": probe.stage_pids,
                 "repairs": probe.repairs}
@@ -316,14 +321,16 @@ def serve_forever(settings: ServeSettings, host: str = "127.0.0.1", port: int = 
         signal.signal(signal.SIGINT, stop)
         serve.start(http_options={"host": host, "port": port})
         try:
-            serve.run(build_app(settings.model_dump(mode="json")), name="ppsd", route_prefix="/", blocking=False)
+            # unset fields stay unset: mode auto with no stages plans K too
+            serve.run(build_app(settings.model_dump(mode="json", exclude_unset=True)), name="ppsd", route_prefix="/",
+                      blocking=False)
         except RuntimeError as e:  # Serve's "Deploying application ppsd failed", with the replica's error
             print(f"ppsd serve: the application failed to start: {e}", file=sys.stderr, flush=True)
             return 1
         node = ray._private.worker.global_worker.node
         # Ray's own endpoint, not this app's: the API key does not guard it (see docs/serving.md)
-        print(f"ppsd serve: ready on http://{host}:{port}/v1 (model {settings.pipeline.model_dir}, "
-              f"{settings.pipeline.stages} stages); Prometheus metrics on "
+        print(f"ppsd serve: ready on http://{host}:{port}/v1 (model {settings.pipeline.model_dir}); "
+              "Prometheus metrics on "
               f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics", file=sys.stderr, flush=True)
         while True:
             time.sleep(3600)

@@ -522,7 +522,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     add_pipeline_args(p)
-    p.add_argument("--mode", choices=[m.value for m in Mode], help="default: ppsd, or ar with --stages 1")
+    p.add_argument("--mode", choices=[m.value for m in Mode],
+                   help="default: auto, the plan's choice of mode and, without --stages, of K (logged at start)")
     p.add_argument("--model-name", help="the model id clients send; default: the model directory's name")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint "
                                      "(default: $PPSD_API_KEY; unset: no key)")
@@ -539,10 +540,11 @@ def add_serve_parser(sub) -> None:
 
 
 def _serve(args) -> int:
-    config = pipeline_config(args, args.mode or "ppsd")  # checked before Ray starts
+    config = pipeline_config(args, args.mode or "auto")  # checked before Ray starts
+    # unset fields stay unset: with mode auto and no --stages the plan chooses K as well
     # $PPSD_API_KEY is not copied into the settings: the local Ray started here passes the
     # environment on to the replica, and a replica that lacks it refuses to start
-    settings = {"pipeline": config.model_dump(mode="json"), "mode": args.mode, "model_name": args.model_name,
+    settings = {"pipeline": config.model_dump(mode="json", exclude_unset=True), "mode": args.mode, "model_name": args.model_name,
                 "api_key": args.api_key, "max_ongoing_requests": args.max_ongoing_requests,
                 "max_tokens_limit": args.max_tokens_limit}
     try:
