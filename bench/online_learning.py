@@ -83,9 +83,9 @@ def main() -> None:
         plain, wall = serve_traffic(pipe)
         out["without_learning"] = {"tokens_per_s": sum(len(r.token_ids) for r in plain) / wall, "wall_s": wall,
                                    "new_requests": acceptance(pipe, f"new requests, head {plan.head}")}
-    shipped = base.model_copy(update={"exit_layer": plan.exit_layer, "head": "auto"})
-    with Pipeline(shipped) as pipe:
-        out["shipped_head"] = {"head": pipe.plan.head, "new_requests": acceptance(pipe, "new requests, shipped head")}
+    with Pipeline(base) as pipe:  # exit layer and head 'auto': the shipped head the plan picks, at its own exit
+        out["shipped_head"] = {"plan": pipe.plan.describe(),
+                               "new_requests": acceptance(pipe, "new requests, shipped head")}
     with Pipeline(learned_config.model_copy(update={"exit_layer": plan.exit_layer, "head": plan.head})) as pipe:
         learned, wall = serve_traffic(pipe)
         ended = time.perf_counter()
