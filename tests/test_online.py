@@ -167,14 +167,14 @@ def test_the_buffer_holds_back_every_nth_pair_and_keeps_the_newest():
 
 
 def test_the_learner_installs_a_better_head_and_never_a_worse_one(tiny_model_dir, tmp_path):
-    config = learn_config(tmp_path)
+    config = learn_config(tmp_path, passes=1)  # a round of 40 x 128 positions trains each of 3000 once
     learner = OnlineLearner(tiny_model_dir, EXIT, "lm", 0, config)
     hidden, targets = teacher_pairs(tiny_model_dir, 3000)
     learner.add(hidden[:100], targets[:100])
     assert learner.round() is None  # too few held back to score anything
     learner.add(hidden[100:], targets[100:])
     result = learner.round()
-    assert learner.round() is None  # nothing new to learn from
+    assert learner.round() is None  # every position trained on `passes` times: nothing new to learn from
     assert result.installed == 1 and learner.version == 1
     assert result.candidate_acceptance >= result.serving_acceptance + config.margin
     assert result.holdout_positions == 300
@@ -284,7 +284,7 @@ def test_a_pipeline_that_learns_on_ray_installs_versions_and_changes_no_token(ra
     """Stage 1's committed positions reach the learner actor; with margin 0 its first round
     installs a version, which drafts the next request; every answer is transformers' own."""
     learn = learn_config(tmp_path, buffer_positions=512, holdout_fraction=0.25, min_holdout=8, batch_positions=16,
-                         steps_per_round=5, margin=0.0)
+                         steps_per_round=5, margin=0.0, passes=1)  # one round of 80 covers the 45 positions
     config = PipelineConfig(model_dir=tiny_model_dir, stages=2, exit_layer=EXIT, learn_drafts=True, learn=learn)
     prompts = [PROMPT, [1, 40, 41, 42], [9, 8, 7]]
     wants = [hf_greedy(tiny_model_dir, p, 16, stop_on_eos=False) for p in prompts]
