@@ -20,9 +20,9 @@ Why every forward, alone too, goes through this path: a request's tokens must no
 depend on what else is in the batch. Attention runs per sequence on that sequence's
 own shapes, and every linear layer runs in tiles whose row counts the kernels treat
 alike (`batch_invariant`): CPU matmul kernels change their reduction order with the
-number of rows (1, 2-15 and 16+ rows give three different low bits here), so the
-tile sizes that keep one order are measured when the stage starts (`invariant_tile`),
-and a lone row is padded to two (which costs the same as one here).
+number of rows and with how the rows split between threads, so the row counts that keep
+one order are measured when the stage starts (`invariant_tiling`), and a short tile is
+padded to the next of them (a lone row to 4 rows on AMD EPYC, to 2 on Intel Xeon).
 """
 from __future__ import annotations
 
@@ -209,32 +209,79 @@ def use_packed_attention(model: nn.Module) -> None:
 # ---- linear layers whose rows do not depend on the batch
 
 
-def invariant_tile(weight: torch.Tensor, limit: int = 32) -> int:
-    """The most rows a matmul tile with this weight may have so that each row's result is the
-    same in every tile of 2 to that many rows, on this process's threads. Measured, because
-    kernels pick their reduction order by row count: here (one thread) 1 row, 2-15 rows and
-    16+ rows give three different low bits, and with two threads some shapes change at 4.
+_threads = threading.local()
 
-    Measured on a thread of its own: once the process's main thread has run a multi-threaded
-    matmul, its OpenMP team slows every later matmul on the stage loop's thread about 4x
-    (measured here: 143 against 35 us for 576x1536)."""
-    out: list[int] = []
-    probe = threading.Thread(target=lambda: out.append(_invariant_tile(weight, limit)))
+
+def use_torch_threads() -> None:
+    """Gives this thread's OpenMP team torch's thread count (torch.set_num_threads, said once per
+    process). A thread's team otherwise keeps OpenMP's default, every core, whatever torch says:
+    measured (AMD EPYC, 2 cores), a one-thread stage's loop thread ran its matmuls on two
+    threads, so two stages ran four on two cores, and the kernels took other reduction orders."""
+    n = torch.get_num_threads()
+    if getattr(_threads, "n", None) != n:
+        torch.set_num_threads(n)
+        _threads.n = n
+
+
+MAX_PAD = 4  # the most rows a lone row is padded to: a 4-row matmul costs about 1.5x a 1-row one here
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """The row counts a matmul with one weight may have so that each row's result is the same in
+    all of them, wherever the row sits: every tile of a batch has one of these counts."""
+    sizes: tuple[int, ...]  # ascending; at least the upper half of the range up to the largest
+
+    def pad(self, n: int) -> int:
+        """The rows a tile of n rows is run with (zero rows appended)."""
+        return next(s for s in self.sizes if s >= n)
+
+    def split(self, m: int) -> list[int]:
+        """m rows as near-equal tiles of at most the largest count (each more than half of it)."""
+        k = -(-m // self.sizes[-1])
+        base, extra = divmod(m, k)
+        return [base + (i < extra) for i in range(k)]
+
+
+def invariant_tiling(weight: torch.Tensor, limit: int = 32) -> Tiling:
+    """The tiling a stage's matmuls with this weight use, measured, because CPU kernels pick their
+    reduction order by row count and thread split (see the module doc). Of the classes of row
+    counts that give one result, the one of the large counts (a batch's) if it starts at MAX_PAD
+    rows or fewer, else the one of 2 rows (a lone row padded to 2), else single rows.
+
+    Measured on a thread of its own, with torch's thread count as the stage's forwards have it:
+    once the process's main thread has run a multi-threaded matmul, its OpenMP team slows every
+    later matmul on the stage loop's thread about 4x (measured: 143 against 35 us for 576x1536)."""
+    out: list[Tiling] = []
+
+    def probe_run():
+        use_torch_threads()
+        out.append(_invariant_tiling(weight, limit))
+
+    probe = threading.Thread(target=probe_run)
     probe.start()
     probe.join()
     return out[0]
 
 
-def _invariant_tile(weight: torch.Tensor, limit: int) -> int:
+def _invariant_tiling(weight: torch.Tensor, limit: int) -> Tiling:
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(limit, weight.shape[1], generator=g).to(weight.dtype).to(weight.device)
-    first = F.linear(x[:2], weight)
-    for m in range(3, limit + 1):
-        out = F.linear(x[:m], weight)
-        last = F.linear(x[m - 2:m], weight)
-        if not (torch.equal(out[0], first[0]) and torch.equal(out[m - 1], last[1])):
-            return m - 1
-    return limit
+    x = torch.randn(2 * limit, weight.shape[1], generator=g).to(weight.dtype).to(weight.device)
+
+    def same(m: int, ref: torch.Tensor) -> bool:  # m rows, at two offsets, give the reference's rows
+        return all(torch.equal(F.linear(x[s:s + m], weight), ref[s:s + m]) for s in (0, 3))
+
+    ref = F.linear(x, weight)  # a batch's class: as many rows as a tile may have, and more
+    large = [m for m in range(1, limit + 1) if same(m, ref)]
+    if large and large[0] <= MAX_PAD and set(range(limit // 2, limit + 1)) <= set(large):
+        return Tiling(tuple(large))
+    pairs = torch.cat([F.linear(x[i:i + 2], weight) for i in range(0, 2 * limit, 2)])  # the class of 2 rows
+    sizes = []
+    for m in range(2, limit + 1):
+        if not same(m, pairs):
+            break
+        sizes.append(m)
+    return Tiling(tuple(sizes) or (1,))
 
 
 _calls = threading.local()
@@ -250,13 +297,13 @@ def call_rows(sizes: list[int]):
         _calls.sizes = None
 
 
-def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: int) -> torch.Tensor:
-    """F.linear so that each row's result is the one it gets alone (see invariant_tile): the rows
-    of small calls (at most `tile` rows each) together in tiles of 2 to `tile` rows (a lone row
-    padded to two), and a larger call (a prompt chunk) in a matmul of its own, the same shape
-    whatever else is in the batch. The calls are those of call_rows; without it, one call."""
+def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tiling: Tiling) -> torch.Tensor:
+    """F.linear so that each row's result is the one it gets alone (see invariant_tiling): the
+    rows of small calls (at most the largest tile each) together in tiles of the tiling's counts,
+    and a larger call (a prompt chunk) in a matmul of its own, the same shape whatever else is in
+    the batch. The calls are those of call_rows; without it, one call."""
     m = x.numel() // x.shape[-1]
-    if 2 <= m <= tile:  # a batch of small calls: the common case, kept lean
+    if m in tiling.sizes:  # a batch of small calls that is a tile already: the common case, kept lean
         return F.linear(x, weight, bias)
     sizes = getattr(_calls, "sizes", None)
     if not sizes or sum(sizes) != m:
@@ -264,29 +311,31 @@ def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     rows = x.reshape(m, x.shape[-1])
     out, small = [], []
     for call, n in zip(rows.split(sizes), sizes):
-        if n > tile:
-            out += _tiles(torch.cat(small), weight, bias, tile) if small else []
+        if n > tiling.sizes[-1]:
+            out += _tiles(torch.cat(small), weight, bias, tiling) if small else []
             out.append(F.linear(call, weight, bias))
             small = []
         else:
             small.append(call)
-    out += _tiles(torch.cat(small), weight, bias, tile) if small else []
+    out += _tiles(torch.cat(small), weight, bias, tiling) if small else []
     return torch.cat(out).reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _tiles(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: int) -> list[torch.Tensor]:
-    m = rows.shape[0]
-    if m == 1:
-        return [F.linear(torch.cat([rows, torch.zeros_like(rows)]), weight, bias)[:1]]
-    return [F.linear(t, weight, bias) for t in rows.tensor_split(-(-m // tile))]  # near-equal, >= 2 rows each
+def _tiles(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tiling: Tiling) -> list[torch.Tensor]:
+    out = []
+    for tile in rows.split(tiling.split(rows.shape[0])):
+        n = tile.shape[0]
+        pad = tiling.pad(n) - n
+        out.append(F.linear(torch.cat([tile, tile.new_zeros(pad, tile.shape[1])]) if pad else tile, weight, bias)[:n])
+    return out
 
 
 def batch_invariant(module: nn.Module) -> nn.Module:
-    """Every linear layer in `module` computes through tiled_linear, with the tile measured for
+    """Every linear layer in `module` computes through tiled_linear, with the tiling measured for
     its weight's shape (a layer with its own forward around the product, families.LMHead,
-    names it `matmul`). A layer done before keeps its tile: an exit head installed later
+    names it `matmul`). A layer done before keeps its tiling: an exit head installed later
     shares stage 1's LM head, and measuring that again would cost a stage step or more."""
-    tiles: dict[tuple, int] = {}
+    tilings: dict[tuple, Tiling] = {}
     for m in module.modules():
         if not (hasattr(m, "matmul") or type(m) is nn.Linear):
             continue
@@ -294,9 +343,9 @@ def batch_invariant(module: nn.Module) -> nn.Module:
         if getattr(m, "_invariant_for", None) == key:  # a copy of another shape is measured anew
             continue
         m._invariant_for = key
-        tile = tiles[key] = tiles.get(key) or invariant_tile(m.weight)
+        tiling = tilings[key] = tilings.get(key) or invariant_tiling(m.weight)
         if hasattr(m, "matmul"):
-            m.matmul = lambda x, w, b, tile=tile: tiled_linear(x, w, b, tile)
+            m.matmul = lambda x, w, b, tiling=tiling: tiled_linear(x, w, b, tiling)
         else:
-            m.forward = lambda x, m=m, tile=tile: tiled_linear(x, m.weight, m.bias, tile)
+            m.forward = lambda x, m=m, tiling=tiling: tiled_linear(x, m.weight, m.bias, tiling)
     return module

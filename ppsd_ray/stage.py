@@ -19,8 +19,8 @@ A stage step runs the ready calls of several sequences as one forward
 positions and its own sequence's KV cache (ppsd_ray.kv). One call alone takes the
 same path, so a sequence's tokens do not depend on what else is in the batch.
 That takes linears whose rows do not depend on the batch (kv.batch_invariant),
-which costs a lone decode token about 10% here (a 2-row kernel, not the 1-row
-one); a stage built with `batched=False` only ever holds one sequence and keeps
+which costs a lone decode token a padded matmul (2 or 4 rows, not the 1-row
+kernel); a stage built with `batched=False` only ever holds one sequence and keeps
 the model's own linears, as transformers computes them.
 
 KV caches (kv.KVManager) are per sequence id and always hold exactly the positions
@@ -52,7 +52,7 @@ import torch
 
 from .families import build_shard
 from .heads import ExitHead, load_exit_head
-from .kv import KVManager, PackedBatch, SeqKV, batch_invariant, call_rows, use_packed_attention
+from .kv import KVManager, PackedBatch, SeqKV, batch_invariant, call_rows, use_packed_attention, use_torch_threads
 from .protocol import Hop, Samples, StageReport, Verdict, Work
 from .sampling import propose, verify
 
@@ -166,6 +166,7 @@ class Stage:
         call the Hop for the next stage, the Verdict on the last one, or None when the call
         is stale (rolled back, released, or its input never came: skipped upstream): then
         nothing is computed for it, or what was computed is dropped."""
+        use_torch_threads()
         outs: list = [None] * len(calls)
         live = []
         with self._lock:

@@ -100,20 +100,31 @@ def test_batched_sampling_equals_sampling_alone_and_a_cancel_frees_its_slot(tiny
 
 
 def test_tiled_linear_gives_each_call_its_result_alone():
-    """Small calls share tiles of 2..tile rows, a call longer than the tile gets a matmul of its
-    own: either way each call's rows are bit for bit what the call gets alone."""
+    """Small calls share tiles of the measured row counts (a short tile padded), a call longer
+    than the largest tile gets a matmul of its own: either way each call's rows are bit for bit
+    what the call gets alone."""
     import torch
 
-    from ppsd_ray.kv import call_rows, invariant_tile, tiled_linear
+    from ppsd_ray.kv import call_rows, invariant_tiling, tiled_linear
 
     torch.manual_seed(0)
     weight = torch.randn(192, 64)
-    tile = invariant_tile(weight)
-    assert 2 <= tile < 5  # this shape changes its order early (as SmolLM2's 576x576 with two threads)
-    sizes = [1, 5, 2, 1, 1, 7, 3, 1]
+    tiling = invariant_tiling(weight, limit=8)
+    sizes = [1, 5, 2, 1, 1, 9, 3, 1, 1, 2]
     x = torch.randn(1, sum(sizes), 64)
     with call_rows(sizes):
-        together = tiled_linear(x, weight, None, tile).split(sizes, dim=1)
+        together = tiled_linear(x, weight, None, tiling).split(sizes, dim=1)
     for call, got in zip(x.split(sizes, dim=1), together):
         with call_rows([call.shape[1]]):
-            assert torch.equal(tiled_linear(call, weight, None, tile), got)
+            assert torch.equal(tiled_linear(call, weight, None, tiling), got)
+
+
+def test_tiling_pads_to_a_measured_count_and_splits_into_near_equal_tiles():
+    from ppsd_ray.kv import Tiling
+
+    large = Tiling((4, 8, *range(12, 33)))  # as measured with two threads on AMD EPYC
+    assert [large.pad(n) for n in (1, 4, 5, 9, 12, 32)] == [4, 4, 8, 12, 12, 32]
+    assert large.split(16) == [16] and large.split(40) == [20, 20] and large.split(65) == [22, 22, 21]
+    pairs = Tiling((2, 3))  # the class of 2 rows ends at 3 (576x576 with two threads on Intel)
+    assert pairs.pad(1) == 2 and pairs.split(5) == [3, 2] and pairs.split(7) == [3, 2, 2]
+    assert Tiling((1,)).split(3) == [1, 1, 1]
