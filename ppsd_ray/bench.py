@@ -139,7 +139,9 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[Prompt], max
         if s.kind == "pipeline":
             config = config_of(*key(s))
             plan = predict(config, s.mode)
-            predicted[s.name] = {"tokens_per_s": 1 / plan.token_s, "stage_step_ms": [1e3 * x for x in plan.stage_s]}
+            if s.mode != "eesd":  # the plan models ppsd, pp and ar (mode auto never picks eesd)
+                predicted[s.name] = {"tokens_per_s": 1 / plan.token_s,
+                                     "stage_step_ms": [1e3 * x for x in plan.stage_s]}
             if key(s) not in pipelines:
                 pipelines[key(s)] = Pipeline(config, plan=plan if s.mode == "auto" else None)
 

@@ -8,6 +8,10 @@ model (building the timed modules included), well under a second on the tiny
 test model. The result is cached as JSON
 under cache_dir()/calibration/, one file per (model fingerprint, device, threads,
 dtype); a later call measures only what the file lacks.
+
+For planning under load (plan.py, a config's `concurrency`), `batched` times a real
+Stage's step (ppsd_ray.stage: its batch-invariant tiles, packed attention, hops) over
+b decode calls of b sequences at once, for each b in ROWS, and the LM head over b rows.
 """
 from __future__ import annotations
 
@@ -25,11 +29,14 @@ from pydantic import BaseModel
 from .distill import frozen_parts
 from .heads import build_head
 from .model import cache_dir, model_fingerprint
+from .protocol import Hop, Work
+from .stage import Stage
 
 CONTEXT = 64          # cached positions a timed decode step attends over
 STACK = 4             # layers timed together (SmolLM2-135M: 4 x 14 MB, more than this CPU's 32 MB L3)
 BUDGET_S = 0.5        # per timed item: repeat for about this long, MIN_RUNS to MAX_RUNS times
 MIN_RUNS, MAX_RUNS = 5, 30
+ROWS = (1, 2, 4, 8, 16, 32)  # decode calls per stage step timed for planning under load
 
 
 class Calibration(BaseModel):
@@ -44,6 +51,16 @@ class Calibration(BaseModel):
     # layer_s with this many other processes doing the same work at once (stages sharing one box:
     # memory bandwidth, caches), divided by layer_s alone; by number of peers
     contention: dict[int, float] = {}
+    batched: dict[int, "BatchStep"] = {}  # a stage step of b decode calls at once, by b
+
+
+class BatchStep(BaseModel):
+    """Seconds of a batched stage step of b decode calls (b sequences, one token each)."""
+    layer_s: float    # one decoder layer
+    lm_head_s: float  # the LM head (final norm included) and verification of b rows
+
+
+Calibration.model_rebuild()
 
 
 def draft_key(kind: str, vocab_size: int | None) -> str:
@@ -69,19 +86,25 @@ def forget(model_dir: Path) -> None:
 
 
 def calibration(model_dir: Path, device: str, threads: int, dtype: str, draft_keys: set[str],
-                remeasure: bool = False, runs: int | None = None, peers: int = 0) -> Calibration:
+                remeasure: bool = False, runs: int | None = None, peers: int = 0,
+                batched: bool = False) -> Calibration:
     """The cached calibration, measuring first whatever it lacks of `draft_keys` (everything,
-    with `remeasure`) and, on a CPU, the slowdown with `peers` other stages busy beside it."""
+    with `remeasure`), on a CPU the slowdown with `peers` other stages busy beside it, and
+    with `batched` the stage steps of ROWS calls at once."""
     path = cache_file(model_fingerprint(model_dir), device, threads, dtype)
     cal = None if remeasure else _MEMO.get(path)
     if cal is None and path.is_file() and not remeasure:
         cal = Calibration.model_validate_json(path.read_text())
     peers = peers if device == "cpu" else 0  # GPU stages each own their device
-    if cal is None or not draft_keys <= cal.draft_s.keys() or (peers and peers not in cal.contention):
+    lacks_batched = batched and (cal is None or not set(ROWS) <= cal.batched.keys())
+    if (cal is None or not draft_keys <= cal.draft_s.keys() or (peers and peers not in cal.contention)
+            or lacks_batched):
         cal = measure(Path(model_dir), device, threads, dtype, draft_keys, cal, runs)
         if peers and peers not in cal.contention:
             cal = cal.model_copy(update={"contention": cal.contention | {peers: contention(model_dir, threads, dtype,
                                                                                          peers)}})
+        if lacks_batched:
+            cal = cal.model_copy(update={"batched": batched_steps(Path(model_dir), device, threads, dtype, runs)})
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.partial")
         tmp.write_text(cal.model_dump_json(indent=1))
@@ -191,6 +214,33 @@ def measure(model_dir: Path, device: str, threads: int, dtype: str, draft_keys: 
                 return head.draft(x, pos, cache)
             draft_s[key] = _median_s(draft, device, runs, layers)
     return known.model_copy(update={"draft_s": draft_s})
+
+
+@torch.inference_mode()
+def batched_steps(model_dir: Path, device: str, threads: int, dtype: str, runs: int | None = None) -> dict[int, BatchStep]:
+    """For each b in ROWS, the step of b decode calls (b sequences at CONTEXT cached positions)
+    through a real middle Stage of STACK layers, per layer; and the last stage's LM head and
+    verification over b rows: its step through one layer less the layer."""
+    num_layers = frozen_parts(model_dir)[2].num_hidden_layers
+    stack = min(STACK, num_layers)
+    with _threads(threads):
+        middle = Stage(model_dir, 0, stack, index=1, num_stages=3, dtype=dtype, device=device)
+        last = Stage(model_dir, num_layers - 1, num_layers, index=1, num_stages=2, dtype=dtype, device=device)
+        hidden = middle.config.hidden_size
+        for stage in (middle, last):
+            for i in range(max(ROWS)):
+                work = Work(f"s{i}", 0, 0, None, verify=0, prompt=True)
+                stage.forward_batch([(work, Hop(work, torch.randn(1, CONTEXT, hidden), []))])
+        out = {}
+        for b in ROWS:
+            calls = []
+            for i in range(b):
+                work = Work(f"s{i}", 0, CONTEXT, None)  # each step first drops what the one before cached
+                calls.append((work, Hop(work, torch.randn(1, 1, hidden, device=device), [])))
+            layer_s = _median_s(lambda: middle.forward_batch(calls), device, runs) / stack
+            last_s = _median_s(lambda: last.forward_batch(calls), device, runs)
+            out[b] = BatchStep(layer_s=layer_s, lm_head_s=max(0.0, last_s - layer_s))
+    return out
 
 
 def _median_s(fn, device: str, runs: int | None = None, before=None) -> float:

@@ -127,6 +127,10 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
                    help="sequences decoded at once, batched into one forward per stage step (default 32; 1 for "
                         "one prompt or --sequential: a stage that holds one sequence keeps the model's own "
                         "1-row linears, about 10%% faster alone than the batch-invariant ones)")
+    p.add_argument("--concurrency", type=int,
+                   help="how many sequences usually decode at once, for mode auto to plan for (default 1: one "
+                        "request's latency; for a --prompts-file run as one batch, its prompts, up to "
+                        "--max-num-seqs); a server that expects load: about its usual number of clients")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -146,17 +150,21 @@ def _exit_layer(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"not an integer or 'auto': {value!r}") from None
 
 
-def pipeline_config(args, mode: str = "auto", sequences: int = 32) -> PipelineConfig:
+def pipeline_config(args, mode: str = "auto", sequences: int = 32, concurrency: int = 1) -> PipelineConfig:
     """Validated before anything starts; a bad value is a UsageError naming the field. With mode
-    auto and no --stages, the plan chooses K. `sequences`: max_num_seqs unless --max-num-seqs."""
+    auto and no --stages, the plan chooses K. `sequences`: max_num_seqs unless --max-num-seqs;
+    `concurrency`: unless --concurrency (at most max_num_seqs)."""
     stages = args.stages
     if stages is None and mode != "auto":
         stages = 1 if mode == "ar" else _default_stages()
+    sequences = sequences if args.max_num_seqs is None else args.max_num_seqs
+    concurrency = args.concurrency or min(concurrency, sequences)
     try:
         return PipelineConfig(model_dir=args.model, exit_layer=args.exit_layer, head=args.head,
-                              transport=args.transport, max_num_seqs=sequences if args.max_num_seqs is None else args.max_num_seqs,
+                              transport=args.transport, max_num_seqs=sequences,
                               learn_drafts=getattr(args, "learn_drafts", False),
-                              **({"stages": stages} if stages is not None else {}))
+                              **({"stages": stages} if stages is not None else {}),
+                              **({"concurrency": concurrency} if concurrency > 1 else {}))
     except ValidationError as e:
         raise UsageError(describe(e)) from None
 
@@ -218,7 +226,7 @@ def _generate(args) -> int:
     except ValidationError as e:
         raise UsageError(describe(e)) from None
     batch = len(prompts) > 1 and not args.sequential  # one batch: every prompt's calls share the forwards
-    config = pipeline_config(args, args.mode, sequences=32 if batch else 1)
+    config = pipeline_config(args, args.mode, sequences=32 if batch else 1, concurrency=len(prompts) if batch else 1)
     if args.mode == "ar" and config.stages != 1:
         raise UsageError("stages: --mode ar runs on one stage")
     try:

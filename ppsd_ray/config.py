@@ -144,6 +144,9 @@ class PipelineConfig(BaseModel):
     window: int | None = Field(None, ge=1, description="ppsd: tokens in flight; default K")
     max_num_seqs: int = Field(32, ge=1, description="sequences decoded at once, their calls batched into one "
                                                     "forward per stage step; more requests wait their turn")
+    concurrency: int = Field(1, ge=1, description="how many sequences usually decode at once, for mode auto to "
+                                                  "plan for: 1, one request's latency; more, the throughput of "
+                                                  "that many together (ppsd_ray/plan.py); at most max_num_seqs")
     max_batch_tokens: int = Field(512, ge=1, description="most tokens one stage step computes (decode tokens, "
                                                          "drafts, prefill chunks of all sequences together)")
     draft_max_seqs: int | None = Field(2, ge=0, description="a ppsd request drafts only if it starts while at "
@@ -189,6 +192,9 @@ class PipelineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _fits_model(self) -> "PipelineConfig":
+        if self.concurrency > self.max_num_seqs:
+            raise _field_error("concurrency", f"{self.concurrency} sequences at once, but max_num_seqs "
+                                              f"{self.max_num_seqs} decode at once")
         layers = self.info.num_layers
         if self.stages > layers:
             raise _field_error("stages", f"{self.stages} stages for a {layers}-layer model")

@@ -14,21 +14,28 @@ for this model (its recorded validation acceptance, with its draft vocabulary if
 it has one) and 'lm' at every exit layer (LM_ACCEPTANCE). A head or exit layer
 given explicitly narrows the candidates. Not modelled: the hand-off between
 stages and each call's fixed cost, which every candidate pays alike.
+
+Under load (a config's `concurrency` above 1) the choice is by throughput: tokens/s of
+that many sequences decoding at once, from the calibrated cost of a batched stage step
+(calibrate.batched_steps) of as many calls as each stage runs at once: every sequence on
+one stage (ar), or the sequences in K batches going round the ring (pp, and ppsd above
+draft_max_seqs, where it does not draft; theory.batched_token_s).
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from .calibrate import Calibration, calibration, draft_key
+from .calibrate import BatchStep, Calibration, calibration, draft_key
 from .config import LEARNABLE_HEADS, Mode, PipelineConfig, check_exit_layer
 from .families import read_config_json
 from .heads import HeadMismatch, check_head_meta, read_head_meta, shipped_heads
 from .model import model_fingerprint
-from .theory import ppsd_token_s
+from .theory import batched_token_s, ppsd_token_s
 
 # The untrained 'lm' head's acceptance when nothing better is known: measured 0.048 - 0.088
 # at exits 8 - 15 of SmolLM2-135M-Instruct (docs/heads.md); models not trained for early
@@ -54,6 +61,8 @@ class Plan(BaseModel):
     stage_s: list[float] | None = None    # each stage's decode step,
     token_s: float | None = None          # seconds per token
     contention: float | None = None       # CPU stages on one box: the slowdown applied to the steps
+    concurrency: int = 1                  # sequences decoding at once the plan is for
+    load_tokens_per_s: float | None = None  # predicted, concurrency > 1: tokens/s of all of them together
     considered: list[str] = []            # mode auto: every option's predicted tokens/s
 
     @property
@@ -74,6 +83,8 @@ class Plan(BaseModel):
             out += f"; predicted stage steps {steps} ms, {1 / self.token_s:.1f} tokens/s"
         if self.contention:
             out += f" (stages together {self.contention:.2f}x slower than alone)"
+        if self.load_tokens_per_s is not None:
+            out += f"; {self.concurrency} sequences at once: {self.load_tokens_per_s:.1f} tokens/s in all"
         if self.considered:
             out += f"; considered (tokens/s): {', '.join(self.considered)}"
         return out
@@ -102,7 +113,9 @@ def choose(config: PipelineConfig) -> Plan:
     allows (one per GPU; on a CPU up to one stage per core, the threads shared out), the plan
     with the most tokens/s predicted from the calibration. An explicit `stages` is obeyed. On
     one CPU box the stages share its memory bandwidth, so a multi-stage prediction uses a
-    layer's step measured while K - 1 peer processes run the same steps (calibrate.contention)."""
+    layer's step measured while K - 1 peer processes run the same steps (calibrate.contention).
+    With config.concurrency above 1, the plan with the most tokens/s of that many sequences
+    together (ties: the first, so ppsd before pp, which it equals where it does not draft)."""
     if "stages" in config.model_fields_set:
         counts = [config.stages]
     else:
@@ -114,8 +127,10 @@ def choose(config: PipelineConfig) -> Plan:
     modes = {1: [Mode.ar]}
     options = [_plan(config, m, k, predict=True) for k in counts
                for m in modes.get(k, [Mode.ppsd] if config.learn_drafts else [Mode.ppsd, Mode.pp])]
-    best = min(options, key=lambda p: p.token_s)
-    considered = [f"{p.mode.value} K={p.stages} {1 / p.token_s:.1f}" for p in options]
+    def tokens_per_s(p: Plan) -> float:
+        return p.load_tokens_per_s if p.load_tokens_per_s is not None else 1 / p.token_s
+    best = max(options, key=tokens_per_s)
+    considered = [f"{p.mode.value} K={p.stages} {tokens_per_s(p):.1f}" for p in options]
     return best.model_copy(update={"considered": considered})
 
 
@@ -130,12 +145,12 @@ def _plan(config: PipelineConfig, mode: Mode, k: int, predict: bool = False) -> 
             return plan
         cal = calibration(config.model_dir, device, threads, dtype, set())
         step = layers * cal.layer_s + cal.lm_head_s
-        return plan.model_copy(update={"stage_s": [step], "token_s": step})
+        return _under_load(config, plan.model_copy(update={"stage_s": [step], "token_s": step}), None)
     drafts = mode in (Mode.ppsd, Mode.eesd)
     if drafts and "auto" in (config.exit_layer, config.head):
         best = fastest(config.model_dir, k, config.given_exit_layer, config.head, device, threads, dtype,
                        learnable=config.learn_drafts)
-        e, head = best.exit_layer, best.head
+        e, head, key = best.exit_layer, best.head, best.draft_key
         check_exit_layer(e, k, layers)  # a head file given with exit_layer 'auto' brings its own
         if head != "lm":
             try:
@@ -150,8 +165,9 @@ def _plan(config: PipelineConfig, mode: Mode, k: int, predict: bool = False) -> 
         plan = Plan(exit_layer=e, head=head, layer_ranges=split_layers(layers, k, e), **target)
         if predict:
             cand = candidates(config.model_dir, layers, k, e, head)[0]
+            key = cand.draft_key if drafts else None
             cal = calibration(config.model_dir, device, threads, dtype, {cand.draft_key})
-            steps = stage_times(cal, layers, k, e, cand.draft_key if drafts else None)
+            steps = stage_times(cal, layers, k, e, key)
             token_s = ppsd_token_s(cand.acceptance, steps) if mode == Mode.ppsd else sum(steps)
             plan = plan.model_copy(update={"acceptance": cand.acceptance if drafts else None, "stage_s": steps,
                                            "token_s": token_s})
@@ -159,7 +175,41 @@ def _plan(config: PipelineConfig, mode: Mode, k: int, predict: bool = False) -> 
         factor = calibration(config.model_dir, device, threads, dtype, set(), peers=k - 1).contention[k - 1]
         plan = plan.model_copy(update={"stage_s": [s * factor for s in plan.stage_s],
                                        "token_s": plan.token_s * factor, "contention": factor})
-    return plan
+    return _under_load(config, plan, key) if predict else plan
+
+
+def _under_load(config: PipelineConfig, plan: Plan, key: str | None) -> Plan:
+    """`plan` with its tokens/s at config.concurrency sequences at once (concurrency 1: as it is).
+    Each stage runs a batch of its share of the sequences per step (all of them on one stage;
+    in ppsd, while it drafts, one call of each sequence), at the cost calibrated for that many
+    calls, with the same slowdown of stages on one box as alone. eesd: not predicted."""
+    c = config.concurrency
+    if c == 1 or plan.mode == Mode.eesd:
+        return plan
+    cal = calibration(config.model_dir, plan.device, plan.threads, plan.dtype, {key} if key else set(),
+                      batched=True)
+    drafting = plan.mode == Mode.ppsd and (config.draft_max_seqs is None or c <= config.draft_max_seqs)
+    rows = c if drafting else math.ceil(c / min(c, plan.stages))
+    step = at_rows(cal.batched, rows)
+    steps = [(b - a) * step.layer_s for a, b in plan.layer_ranges]
+    steps[-1] += step.lm_head_s
+    if drafting:  # an exit head's draft scales with its rows as the LM head does (it ends in it)
+        steps[0] += cal.draft_s[key] * step.lm_head_s / cal.batched[1].lm_head_s
+    steps = [s * (plan.contention or 1.0) for s in steps]
+    token_s = ppsd_token_s(plan.acceptance, steps) / c if drafting else batched_token_s(steps, c)
+    return plan.model_copy(update={"concurrency": c, "load_tokens_per_s": 1 / token_s})
+
+
+def at_rows(steps: dict[int, BatchStep], rows: int) -> BatchStep:
+    """The calibrated batched step at `rows` calls: linear between the row counts measured,
+    and beyond the largest along the line through the two largest."""
+    known = sorted(steps)
+    hi = next((b for b in known if b >= rows), known[-1])
+    lo = max([b for b in known if b < hi] or [hi])
+    if lo == hi:
+        return steps[hi]
+    t = (rows - lo) / (hi - lo)
+    return BatchStep(**{f: (1 - t) * getattr(steps[lo], f) + t * getattr(steps[hi], f) for f in BatchStep.model_fields})
 
 
 def split_layers(num_layers: int, stages: int, exit_layer: int) -> list[tuple[int, int]]:
@@ -202,6 +252,7 @@ class Choice(BaseModel):
     """The fastest candidate, with its predicted stage steps and time per token."""
     exit_layer: int
     head: str
+    draft_key: str
     acceptance: float
     stage_s: list[float]
     token_s: float
@@ -264,6 +315,6 @@ def fastest(model_dir: Path, stages: int, exit_layer: int | None, head: str, dev
         steps = stage_times(cal, num_layers, stages, c.exit_layer, c.draft_key)
         token_s = ppsd_token_s(c.acceptance, steps)
         if best is None or token_s < best.token_s:
-            best = Choice(exit_layer=c.exit_layer, head=c.head, acceptance=c.acceptance, stage_s=steps,
-                          token_s=token_s, device=device, threads=threads)
+            best = Choice(exit_layer=c.exit_layer, head=c.head, draft_key=c.draft_key, acceptance=c.acceptance,
+                          stage_s=steps, token_s=token_s, device=device, threads=threads)
     return best

@@ -44,7 +44,8 @@ def write_markdown(path: Path, result: dict, summary: dict, projections: list[di
         "- plan predicts: the decode tokens/s ppsd_ray/plan.py predicts for the system from a calibration "
         "measured at the start of this run (what `--mode auto` chooses by), and its error against the measured "
         "decode rate (tokens after the first over the time after the prefill, median); its predicted stage "
-        "steps are beside the measured ones below.",
+        "steps are beside the measured ones below. eesd is not predicted: its verification runs gamma + 1 rows, "
+        "which the plan does not model, and mode auto never picks it.",
         "- ideal: the PPSD formula K / (a + (1 - a) K) at the measured acceptance a (eesd rows: the EESD formula "
         "with gamma and e = E / L); efficiency = measured speedup over pp on the same K stages / ideal.",
         "",
@@ -163,14 +164,16 @@ def _load_sweep(sweep: dict) -> list[str]:
              "turn. Our systems: one streaming request per client through the Python driver, all at once (the "
              "stages batch their calls); 1 client: each prompt alone, one after another, which is also the "
              "reference every answer under load must equal. default: PipelineConfig's defaults with mode auto "
-             "(the plan's mode and K; ppsd drafts only while at most draft_max_seqs sequences decode). "
+             "and concurrency set to the number of clients (the plan's mode and K for that many; ppsd drafts "
+             "only while at most draft_max_seqs sequences decode). "
              "hf-generate_batch / hf-generate: transformers' continuous batching and its padded batched `generate` "
              "of the same prompts in one call (1 client: each prompt alone). TTFT is measured for streaming "
-             "clients only.", "",
-             "| system | clients | tokens/s (all) | TTFT p50 / p99 s | inter-token p50 ms | identical to alone "
-             "| errors | acceptance | note |", "|---|---|---|---|---|---|---|---|---|"]
+             "clients only. predicted: the plan's tokens/s for that many clients (ppsd_ray/plan.py).", "",
+             "| system | clients | tokens/s (all) | predicted | TTFT p50 / p99 s | inter-token p50 ms "
+             "| identical to alone | errors | acceptance | note |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in load_sweep_rows(sweep):
-        lines.append(f"| {r['system']} | {r['clients']} | {r['tokens_per_s']:.1f} | {_f(r['ttft_p50'])} / "
+        lines.append(f"| {r['system']} | {r['clients']} | {r['tokens_per_s']:.1f} | {_f(r['predicted'], '{:.1f}')} | "
+                     f"{_f(r['ttft_p50'])} / "
                      f"{_f(r['ttft_p99'])} | {_f(r['itl_p50'] and 1e3 * r['itl_p50'], '{:.0f}')} | {r['identical']} | "
                      f"{r['errors']} | {_f(r['acceptance'])} | {r['note']} |")
     return lines
@@ -269,7 +272,8 @@ def load_sweep_rows(sweep: dict) -> list[dict]:
                      "ttft_p50": _p(r["ttft_s"], 0.5), "ttft_p99": _p(r["ttft_s"], 0.99),
                      "itl_p50": statistics.median(r["itl_s"]) if r["itl_s"] else None,
                      "identical": f"{r['identical']}/{r['compared']}" if r["compared"] else "",
-                     "errors": len(r["errors"]), "acceptance": r["acceptance"], "note": r["note"]})
+                     "errors": len(r["errors"]), "acceptance": r["acceptance"], "predicted": r.get("predicted"),
+                     "note": r["note"]})
     return rows
 
 

@@ -22,6 +22,7 @@ from actors.pipeline import Pipeline
 
 from .bench import machine_info
 from .config import GenerationConfig, PipelineConfig
+from .plan import Plan, predict
 
 
 @dataclass
@@ -37,6 +38,7 @@ class LevelResult:
     compared: int = 0
     errors: list[str] = field(default_factory=list)
     acceptance: float | None = None
+    predicted: float | None = None  # our systems: the plan's tokens/s for this many clients
     note: str = ""
 
     @property
@@ -108,10 +110,11 @@ class HFBatched:
 def run_sweep(model_dir: Path, levels: list[int], prompts: list[list[int]], max_new_tokens: int,
               exit_layer: int, head: str = "auto", progress: bool = True) -> dict:
     """Systems: ppsd-K2 (drafting at every load), pp-K2, ar (batched pipelines), default (what
-    PipelineConfig's defaults and mode auto give: the plan's mode and K, drafting only while
-    at most draft_max_seqs decode), and transformers' hf-generate_batch and hf-generate (the
-    padded batch; 1 client: each prompt alone). `prompts`: the distinct prompts; a level of c
-    clients sends prompts[i % len(prompts)] for i < c."""
+    PipelineConfig's defaults and mode auto give when told the concurrency: the plan's mode
+    and K for that many clients, drafting only while at most draft_max_seqs decode; built anew
+    per level), and transformers' hf-generate_batch and hf-generate (the padded batch; 1
+    client: each prompt alone). `prompts`: the distinct prompts; a level of c clients sends
+    prompts[i % len(prompts)] for i < c. Each of our systems has its predicted tokens/s beside."""
     started = not ray.is_initialized()
     if started:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -121,6 +124,10 @@ def run_sweep(model_dir: Path, levels: list[int], prompts: list[list[int]], max_
     k1 = Pipeline(PipelineConfig(model_dir=model_dir, stages=1, cpus_per_stage=0.01, max_num_seqs=top))
     default = Pipeline(PipelineConfig(model_dir=model_dir, cpus_per_stage=0.01, max_num_seqs=top))
     systems = {"ppsd-K2": (k2, "ppsd"), "pp-K2": (k2, "pp"), "ar": (k1, "ar"), "default": (default, "auto")}
+
+    def predicted(name: str, clients: int) -> Plan:
+        pipe, mode = systems[name]
+        return predict(pipe.config.model_copy(update={"concurrency": clients}), mode)
     hf = HFBatched(model_dir)
     results: list[LevelResult] = []
     alone: dict[str, list[list[int]]] = {}
@@ -133,6 +140,11 @@ def run_sweep(model_dir: Path, levels: list[int], prompts: list[list[int]], max_
         hf.generate(prompts[:2], 4)
         for li, clients in enumerate(sorted(levels)):
             batch = [prompts[i % len(prompts)] for i in range(clients)]
+            default.shutdown()  # the default for this many clients
+            default = Pipeline(PipelineConfig(model_dir=model_dir, cpus_per_stage=0.01, max_num_seqs=top,
+                                              concurrency=clients))
+            systems["default"] = (default, "auto")
+            default.generate(prompts[0], GenerationConfig(max_new_tokens=4))
             for name in names[li % len(names):] + names[:li % len(names)]:
                 r = LevelResult(name, clients)
                 if name.startswith("hf-"):
@@ -171,6 +183,8 @@ def run_sweep(model_dir: Path, levels: list[int], prompts: list[list[int]], max_
                         if clients > 1 and name in alone:
                             r.compared += 1
                             r.identical += rec["tokens"] == alone[name][i % len(prompts)]
+                    plan = pipe.plan if name == "default" else predicted(name, clients)
+                    r.predicted = plan.load_tokens_per_s or 1 / plan.token_s
                     if name == "default":
                         r.note = f"{pipe.plan.mode.value} on {pipe.plan.stages} stage(s)"
                     drafted = sum(rec.get("stats", {}).get("drafted", 0) for rec in recs)

@@ -39,3 +39,13 @@ def eesd_speedup(alpha: float, gamma: int, exit_fraction: float) -> float:
 def efficiency(measured_speedup: float, alpha: float, stages: int) -> float:
     """Measured speedup over the ideal PPSD speedup at the measured acceptance."""
     return measured_speedup / ppsd_speedup(alpha, stages)
+
+
+def batched_token_s(stage_s: Sequence[float], sequences: int) -> float:
+    """Seconds per token of `sequences` decoded together without drafts (ar, pp) on K stages,
+    each step `stage_s` running one batch of ceil(sequences / min(sequences, K)) calls: the
+    sequences go round the ring in min(sequences, K) batches, and a batch's round trip is
+    the pipe's latency, or longer when the slowest stage has more than one batch to run per
+    round. One stage: a step per token of every sequence."""
+    groups = min(sequences, len(stage_s))
+    return max(sum(stage_s), groups * max(stage_s)) / sequences

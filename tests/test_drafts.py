@@ -4,6 +4,7 @@ vocabulary, and `exit_layer='auto'` (calibration, its cache, the choice)."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shlex
 
@@ -22,7 +23,7 @@ from ppsd_ray.protocol import Hop
 from ppsd_ray.schedule import Decoder, RequestStats
 from ppsd_ray.stage import Stage
 from ppsd_ray.transport import LocalPipe
-from ppsd_ray.theory import ppsd_speedup, ppsd_token_s
+from ppsd_ray.theory import batched_token_s, ppsd_speedup, ppsd_token_s
 from ppsd_ray.simulate import Timing, simulate
 from ppsd_ray.vocab import choose_vocab, read_vocab
 
@@ -275,6 +276,49 @@ def test_token_time_for_unbalanced_stages():
             assert sim.decode_s / 4000 == pytest.approx(ppsd_token_s(0.6, steps, hop), rel=0.05)
     # a heavy stage 1 is worse than a heavy last stage: a rejection waits for its stale draft
     assert ppsd_token_s(0.0, [5.0, 3.0]) == 10.0 and ppsd_token_s(0.0, [3.0, 5.0]) == 8.0
+
+
+def test_batched_token_time_fills_the_ring_with_batches():
+    assert batched_token_s([8.0], 16) == 0.5                  # one stage: a step per token of every sequence
+    assert batched_token_s([3.0, 5.0], 1) == 8.0              # one sequence: the pipe's latency
+    assert batched_token_s([3.0, 5.0], 16) == 10.0 / 16       # two batches: the slow stage runs both per round
+    assert batched_token_s([4.0, 4.0, 4.0], 2) == 12.0 / 2    # fewer batches than stages: the latency
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one stage and two stages get different thread counts")
+def test_mode_auto_under_load_plans_for_the_throughput_of_its_concurrency(tiny_model_dir, cache):
+    """A calibration in which two stages are slower than one alone, but one stage's batched step
+    grows steeply with its rows: one request plans ar, 16 at once plan two stages, by the
+    batched steps (theory.batched_token_s), and the plan says so."""
+    fp = model_fingerprint(tiny_model_dir)
+    cores = os.cpu_count()
+    for t in range(1, cores + 1):  # all cores: one stage; fewer: a stage of several (flat batches)
+        steep = t == cores
+        batched = {b: calibrate.BatchStep(layer_s=(1.0 + 0.2 * b) if steep else 1.5 + 0.01 * b,
+                                          lm_head_s=(2.0 + 0.2 * b) if steep else 3.0 + 0.01 * b)
+                   for b in calibrate.ROWS}
+        path = calibrate.cache_file(fp, "cpu", t, "float32")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(calibrate.Calibration(
+            model_fingerprint=fp, device="cpu", threads=t, dtype="float32", layer_s=1.0 if steep else 1.5,
+            lm_head_s=2.0 if steep else 3.0, draft_s={"lm": 1.0}, contention={k: 1.0 for k in range(1, 4)},
+            batched=batched).model_dump_json())
+    calibrate._MEMO.clear()
+
+    alone = plan.resolve(PipelineConfig(model_dir=tiny_model_dir), "auto")
+    assert (alone.mode.value, alone.stages, alone.load_tokens_per_s) == ("ar", 1, None)
+    loaded = plan.resolve(PipelineConfig(model_dir=tiny_model_dir, concurrency=16), "auto")
+    assert loaded.stages >= 2 and loaded.mode.value == "ppsd"  # above draft_max_seqs ppsd runs as pp: a tie
+    options = {c.rsplit(" ", 1)[0]: float(c.rsplit(" ", 1)[1]) for c in loaded.considered}
+    assert options["ar K=1"] == pytest.approx(16 / (8 * 4.2 + 5.2), abs=0.05)  # every sequence on one stage
+    assert "16 sequences at once" in loaded.describe()
+    two = plan.predict(PipelineConfig(model_dir=tiny_model_dir, stages=2, exit_layer=4, concurrency=16), "pp")
+    steps = [4 * 1.58, 4 * 1.58 + 3.08]  # 8 rows per stage: the sequences in two batches
+    assert two.load_tokens_per_s == pytest.approx(1 / batched_token_s(steps, 16))
+    at_12 = plan.at_rows(calibrate.Calibration.model_validate_json(path.read_text()).batched, 12)
+    assert at_12.layer_s == pytest.approx(1.0 + 0.2 * 12)  # between measured row counts: linear
+    with pytest.raises(ValidationError, match="concurrency"):
+        PipelineConfig(model_dir=tiny_model_dir, concurrency=64, max_num_seqs=32)
 
 
 def test_shipped_heads_are_small_and_carry_a_recorded_vocabulary():
