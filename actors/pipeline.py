@@ -104,7 +104,7 @@ class Pipeline:
         if pg is None and gpus:  # one bundle per stage, reserved together
             self._pg, first_bundle = placement_group([{"GPU": 1, "CPU": 1}] * k, strategy="PACK"), 0
             ray.get(self._pg.ready(), timeout=600)
-        threads = config.threads_per_stage or max(1, int(ray.cluster_resources().get("CPU", 1)) // k)
+        threads = self.plan.threads  # CPU stages: as planned (mode auto may choose fewer than all the cores)
         for i, (start, stop) in enumerate(self.plan.layer_ranges):
             if self._pg:
                 bundle = self._pg.bundle_specs[first_bundle + i]

@@ -15,8 +15,9 @@ it has one) and 'lm' at every exit layer (LM_ACCEPTANCE). A head or exit layer
 given explicitly narrows the candidates. Not modelled: the hand-off between
 stages and each call's fixed cost, which every candidate pays alike.
 
-Under load (a config's `concurrency` above 1) the choice is by throughput: tokens/s of
-that many sequences decoding at once, from the calibrated cost of a batched stage step
+Stages that batch (max_num_seqs above 1) are predicted from the calibrated cost of a
+batched stage step, and with a config's `concurrency` above 1 the choice is by throughput:
+tokens/s of that many sequences decoding at once, from the cost of a batched stage step
 (calibrate.batched_steps) of as many calls as each stage runs at once: every sequence on
 one stage (ar), or the sequences in K batches going round the ring (pp, and ppsd above
 draft_max_seqs, where it does not draft; theory.batched_token_s).
@@ -62,7 +63,8 @@ class Plan(BaseModel):
     token_s: float | None = None          # seconds per token
     contention: float | None = None       # CPU stages on one box: the slowdown applied to the steps
     concurrency: int = 1                  # sequences decoding at once the plan is for
-    load_tokens_per_s: float | None = None  # predicted, concurrency > 1: tokens/s of all of them together
+    batched_tokens_per_s: float | None = None  # predicted for batched stages (max_num_seqs > 1):
+                                               # tokens/s of `concurrency` sequences together
     considered: list[str] = []            # mode auto: every option's predicted tokens/s
 
     @property
@@ -83,10 +85,11 @@ class Plan(BaseModel):
             out += f"; predicted stage steps {steps} ms, {1 / self.token_s:.1f} tokens/s"
         if self.contention:
             out += f" (stages together {self.contention:.2f}x slower than alone)"
-        if self.load_tokens_per_s is not None:
-            out += f"; {self.concurrency} sequences at once: {self.load_tokens_per_s:.1f} tokens/s in all"
+        if self.batched_tokens_per_s is not None:
+            n = self.concurrency
+            out += f"; batched, {n} sequence{'s' if n > 1 else ''} at once: {self.batched_tokens_per_s:.1f} tokens/s"
         if self.considered:
-            out += f"; considered (tokens/s): {', '.join(self.considered)}"
+            out += f"; considered (t: threads per stage; tokens/s): {', '.join(self.considered)}"
         return out
 
 
@@ -109,9 +112,11 @@ def predict(config: PipelineConfig, mode: Mode | str) -> Plan:
 
 
 def choose(config: PipelineConfig) -> Plan:
-    """mode auto: of ar on one stage with every thread, and ppsd and pp on each K the machine
-    allows (one per GPU; on a CPU up to one stage per core, the threads shared out), the plan
-    with the most tokens/s predicted from the calibration. An explicit `stages` is obeyed. On
+    """mode auto: of ar on one stage (on a CPU with every thread, half of them or one, unless
+    stages or threads are given: more threads are not always faster, measured on a 2-core AMD
+    EPYC), and ppsd and pp on each K
+    the machine allows (one per GPU; on a CPU up to one stage per core, the threads shared
+    out), the plan with the most tokens/s predicted from the calibration. An explicit `stages` is obeyed. On
     one CPU box the stages share its memory bandwidth, so a multi-stage prediction uses a
     layer's step measured while K - 1 peer processes run the same steps (calibrate.contention).
     With config.concurrency above 1, the plan with the most tokens/s of that many sequences
@@ -124,19 +129,26 @@ def choose(config: PipelineConfig) -> Plan:
         counts = sorted({1, *range(2, min(most, config.info.num_layers) + 1)})
     if config.learn_drafts:  # learning needs drafts
         counts = [k for k in counts if k > 1] or counts
-    modes = {1: [Mode.ar]}
-    options = [_plan(config, m, k, predict=True) for k in counts
-               for m in modes.get(k, [Mode.ppsd] if config.learn_drafts else [Mode.ppsd, Mode.pp])]
+    one_stage = [None]  # threads of a one-stage plan: as stage_target gives them (all, given stages 1)
+    cores = os.cpu_count() or 1
+    if (len(counts) > 1 and config.threads_per_stage is None
+            and stage_target(1, config.use_gpus, None, config.dtype)[0] == "cpu"):
+        one_stage = sorted({cores, max(1, cores // 2), 1}, reverse=True)
+    options = [_plan(config, Mode.ar, 1, predict=True, threads=t) for t in one_stage if 1 in counts]
+    options += [_plan(config, m, k, predict=True) for k in counts if k > 1
+                for m in ([Mode.ppsd] if config.learn_drafts else [Mode.ppsd, Mode.pp])]
+
     def tokens_per_s(p: Plan) -> float:
-        return p.load_tokens_per_s if p.load_tokens_per_s is not None else 1 / p.token_s
+        return p.batched_tokens_per_s if p.batched_tokens_per_s is not None else 1 / p.token_s
     best = max(options, key=tokens_per_s)
-    considered = [f"{p.mode.value} K={p.stages} {tokens_per_s(p):.1f}" for p in options]
+    considered = [f"{p.mode.value} K={p.stages} t={p.threads} {tokens_per_s(p):.1f}" for p in options]
     return best.model_copy(update={"considered": considered})
 
 
-def _plan(config: PipelineConfig, mode: Mode, k: int, predict: bool = False) -> Plan:
-    """`mode` on k stages; predicted figures when `predict` or when something was 'auto'."""
-    device, threads, dtype = stage_target(k, config.use_gpus, config.threads_per_stage, config.dtype)
+def _plan(config: PipelineConfig, mode: Mode, k: int, predict: bool = False, threads: int | None = None) -> Plan:
+    """`mode` on k stages (CPU stages with `threads` each, if given); predicted figures when
+    `predict` or when something was 'auto'."""
+    device, threads, dtype = stage_target(k, config.use_gpus, threads or config.threads_per_stage, config.dtype)
     layers = config.info.num_layers
     target = dict(mode=mode, stages=k, device=device, threads=threads, dtype=dtype)
     if k == 1:
@@ -145,7 +157,7 @@ def _plan(config: PipelineConfig, mode: Mode, k: int, predict: bool = False) -> 
             return plan
         cal = calibration(config.model_dir, device, threads, dtype, set())
         step = layers * cal.layer_s + cal.lm_head_s
-        return _under_load(config, plan.model_copy(update={"stage_s": [step], "token_s": step}), None)
+        return _batched(config, plan.model_copy(update={"stage_s": [step], "token_s": step}), None)
     drafts = mode in (Mode.ppsd, Mode.eesd)
     if drafts and "auto" in (config.exit_layer, config.head):
         best = fastest(config.model_dir, k, config.given_exit_layer, config.head, device, threads, dtype,
@@ -175,16 +187,17 @@ def _plan(config: PipelineConfig, mode: Mode, k: int, predict: bool = False) -> 
         factor = calibration(config.model_dir, device, threads, dtype, set(), peers=k - 1).contention[k - 1]
         plan = plan.model_copy(update={"stage_s": [s * factor for s in plan.stage_s],
                                        "token_s": plan.token_s * factor, "contention": factor})
-    return _under_load(config, plan, key) if predict else plan
+    return _batched(config, plan, key) if predict else plan
 
 
-def _under_load(config: PipelineConfig, plan: Plan, key: str | None) -> Plan:
-    """`plan` with its tokens/s at config.concurrency sequences at once (concurrency 1: as it is).
+def _batched(config: PipelineConfig, plan: Plan, key: str | None) -> Plan:
+    """`plan` with its tokens/s at config.concurrency sequences at once on batched stages
+    (max_num_seqs > 1: a lone row pays a padded tile, kv.Tiling; max_num_seqs 1: as it is).
     Each stage runs a batch of its share of the sequences per step (all of them on one stage;
     in ppsd, while it drafts, one call of each sequence), at the cost calibrated for that many
     calls, with the same slowdown of stages on one box as alone. eesd: not predicted."""
     c = config.concurrency
-    if c == 1 or plan.mode == Mode.eesd:
+    if config.max_num_seqs == 1 or plan.mode == Mode.eesd:
         return plan
     cal = calibration(config.model_dir, plan.device, plan.threads, plan.dtype, {key} if key else set(),
                       batched=True)
@@ -194,10 +207,10 @@ def _under_load(config: PipelineConfig, plan: Plan, key: str | None) -> Plan:
     steps = [(b - a) * step.layer_s for a, b in plan.layer_ranges]
     steps[-1] += step.lm_head_s
     if drafting:  # an exit head's draft scales with its rows as the LM head does (it ends in it)
-        steps[0] += cal.draft_s[key] * step.lm_head_s / cal.batched[1].lm_head_s
+        steps[0] += cal.draft_s[key] * step.lm_head_s / cal.lm_head_s
     steps = [s * (plan.contention or 1.0) for s in steps]
     token_s = ppsd_token_s(plan.acceptance, steps) / c if drafting else batched_token_s(steps, c)
-    return plan.model_copy(update={"concurrency": c, "load_tokens_per_s": 1 / token_s})
+    return plan.model_copy(update={"concurrency": c, "batched_tokens_per_s": 1 / token_s})
 
 
 def at_rows(steps: dict[int, BatchStep], rows: int) -> BatchStep:
@@ -209,7 +222,8 @@ def at_rows(steps: dict[int, BatchStep], rows: int) -> BatchStep:
     if lo == hi:
         return steps[hi]
     t = (rows - lo) / (hi - lo)
-    return BatchStep(**{f: (1 - t) * getattr(steps[lo], f) + t * getattr(steps[hi], f) for f in BatchStep.model_fields})
+    return BatchStep(**{f: (1 - t) * getattr(steps[lo], f) + t * getattr(steps[hi], f)
+                        for f in BatchStep.model_fields})
 
 
 def split_layers(num_layers: int, stages: int, exit_layer: int) -> list[tuple[int, int]]:

@@ -168,12 +168,16 @@ def _load_sweep(sweep: dict) -> list[str]:
              "only while at most draft_max_seqs sequences decode). "
              "hf-generate_batch / hf-generate: transformers' continuous batching and its padded batched `generate` "
              "of the same prompts in one call (1 client: each prompt alone). TTFT is measured for streaming "
-             "clients only. predicted: the plan's tokens/s for that many clients (ppsd_ray/plan.py).", "",
-             "| system | clients | tokens/s (all) | predicted | TTFT p50 / p99 s | inter-token p50 ms "
-             "| identical to alone | errors | acceptance | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "clients only. decode: clients / the mean gap between a request's tokens (prefill excluded); "
+             "predicted: the plan's decode tokens/s for that many clients (ppsd_ray/plan.py), and its error "
+             "against decode.", "",
+             "| system | clients | tokens/s (all) | decode | predicted (error) | TTFT p50 / p99 s | inter-token p50 ms "
+             "| identical to alone | errors | acceptance | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in load_sweep_rows(sweep):
-        lines.append(f"| {r['system']} | {r['clients']} | {r['tokens_per_s']:.1f} | {_f(r['predicted'], '{:.1f}')} | "
-                     f"{_f(r['ttft_p50'])} / "
+        predicted = (f"{r['predicted']:.1f} ({100 * (r['predicted'] / r['decode'] - 1):+.0f}%)"
+                     if r["predicted"] and r["decode"] else "–")
+        lines.append(f"| {r['system']} | {r['clients']} | {r['tokens_per_s']:.1f} | {_f(r['decode'], '{:.1f}')} | "
+                     f"{predicted} | {_f(r['ttft_p50'])} / "
                      f"{_f(r['ttft_p99'])} | {_f(r['itl_p50'] and 1e3 * r['itl_p50'], '{:.0f}')} | {r['identical']} | "
                      f"{r['errors']} | {_f(r['acceptance'])} | {r['note']} |")
     return lines
@@ -271,6 +275,7 @@ def load_sweep_rows(sweep: dict) -> list[dict]:
         rows.append({"system": r["system"], "clients": r["clients"], "tokens_per_s": r["tokens_per_s"],
                      "ttft_p50": _p(r["ttft_s"], 0.5), "ttft_p99": _p(r["ttft_s"], 0.99),
                      "itl_p50": statistics.median(r["itl_s"]) if r["itl_s"] else None,
+                     "decode": r["clients"] / statistics.mean(r["itl_s"]) if r["itl_s"] else None,
                      "identical": f"{r['identical']}/{r['compared']}" if r["compared"] else "",
                      "errors": len(r["errors"]), "acceptance": r["acceptance"], "predicted": r.get("predicted"),
                      "note": r["note"]})

@@ -184,9 +184,9 @@ def run_sweep(model_dir: Path, levels: list[int], prompts: list[list[int]], max_
                             r.compared += 1
                             r.identical += rec["tokens"] == alone[name][i % len(prompts)]
                     plan = pipe.plan if name == "default" else predicted(name, clients)
-                    r.predicted = plan.load_tokens_per_s or 1 / plan.token_s
+                    r.predicted = plan.batched_tokens_per_s
                     if name == "default":
-                        r.note = f"{pipe.plan.mode.value} on {pipe.plan.stages} stage(s)"
+                        r.note = f"{pipe.plan.mode.value} on {pipe.plan.stages} stage(s), {pipe.plan.threads} thread(s)"
                     drafted = sum(rec.get("stats", {}).get("drafted", 0) for rec in recs)
                     if drafted:
                         r.acceptance = sum(rec["stats"]["accepted"] for rec in recs) / drafted

@@ -83,7 +83,7 @@ def test_restricted_logits_are_the_full_logits_columns(tiny_model_dir):
 
 def test_vocab_head_drafts_only_its_tokens_and_is_lossless(tiny_model_dir, vocab_head_file):
     config = PipelineConfig(model_dir=tiny_model_dir, stages=2, exit_layer=EXIT, head=str(vocab_head_file))
-    resolved = plan.resolve(config)
+    resolved = plan.resolve(config, "ppsd")
     stages = [Stage(tiny_model_dir, a, b, index=i, num_stages=2, head=resolved.head, exit_layer=EXIT)
               for i, (a, b) in enumerate(resolved.layer_ranges)]
     allowed = set(stages[0].exit_head.draft_vocab.tolist())
@@ -289,13 +289,14 @@ def test_batched_token_time_fills_the_ring_with_batches():
 def test_mode_auto_under_load_plans_for_the_throughput_of_its_concurrency(tiny_model_dir, cache):
     """A calibration in which two stages are slower than one alone, but one stage's batched step
     grows steeply with its rows: one request plans ar, 16 at once plan two stages, by the
-    batched steps (theory.batched_token_s), and the plan says so."""
+    batched steps (theory.batched_token_s), and the plan says so. Unbatched stages
+    (max_num_seqs 1) are predicted from the unbatched steps."""
     fp = model_fingerprint(tiny_model_dir)
     cores = os.cpu_count()
     for t in range(1, cores + 1):  # all cores: one stage; fewer: a stage of several (flat batches)
         steep = t == cores
-        batched = {b: calibrate.BatchStep(layer_s=(1.0 + 0.2 * b) if steep else 1.5 + 0.01 * b,
-                                          lm_head_s=(2.0 + 0.2 * b) if steep else 3.0 + 0.01 * b)
+        batched = {b: calibrate.BatchStep(layer_s=(1.0 + 0.2 * b) if steep else 1.5 + 0.1 * b,
+                                          lm_head_s=(2.0 + 0.2 * b) if steep else 3.0)
                    for b in calibrate.ROWS}
         path = calibrate.cache_file(fp, "cpu", t, "float32")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -306,15 +307,19 @@ def test_mode_auto_under_load_plans_for_the_throughput_of_its_concurrency(tiny_m
     calibrate._MEMO.clear()
 
     alone = plan.resolve(PipelineConfig(model_dir=tiny_model_dir), "auto")
-    assert (alone.mode.value, alone.stages, alone.load_tokens_per_s) == ("ar", 1, None)
+    assert (alone.mode.value, alone.stages, alone.threads) == ("ar", 1, cores)
+    assert alone.batched_tokens_per_s == pytest.approx(1 / (8 * 1.2 + 2.2))  # a lone row in a batched stage
     loaded = plan.resolve(PipelineConfig(model_dir=tiny_model_dir, concurrency=16), "auto")
     assert loaded.stages >= 2 and loaded.mode.value == "ppsd"  # above draft_max_seqs ppsd runs as pp: a tie
     options = {c.rsplit(" ", 1)[0]: float(c.rsplit(" ", 1)[1]) for c in loaded.considered}
-    assert options["ar K=1"] == pytest.approx(16 / (8 * 4.2 + 5.2), abs=0.05)  # every sequence on one stage
+    assert options[f"ar K=1 t={cores}"] == pytest.approx(16 / (8 * 4.2 + 5.2), abs=0.05)  # all on one stage
+    assert options["ar K=1 t=1"] == pytest.approx(16 / (8 * 3.1 + 3.0), abs=0.05)
     assert "16 sequences at once" in loaded.describe()
+    unbatched = plan.resolve(PipelineConfig(model_dir=tiny_model_dir, max_num_seqs=1), "auto")
+    assert unbatched.batched_tokens_per_s is None and unbatched.token_s == pytest.approx(8 * 1.0 + 2.0)
     two = plan.predict(PipelineConfig(model_dir=tiny_model_dir, stages=2, exit_layer=4, concurrency=16), "pp")
-    steps = [4 * 1.58, 4 * 1.58 + 3.08]  # 8 rows per stage: the sequences in two batches
-    assert two.load_tokens_per_s == pytest.approx(1 / batched_token_s(steps, 16))
+    steps = [4 * 2.3, 4 * 2.3 + 3.0]  # 8 rows per stage: the sequences in two batches
+    assert two.batched_tokens_per_s == pytest.approx(1 / batched_token_s(steps, 16))
     at_12 = plan.at_rows(calibrate.Calibration.model_validate_json(path.read_text()).batched, 12)
     assert at_12.layer_s == pytest.approx(1.0 + 0.2 * 12)  # between measured row counts: linear
     with pytest.raises(ValidationError, match="concurrency"):
@@ -345,13 +350,16 @@ def test_calibrate_command_measures_and_reports_the_choice(tiny_model_dir, cache
 
 
 def test_mode_auto_picks_the_fastest_predicted_plan_and_obeys_given_stages(tiny_model_dir, cache):
-    """auto weighs ar on one stage against ppsd and pp on K stages, each predicted from the
-    calibration (multi-stage CPU plans slowed by the measured contention), and takes the
-    fastest; given stages, it chooses only the mode."""
+    """auto weighs ar on one stage (every thread, half, one) against ppsd and pp on K stages,
+    each predicted from the calibration (multi-stage CPU plans slowed by the measured
+    contention), and takes the fastest; given stages, it chooses only the mode."""
     free = plan.resolve(PipelineConfig(model_dir=tiny_model_dir), "auto")
     assert free.predicted and len(free.considered) >= 3  # ar K=1, ppsd K=2, pp K=2 at least
     options = {c.rsplit(" ", 1)[0]: float(c.rsplit(" ", 1)[1]) for c in free.considered}
-    assert f"{free.mode.value} K={free.stages}" == max(options, key=options.get)
+    assert f"{free.mode.value} K={free.stages} t={free.threads}" == max(options, key=options.get)
+    cores = os.cpu_count() or 1
+    assert {f"ar K=1 t={t}" for t in (cores, 1)} <= options.keys()
     fixed = plan.resolve(PipelineConfig(model_dir=tiny_model_dir, stages=2), "auto")
     assert fixed.stages == 2 and fixed.mode.value in ("ppsd", "pp") and fixed.contention >= 1.0
-    assert {c.rsplit(" ", 1)[0] for c in fixed.considered} == {"ppsd K=2", "pp K=2"}
+    t = max(1, cores // 2)
+    assert {c.rsplit(" ", 1)[0] for c in fixed.considered} == {f"ppsd K=2 t={t}", f"pp K=2 t={t}"}
