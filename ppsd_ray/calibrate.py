@@ -226,17 +226,18 @@ def batched_steps(model_dir: Path, device: str, threads: int, dtype: str, runs: 
     with _threads(threads):
         middle = Stage(model_dir, 0, stack, index=1, num_stages=3, dtype=dtype, device=device)
         last = Stage(model_dir, num_layers - 1, num_layers, index=1, num_stages=2, dtype=dtype, device=device)
-        hidden = middle.config.hidden_size
+        hidden, torch_dtype = middle.config.hidden_size, getattr(torch, dtype)
         for stage in (middle, last):
             for i in range(max(ROWS)):
                 work = Work(f"s{i}", 0, 0, None, verify=0, prompt=True)
-                stage.forward_batch([(work, Hop(work, torch.randn(1, CONTEXT, hidden), []))])
+                prompt = torch.randn(1, CONTEXT, hidden, device=device, dtype=torch_dtype)
+                stage.forward_batch([(work, Hop(work, prompt, []))])
         out = {}
         for b in ROWS:
             calls = []
             for i in range(b):
                 work = Work(f"s{i}", 0, CONTEXT, None)  # each step first drops what the one before cached
-                calls.append((work, Hop(work, torch.randn(1, 1, hidden, device=device), [])))
+                calls.append((work, Hop(work, torch.randn(1, 1, hidden, device=device, dtype=torch_dtype), [])))
             layer_s = _median_s(lambda: middle.forward_batch(calls), device, runs) / stack
             last_s = _median_s(lambda: last.forward_batch(calls), device, runs)
             out[b] = BatchStep(layer_s=layer_s, lm_head_s=max(0.0, last_s - layer_s))

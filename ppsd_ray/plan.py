@@ -120,14 +120,16 @@ def choose(config: PipelineConfig) -> Plan:
     one CPU box the stages share its memory bandwidth, so a multi-stage prediction uses a
     layer's step measured while K - 1 peer processes run the same steps (calibrate.contention).
     With config.concurrency above 1, the plan with the most tokens/s of that many sequences
-    together (ties: the first, so ppsd before pp, which it equals where it does not draft)."""
+    together (ties: the first, so ppsd before pp, which it equals where it does not draft).
+    Drafts are wanted (ppsd only, on 2 stages or more) when learning them or when a head is given."""
     if "stages" in config.model_fields_set:
         counts = [config.stages]
     else:
         gpus = config.use_gpus if config.use_gpus is not None else torch.cuda.device_count() >= 2
         most = torch.cuda.device_count() if gpus else min(os.cpu_count() or 1, MAX_CPU_STAGES)
         counts = sorted({1, *range(2, min(most, config.info.num_layers) + 1)})
-    if config.learn_drafts:  # learning needs drafts
+    drafts = config.learn_drafts or config.head != "auto"  # learning needs drafts; a head given is to be used
+    if drafts:
         counts = [k for k in counts if k > 1] or counts
     one_stage = [None]  # threads of a one-stage plan: as stage_target gives them (all, given stages 1)
     cores = os.cpu_count() or 1
@@ -136,7 +138,7 @@ def choose(config: PipelineConfig) -> Plan:
         one_stage = sorted({cores, max(1, cores // 2), 1}, reverse=True)
     options = [_plan(config, Mode.ar, 1, predict=True, threads=t) for t in one_stage if 1 in counts]
     options += [_plan(config, m, k, predict=True) for k in counts if k > 1
-                for m in ([Mode.ppsd] if config.learn_drafts else [Mode.ppsd, Mode.pp])]
+                for m in ([Mode.ppsd] if drafts else [Mode.ppsd, Mode.pp])]
 
     def tokens_per_s(p: Plan) -> float:
         return p.batched_tokens_per_s if p.batched_tokens_per_s is not None else 1 / p.token_s

@@ -27,8 +27,8 @@ def server(ray_cluster, tiny_model_dir):
 
     port, = free_ports(1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"pipeline": {"model_dir": str(tiny_model_dir), "stages": 2}, "model_name": MODEL,
-                         "max_tokens_limit": LIMIT, "max_ongoing_requests": 4}),
+    serve.run(build_app({"pipeline": {"model_dir": str(tiny_model_dir), "stages": 2}, "mode": "ppsd",
+                         "model_name": MODEL, "max_tokens_limit": LIMIT, "max_ongoing_requests": 4}),
               name="ppsd", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
