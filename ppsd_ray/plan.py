@@ -118,7 +118,8 @@ def choose(config: PipelineConfig) -> Plan:
     the machine allows (one per GPU; on a CPU up to one stage per core, the threads shared
     out), the plan with the most tokens/s predicted from the calibration. An explicit `stages` is obeyed. On
     one CPU box the stages share its memory bandwidth, so a multi-stage prediction uses a
-    layer's step measured while K - 1 peer processes run the same steps (calibrate.contention).
+    layer's step measured while K - 1 peer processes run the same steps (calibrate.contention),
+    at most as many as the cores hold beside it.
     With config.concurrency above 1, the plan with the most tokens/s of that many sequences
     together (ties: the first, so ppsd before pp, which it equals where it does not draft).
     Drafts are wanted (ppsd only, on 2 stages or more) when learning them or when a head is given."""
@@ -186,7 +187,10 @@ def _plan(config: PipelineConfig, mode: Mode, k: int, predict: bool = False, thr
             plan = plan.model_copy(update={"acceptance": cand.acceptance if drafts else None, "stage_s": steps,
                                            "token_s": token_s})
     if predict and device == "cpu":  # stages on one box slow each other down
-        factor = calibration(config.model_dir, device, threads, dtype, set(), peers=k - 1).contention[k - 1]
+        # only as many run at once as the cores hold (K=3 on 2 cores, AMD EPYC: 1.3-1.6x slower in the
+        # pipeline than alone, where three processes busy at once measure 2.7x)
+        peers = min(k, max(1, (os.cpu_count() or 1) // threads)) - 1
+        factor = calibration(config.model_dir, device, threads, dtype, set(), peers=peers).contention.get(peers, 1.0)
         plan = plan.model_copy(update={"stage_s": [s * factor for s in plan.stage_s],
                                        "token_s": plan.token_s * factor, "contention": factor})
     return _batched(config, plan, key) if predict else plan
