@@ -3,9 +3,9 @@
 `calibration` times, on the device, dtype and thread count the stages will use,
 one decode step (a single new token over a KV cache of CONTEXT positions) of one
 decoder layer, of the full LM head (final norm, LM head, argmax), and of each
-exit head kind's draft (with its draft vocabulary size). About 5 s on the real
-model (building the timed modules included), well under a second on the tiny
-test model. The result is cached as JSON
+exit head kind's draft (with its draft vocabulary size). 10-40 s per thread count
+on the real model (building the timed modules and, on a CPU, the stages-together
+slowdown included), a second or two on the tiny test model. The result is cached as JSON
 under cache_dir()/calibration/, one file per (model fingerprint, device, threads,
 dtype); a later call measures only what the file lacks.
 
@@ -33,7 +33,7 @@ from .protocol import Hop, Work
 from .stage import Stage
 
 CONTEXT = 64          # cached positions a timed decode step attends over
-STACK = 4             # layers timed together (SmolLM2-135M: 4 x 14 MB, more than this CPU's 32 MB L3)
+VERSION = 2           # in the cache file's name: 2 times every layer of the model, not 4 of them
 BUDGET_S = 0.5        # per timed item: repeat for about this long, MIN_RUNS to MAX_RUNS times
 MIN_RUNS, MAX_RUNS = 5, 30
 ROWS = (1, 2, 4, 8, 16, 32)  # decode calls per stage step timed for planning under load
@@ -73,7 +73,7 @@ _MEMO: dict[Path, Calibration] = {}
 
 
 def cache_file(fingerprint: str, device: str, threads: int, dtype: str) -> Path:
-    return cache_dir() / "calibration" / f"{fingerprint}-{device}-{threads}t-{dtype}.json"
+    return cache_dir() / "calibration" / f"{fingerprint}-{device}-{threads}t-{dtype}-v{VERSION}.json"
 
 
 def forget(model_dir: Path) -> None:
@@ -114,20 +114,23 @@ def calibration(model_dir: Path, device: str, threads: int, dtype: str, draft_ke
 
 
 def contention(model_dir: Path, threads: int, dtype: str, peers: int) -> float:
-    """A layer step's time while `peers` other processes run the same steps on this CPU, over
-    its time alone: what stages on one box cost each other (shared memory bandwidth and
-    caches, the OS's scheduling), which a calibration alone does not see. The peers are plain
-    subprocesses (`python -m ppsd_ray.calibrate busy ...`), never a re-run of the caller's script."""
-    cmd = [sys.executable, "-m", "ppsd_ray.calibrate", "busy", str(model_dir), str(threads), dtype]
+    """A layer step's time in one of peers + 1 stages sharing this CPU, over its time in the
+    whole model alone: what stages on one box cost each other (shared memory bandwidth and
+    caches, the OS's scheduling), which a calibration alone does not see. Each process runs
+    its share of the layers, as the stages do. The peers are plain subprocesses
+    (`python -m ppsd_ray.calibrate busy ...`), never a re-run of the caller's script."""
+    num_layers = frozen_parts(model_dir)[2].num_hidden_layers
+    share = -(-num_layers // (peers + 1))
+    cmd = [sys.executable, "-m", "ppsd_ray.calibrate", "busy", str(model_dir), str(threads), dtype, str(share)]
     with _threads(threads), torch.inference_mode():
-        layers = _layer_stack(Path(model_dir), "cpu", dtype)
-        alone = _median_s(layers, "cpu", MAX_RUNS)
+        alone = _median_s(_layer_stack(Path(model_dir), "cpu", dtype), "cpu", MAX_RUNS) / num_layers
+        layers = _layer_stack(Path(model_dir), "cpu", dtype, share)
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL) for _ in range(peers)]
         try:
             for p in procs:
                 if p.stdout.readline().strip() != b"ready":
                     raise RuntimeError(f"calibration peer exited with {p.wait()}")
-            together = _median_s(layers, "cpu", MAX_RUNS)
+            together = _median_s(layers, "cpu", MAX_RUNS) / share
         finally:
             for p in procs:
                 p.kill()
@@ -135,24 +138,25 @@ def contention(model_dir: Path, threads: int, dtype: str, peers: int) -> float:
     return max(1.0, together / alone)
 
 
-def _busy(model_dir: str, threads: int, dtype: str) -> None:
-    """A peer stage: decode steps of a layer stack until killed."""
+def _busy(model_dir: str, threads: int, dtype: str, num_layers: int) -> None:
+    """A peer stage: decode steps of `num_layers` layers until killed."""
     with _threads(threads), torch.inference_mode():
-        layers = _layer_stack(Path(model_dir), "cpu", dtype)
+        layers = _layer_stack(Path(model_dir), "cpu", dtype, num_layers)
         layers()
         print("ready", flush=True)
         while True:
             layers()
 
 
-def _layer_stack(model_dir: Path, device: str, dtype: str):
-    """A decode step through STACK one-layer models over CONTEXT cached positions."""
+def _layer_stack(model_dir: Path, device: str, dtype: str, num_layers: int | None = None):
+    """A decode step through `num_layers` (default: as many as the model has) one-layer
+    models over CONTEXT cached positions."""
     norm, lm_head, config = frozen_parts(model_dir)
     lm_head = lm_head.to(device, getattr(torch, dtype))
     x = torch.randn(1, 1, config.hidden_size, device=device, dtype=lm_head.weight.dtype)
     pos = torch.tensor([[CONTEXT]], device=device)
     stack = []
-    for _ in range(min(STACK, config.num_hidden_layers)):
+    for _ in range(num_layers or config.num_hidden_layers):
         head = build_head("layer", 1, norm, lm_head, config).to(device, lm_head.weight.dtype).eval()
         cache = head.new_cache()
         head.features(torch.randn(1, CONTEXT, config.hidden_size, device=device, dtype=x.dtype),
@@ -175,9 +179,11 @@ def measure(model_dir: Path, device: str, threads: int, dtype: str, draft_keys: 
     """Times what `known` lacks (each item the median of `runs` runs; default: about
     BUDGET_S of runs). Weights other than the LM head's are random: the same cost.
 
-    Layers are timed as a chain of STACK one-layer models (each call's mask and rotary
-    set-up included), whose weights together outgrow the CPU caches, as a stage's do;
-    heads are timed each right after such a chain (untimed), so that they start cold too."""
+    Layers are timed as a chain of one-layer models, as many as the model has (each call's
+    mask and rotary set-up included): decoding reads every layer's weights once per token,
+    so whether they stay in the CPU's caches is as it is in decoding (an Intel Xeon with a
+    480 MB L3 held 4 layers of SmolLM2-135M there, 30% faster, but not the model). Heads
+    are timed each right after such a chain (untimed), so that they start cold too."""
     with _threads(threads):
         norm, lm_head, config = frozen_parts(model_dir)
         norm, lm_head = norm.to(device, getattr(torch, dtype)), lm_head.to(device, getattr(torch, dtype))
@@ -202,7 +208,7 @@ def measure(model_dir: Path, device: str, threads: int, dtype: str, draft_keys: 
 
         if known is None:
             known = Calibration(model_fingerprint=model_fingerprint(model_dir), device=device, threads=threads,
-                                dtype=dtype, layer_s=_median_s(layers, device, runs) / min(STACK, config.num_hidden_layers),
+                                dtype=dtype, layer_s=_median_s(layers, device, runs) / config.num_hidden_layers,
                                 lm_head_s=_median_s(lambda: lm_head(norm(x)).argmax(-1), device, runs, layers))
         draft_s = dict(known.draft_s)
         for key in sorted(draft_keys - draft_s.keys()):
@@ -219,12 +225,12 @@ def measure(model_dir: Path, device: str, threads: int, dtype: str, draft_keys: 
 @torch.inference_mode()
 def batched_steps(model_dir: Path, device: str, threads: int, dtype: str, runs: int | None = None) -> dict[int, BatchStep]:
     """For each b in ROWS, the step of b decode calls (b sequences at CONTEXT cached positions)
-    through a real middle Stage of STACK layers, per layer; and the last stage's LM head and
-    verification over b rows: its step through one layer less the layer."""
+    through a real middle Stage of all the layers, per layer; and the last stage's LM head and
+    verification over b rows: its step through one layer less the layer, timed right after
+    a middle step, so that it starts as cold as in decoding."""
     num_layers = frozen_parts(model_dir)[2].num_hidden_layers
-    stack = min(STACK, num_layers)
     with _threads(threads):
-        middle = Stage(model_dir, 0, stack, index=1, num_stages=3, dtype=dtype, device=device)
+        middle = Stage(model_dir, 0, num_layers, index=1, num_stages=3, dtype=dtype, device=device)
         last = Stage(model_dir, num_layers - 1, num_layers, index=1, num_stages=2, dtype=dtype, device=device)
         hidden, torch_dtype = middle.config.hidden_size, getattr(torch, dtype)
         for stage in (middle, last):
@@ -238,8 +244,8 @@ def batched_steps(model_dir: Path, device: str, threads: int, dtype: str, runs: 
             for i in range(b):
                 work = Work(f"s{i}", 0, CONTEXT, None)  # each step first drops what the one before cached
                 calls.append((work, Hop(work, torch.randn(1, 1, hidden, device=device, dtype=torch_dtype), [])))
-            layer_s = _median_s(lambda: middle.forward_batch(calls), device, runs) / stack
-            last_s = _median_s(lambda: last.forward_batch(calls), device, runs)
+            layer_s = _median_s(lambda: middle.forward_batch(calls), device, runs) / num_layers
+            last_s = _median_s(lambda: last.forward_batch(calls), device, runs, lambda: middle.forward_batch(calls))
             out[b] = BatchStep(layer_s=layer_s, lm_head_s=max(0.0, last_s - layer_s))
     return out
 
@@ -280,4 +286,4 @@ def _threads(n: int):
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["busy"]:  # a peer of contention()
-    _busy(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    _busy(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
