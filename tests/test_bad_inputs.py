@@ -15,6 +15,7 @@ from actors.pipeline import Pipeline
 from conftest import hf_greedy
 from ppsd_ray.cli import main
 from ppsd_ray.config import GenerationConfig, ModelInfo, PipelineConfig, check_prompt, describe
+from ppsd_ray.plan import resolve
 from ppsd_ray.prompts import PromptsFileError, read_prompts
 
 
@@ -227,9 +228,10 @@ def test_a_pipeline_the_cluster_cannot_place_fails_at_once_naming_the_setting(ra
     cpus = ray.cluster_resources()["CPU"]
     for config, field in [(PipelineConfig(model_dir=tiny_model_dir, stages=2, cpus_per_stage=cpus), "cpus_per_stage"),
                           (PipelineConfig(model_dir=tiny_model_dir, stages=2, use_gpus=True), "use_gpus")]:
+        plan = resolve(config)  # planning may calibrate first: the wait in question is the actors'
         t0 = time.monotonic()
         with pytest.raises(ValueError, match=f"^{field}: 2 stages need"):
-            Pipeline(config)
+            Pipeline(config, plan=plan)
         assert time.monotonic() - t0 < 5 and ray.is_initialized()  # the caller's Ray stays up
 
 
