@@ -99,24 +99,47 @@ def test_batched_sampling_equals_sampling_alone_and_a_cancel_frees_its_slot(tiny
             loop.stop()
 
 
-def test_tiled_linear_gives_each_call_its_result_alone():
+@pytest.mark.parametrize("shape", [(192, 64), (576, 576)])
+def test_tiled_linear_gives_each_call_its_result_alone(shape):
     """Small calls share tiles of the measured row counts (a short tile padded), a call longer
     than the largest tile gets a matmul of its own: either way each call's rows are bit for bit
-    what the call gets alone."""
+    what the call gets alone, in the layout the stage would store the weight in."""
     import torch
 
-    from ppsd_ray.kv import call_rows, invariant_tiling, tiled_linear
+    from ppsd_ray.kv import batch_layout, call_rows, stored_transposed, tiled_linear
 
     torch.manual_seed(0)
-    weight = torch.randn(192, 64)
-    tiling = invariant_tiling(weight, limit=8)
-    sizes = [1, 5, 2, 1, 1, 9, 3, 1, 1, 2]
-    x = torch.randn(1, sum(sizes), 64)
+    weight = torch.randn(*shape)
+    tiling = batch_layout(weight, limit=16)
+    weight = stored_transposed(weight) if tiling.transposed else weight
+    sizes = [1, 5, 2, 1, 1, 9, 3, 1, 1, 2, 17, 1]
+    x = torch.randn(1, sum(sizes), shape[1])
     with call_rows(sizes):
         together = tiled_linear(x, weight, None, tiling).split(sizes, dim=1)
     for call, got in zip(x.split(sizes, dim=1), together):
         with call_rows([call.shape[1]]):
             assert torch.equal(tiled_linear(call, weight, None, tiling), got)
+
+
+def test_a_weight_is_stored_transposed_only_where_that_batches_in_fewer_tiles(monkeypatch):
+    import torch
+
+    from ppsd_ray import kv
+
+    def classes(weight, limit=32):  # as measured on an Intel Xeon with two threads, 576x576
+        return kv.Tiling(tuple(range(2, limit + 1)) if not weight.is_contiguous() else (2, 3))
+
+    monkeypatch.setattr(kv, "invariant_tiling", classes)
+    linear = torch.nn.Linear(8, 4, bias=False)
+    before = linear.weight.detach().clone()
+    kv.batch_invariant(linear)
+    assert linear.weight.stride() == (1, 4) and torch.equal(linear.weight, before)
+    x = torch.randn(3, 8)
+    assert torch.allclose(linear(x), x @ before.t(), atol=1e-6)
+
+    monkeypatch.setattr(kv, "invariant_tiling", lambda weight, limit=32: kv.Tiling(tuple(range(4, limit + 1))))
+    linear = kv.batch_invariant(torch.nn.Linear(8, 4, bias=False))
+    assert linear.weight.is_contiguous()
 
 
 def test_tiling_pads_to_a_measured_count_and_splits_into_near_equal_tiles():
