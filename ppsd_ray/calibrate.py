@@ -33,7 +33,7 @@ from .protocol import Hop, Work
 from .stage import Stage
 
 CONTEXT = 64          # cached positions a timed decode step attends over
-VERSION = 3           # in the cache file's name: 2 times every layer of the model, not 4 of them; 3 stages store weights transposed where that batches better
+VERSION = 3           # in the cache file's name: 2 timed every layer, 3 stages with weights stored transposed (kv.batch_layout)
 BUDGET_S = 0.5        # per timed item: repeat for about this long, MIN_RUNS to MAX_RUNS times
 MIN_RUNS, MAX_RUNS = 5, 30
 ROWS = (1, 2, 4, 8, 16, 32)  # decode calls per stage step timed for planning under load
