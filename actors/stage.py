@@ -19,6 +19,7 @@ import os
 import ray
 import torch
 
+from ppsd_ray.kv import keep_freed_memory
 from ppsd_ray.protocol import Samples, Work
 from ppsd_ray.stage import Stage
 from ppsd_ray.transport import StageLoop, TensorGroup, free_port
@@ -30,6 +31,8 @@ class StageActor:
                  head: str, exit_layer: int, dtype: str, threads: int | None, batched: bool = True,
                  head_version: int = 0, learn_positions: int = 0):
         device = "cuda" if ray.get_gpu_ids() else "cpu"
+        if device == "cpu":
+            keep_freed_memory()
         if threads:
             torch.set_num_threads(threads)
         if dtype == "auto":

@@ -99,10 +99,12 @@ def test_batched_sampling_equals_sampling_alone_and_a_cancel_frees_its_slot(tiny
             loop.stop()
 
 
-@pytest.mark.parametrize("shape", [(192, 64), (576, 576)])
-def test_tiled_linear_gives_each_call_its_result_alone(shape):
+@pytest.mark.parametrize("shape", [(192, 64), (576, 576), (1536, 576)])
+@pytest.mark.parametrize("sizes", [[1, 5, 2, 1, 1, 9, 3, 1, 1, 2, 17, 1], [1, 40, 3, 33, 1]])
+def test_tiled_linear_gives_each_call_its_result_alone(shape, sizes):
     """Small calls share tiles of the measured row counts (a short tile padded), a call longer
-    than the largest tile gets a matmul of its own: either way each call's rows are bit for bit
+    than the largest tile gets a matmul of its own, and where the class runs on (open_to) a
+    batch up to that many rows is one matmul: either way each call's rows are bit for bit
     what the call gets alone, in the layout the stage would store the weight in."""
     import torch
 
@@ -110,9 +112,8 @@ def test_tiled_linear_gives_each_call_its_result_alone(shape):
 
     torch.manual_seed(0)
     weight = torch.randn(*shape)
-    tiling = batch_layout(weight, limit=16)
+    tiling = batch_layout(weight, limit=16, open_to=64)
     weight = stored_transposed(weight) if tiling.transposed else weight
-    sizes = [1, 5, 2, 1, 1, 9, 3, 1, 1, 2, 17, 1]
     x = torch.randn(1, sum(sizes), shape[1])
     with call_rows(sizes):
         together = tiled_linear(x, weight, None, tiling).split(sizes, dim=1)
@@ -126,7 +127,7 @@ def test_a_weight_is_stored_transposed_only_where_that_batches_in_fewer_tiles(mo
 
     from ppsd_ray import kv
 
-    def classes(weight, limit=32):  # as measured on an Intel Xeon with two threads, 576x576
+    def classes(weight, limit=32, open_to=0):  # as measured on an Intel Xeon with two threads, 576x576
         return kv.Tiling(tuple(range(2, limit + 1)) if not weight.is_contiguous() else (2, 3))
 
     monkeypatch.setattr(kv, "invariant_tiling", classes)
@@ -137,7 +138,7 @@ def test_a_weight_is_stored_transposed_only_where_that_batches_in_fewer_tiles(mo
     x = torch.randn(3, 8)
     assert torch.allclose(linear(x), x @ before.t(), atol=1e-6)
 
-    monkeypatch.setattr(kv, "invariant_tiling", lambda weight, limit=32: kv.Tiling(tuple(range(4, limit + 1))))
+    monkeypatch.setattr(kv, "invariant_tiling", lambda weight, limit=32, open_to=0: kv.Tiling(tuple(range(4, limit + 1))))
     linear = kv.batch_invariant(torch.nn.Linear(8, 4, bias=False))
     assert linear.weight.is_contiguous()
 
