@@ -3,6 +3,7 @@ streams committed tokens to the caller as soon as they are verified."""
 from __future__ import annotations
 
 import contextlib
+import pickle
 import threading
 import time
 import uuid
@@ -32,6 +33,39 @@ class Health:
     sequences: list[list[str]]    # per stage: the sequence ids holding state there
     stage_pids: list[int]         # per stage: the process the pipeline was last built on
     repairs: int                  # times the pipeline was rebuilt after a stage died
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A request's error on a feed: the exception, or, one that does not pickle, its text."""
+    error: Exception
+
+    @staticmethod
+    def of(error: Exception) -> "Failed":
+        try:
+            pickle.dumps(error)
+        except Exception:
+            error = RuntimeError(f"{type(error).__name__}: {error}")
+        return Failed(error)
+
+
+class Feed:
+    """The items of one caller's requests, waiting for its feed to take them."""
+
+    def __init__(self):
+        self._items: list[tuple[str, object]] = []
+        self._ready = threading.Condition()
+
+    def put(self, seq_id: str, item) -> None:
+        with self._ready:
+            self._items.append((seq_id, item))
+            self._ready.notify()
+
+    def take(self) -> list[tuple[str, object]]:
+        with self._ready:
+            self._ready.wait_for(lambda: self._items)
+            items, self._items = self._items, []
+        return items
 
 
 @ray.remote(num_cpus=0, concurrency_groups={"control": 1, "health": 1})
@@ -73,6 +107,7 @@ class Coordinator:
         self.metrics = PipelineMetrics()
         self._running: set[str] = set()
         self._cancelled: dict[str, float] = {}  # seq_id: when cancel() came
+        self._feeds: dict[str, Feed] = {}
         if self.transport == Transport.direct:
             self._connect_direct()
             threading.Thread(target=self._watch, daemon=True, name="ppsd-watch").start()
@@ -150,6 +185,34 @@ class Coordinator:
         """Yields token ids, then one final dict: the request's stats; before them, WAITING
         (None) every WAITING_S while the request waits for admission. Stops early, between
         tokens, after cancel(seq_id); yields no token when cancelled before it started."""
+        yield from self._request(seq_id, prompt_ids, gen)
+
+    def start(self, feed: str, seq_id: str, prompt_ids: list[int], gen: dict) -> None:
+        """Starts a request whose items (generate's) go to `feed`, on a thread of its own;
+        a failure goes there too, as a Failed item."""
+        box = self._feeds.setdefault(feed, Feed())
+        threading.Thread(target=self._deliver, args=(box, seq_id, prompt_ids, gen), daemon=True,
+                         name="ppsd-request").start()
+
+    def _deliver(self, box: "Feed", seq_id: str, prompt_ids: list[int], gen: dict) -> None:
+        try:
+            for item in self._request(seq_id, prompt_ids, gen):
+                box.put(seq_id, item)
+        except Exception as e:
+            box.put(seq_id, Failed.of(e))
+
+    @ray.method(num_returns="streaming")
+    def feed(self, feed: str):
+        """Yields, for as long as the actor lives, lists of (seq_id, item): what the requests
+        started on `feed` gave since the last yield. One Ray item carries a step's tokens of
+        every such request: Ray's streaming costs about 0.33 ms of this process's CPU and 0.4
+        ms of the caller's per item (measured, Intel Xeon), which, with a token per item, took
+        13 ms of a 105 ms stage step at 16 streams from the same two cores."""
+        box = self._feeds.setdefault(feed, Feed())
+        while True:
+            yield box.take()
+
+    def _request(self, seq_id: str, prompt_ids: list[int], gen: dict):
         stats = RequestStats()
         gen = GenerationConfig(**gen)
         if gen.mode == Mode.auto:

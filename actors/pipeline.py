@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import queue
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from ppsd_ray.heads import read_head_meta
 from ppsd_ray.online import starting_head
 from ppsd_ray.plan import Plan, resolve
 
-from .coordinator import Coordinator
+from .coordinator import Coordinator, Failed
 from .learner import HeadLearner, LearnerStatus
 from .stage import StageActor
 
@@ -41,6 +43,42 @@ class GenerationError(RuntimeError):
     def __init__(self, token_ids: list[int], cause: BaseException):
         super().__init__(f"generation failed after {len(token_ids)} committed tokens: {cause}")
         self.token_ids = token_ids
+
+
+class _FeedReader:
+    """The driver's end of Coordinator.feed: one thread takes each batch of items and hands
+    every item to its request's queue. If the feed breaks (the coordinator died), every
+    open request gets the error."""
+
+    def __init__(self, coordinator):
+        self.name = uuid.uuid4().hex
+        self._queues: dict[str, queue.SimpleQueue] = {}
+        self._lock = threading.Lock()
+        refs = coordinator.feed.remote(self.name)
+        threading.Thread(target=self._read, args=(refs,), daemon=True, name="ppsd-feed").start()
+
+    def open(self) -> tuple[str, queue.SimpleQueue]:
+        seq_id, items = uuid.uuid4().hex, queue.SimpleQueue()
+        with self._lock:
+            self._queues[seq_id] = items
+        return seq_id, items
+
+    def close(self, seq_id: str) -> None:
+        with self._lock:
+            self._queues.pop(seq_id, None)
+
+    def _read(self, refs) -> None:
+        try:
+            for ref in refs:
+                for seq_id, item in ray.get(ref):
+                    with self._lock:
+                        items = self._queues.get(seq_id)
+                    if items is not None:
+                        items.put(item)
+        except Exception as e:  # the coordinator is gone: so is every request on it
+            with self._lock:
+                for items in self._queues.values():
+                    items.put(Failed.of(e))
 
 
 def check_learning(config: PipelineConfig, plan: Plan) -> None:
@@ -135,15 +173,47 @@ class Pipeline:
             int(config.kv_budget_gb * 2**30) // max(1, config.info.kv_bytes_per_token), config.draft_max_seqs,
             self.plan.mode.value)
         ray.get(self.coordinator.__ray_ready__.remote(), timeout=config.timeout_s)
+        self._feed = _FeedReader(self.coordinator)
 
     def stream(self, prompt_ids: list[int], gen: GenerationConfig | None = None) -> Iterator[int | dict]:
         """Yields each token id as soon as it is verified (a TokenLogprobs when gen.logprobs is
-        set), then the stats dict. A bad prompt raises ValueError here, before any actor call."""
+        set), then the stats dict. A bad prompt raises ValueError here, before any actor call.
+        Closing the iterator early cancels the request. Every stream of this Pipeline comes
+        through one feed from the coordinator (Coordinator.feed): one Ray item a step, not one
+        a token."""
         gen = gen or GenerationConfig()
         check_prompt(prompt_ids, self.config.info, gen)
-        refs = self.coordinator.generate.remote(uuid.uuid4().hex, list(prompt_ids), gen.model_dump())
-        items = (ray.get(ref, timeout=self.config.timeout_s) for ref in refs)
-        return (item for item in items if item is not None)  # None: still waiting for admission
+        seq_id, items = self._feed.open()
+        try:
+            ray.get(self.coordinator.start.remote(self._feed.name, seq_id, list(prompt_ids), gen.model_dump()),
+                    timeout=self.config.timeout_s)
+        except BaseException:
+            self._feed.close(seq_id)
+            raise
+        return self._items(seq_id, items)
+
+    def _items(self, seq_id: str, items: queue.SimpleQueue) -> Iterator[int | dict]:
+        finished = False
+        try:
+            while True:
+                try:
+                    item = items.get(timeout=self.config.timeout_s)
+                except queue.Empty:
+                    raise ray.exceptions.GetTimeoutError(
+                        f"no token within timeout_s ({self.config.timeout_s:g} s)") from None
+                if isinstance(item, Failed):
+                    finished = True
+                    raise item.error
+                if item is None:  # still waiting for admission
+                    continue
+                finished = isinstance(item, dict)
+                yield item
+                if finished:
+                    return
+        finally:
+            self._feed.close(seq_id)
+            if not finished and self.coordinator is not None:
+                self.coordinator.cancel.remote(seq_id)
 
     def generate(self, prompt_ids: list[int], gen: GenerationConfig | None = None) -> Generation:
         tokens: list[int] = []
