@@ -15,7 +15,7 @@ import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -45,40 +45,41 @@ class GenerationError(RuntimeError):
         self.token_ids = token_ids
 
 
-class _FeedReader:
-    """The driver's end of Coordinator.feed: one thread takes each batch of items and hands
-    every item to its request's queue. If the feed breaks (the coordinator died), every
-    open request gets the error."""
+class FeedReader:
+    """The caller's end of Coordinator.feed: one thread takes each batch of items and hands
+    every item to its request's `deliver`. If the feed breaks (the coordinator died), every
+    open request gets the error, as a Failed item."""
 
     def __init__(self, coordinator):
         self.name = uuid.uuid4().hex
-        self._queues: dict[str, queue.SimpleQueue] = {}
+        self._open: dict[str, Callable[[object], None]] = {}
         self._lock = threading.Lock()
         refs = coordinator.feed.remote(self.name)
         threading.Thread(target=self._read, args=(refs,), daemon=True, name="ppsd-feed").start()
 
-    def open(self) -> tuple[str, queue.SimpleQueue]:
-        seq_id, items = uuid.uuid4().hex, queue.SimpleQueue()
+    def open(self, deliver: Callable[[object], None]) -> str:
+        """A new request's seq_id, whose items go to deliver (on the reader's thread)."""
+        seq_id = uuid.uuid4().hex
         with self._lock:
-            self._queues[seq_id] = items
-        return seq_id, items
+            self._open[seq_id] = deliver
+        return seq_id
 
     def close(self, seq_id: str) -> None:
         with self._lock:
-            self._queues.pop(seq_id, None)
+            self._open.pop(seq_id, None)
 
     def _read(self, refs) -> None:
         try:
             for ref in refs:
                 for seq_id, item in ray.get(ref):
                     with self._lock:
-                        items = self._queues.get(seq_id)
-                    if items is not None:
-                        items.put(item)
+                        deliver = self._open.get(seq_id)
+                    if deliver is not None:
+                        deliver(item)
         except Exception as e:  # the coordinator is gone: so is every request on it
             with self._lock:
-                for items in self._queues.values():
-                    items.put(Failed.of(e))
+                for deliver in self._open.values():
+                    deliver(Failed.of(e))
 
 
 def check_learning(config: PipelineConfig, plan: Plan) -> None:
@@ -163,7 +164,7 @@ class Pipeline:
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
                 str(config.model_dir), self.plan.exit_layer, self.plan.head, self.head_version,
                 config.learn.model_dump(), self.stages[0])
-        # a thread per admitted request, as many again waiting for a slot, and the health probe's
+        # the feed, and a thread per request started with generate (the health probe has its own group)
         options = {"max_concurrency": 2 * config.max_num_seqs + 2}
         if pg is not None:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
@@ -173,7 +174,7 @@ class Pipeline:
             int(config.kv_budget_gb * 2**30) // max(1, config.info.kv_bytes_per_token), config.draft_max_seqs,
             self.plan.mode.value)
         ray.get(self.coordinator.__ray_ready__.remote(), timeout=config.timeout_s)
-        self._feed = _FeedReader(self.coordinator)
+        self.feed = FeedReader(self.coordinator)
 
     def stream(self, prompt_ids: list[int], gen: GenerationConfig | None = None) -> Iterator[int | dict]:
         """Yields each token id as soon as it is verified (a TokenLogprobs when gen.logprobs is
@@ -183,12 +184,13 @@ class Pipeline:
         a token."""
         gen = gen or GenerationConfig()
         check_prompt(prompt_ids, self.config.info, gen)
-        seq_id, items = self._feed.open()
+        items = queue.SimpleQueue()
+        seq_id = self.feed.open(items.put)
         try:
-            ray.get(self.coordinator.start.remote(self._feed.name, seq_id, list(prompt_ids), gen.model_dump()),
+            ray.get(self.coordinator.start.remote(self.feed.name, seq_id, list(prompt_ids), gen.model_dump()),
                     timeout=self.config.timeout_s)
         except BaseException:
-            self._feed.close(seq_id)
+            self.feed.close(seq_id)
             raise
         return self._items(seq_id, items)
 
@@ -211,7 +213,7 @@ class Pipeline:
                 if finished:
                     return
         finally:
-            self._feed.close(seq_id)
+            self.feed.close(seq_id)
             if not finished and self.coordinator is not None:
                 self.coordinator.cancel.remote(seq_id)
 

@@ -24,7 +24,6 @@ import os
 import signal
 import sys
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -39,7 +38,7 @@ from ppsd_ray.model import encode_prompt, load_tokenizer
 from ppsd_ray.plan import resolve
 from ppsd_ray.schedule import TokenLogprobs
 
-from .coordinator import Health
+from .coordinator import Failed, Health
 from .openai_api import APIError, ChatCompletionRequest, CompletionRequest, install_error_handlers
 from .openai_serving import OpenAIServing
 from .pipeline import Pipeline, check_learning
@@ -261,21 +260,29 @@ class PPSDServer:
     async def _tokens(self, ids: list[int], gen: GenerationConfig
                       ) -> AsyncIterator[int | TokenLogprobs | dict | None]:
         """Tokens as the coordinator commits them (None while it waits for admission), then its
-        stats dict. Cancels the request in the coordinator when the caller stops early (a stop
+        stats dict, through the pipeline's feed (one Ray item a step for all of this replica's
+        requests). Cancels the request in the coordinator when the caller stops early (a stop
         string, a client that went away)."""
-        seq_id = uuid.uuid4().hex
-        coordinator = self.pipe.coordinator
-        refs = await self._submit(coordinator.generate.remote, seq_id, ids, gen.model_dump(mode="json"))
+        loop, items = asyncio.get_running_loop(), asyncio.Queue()
+        feed, coordinator = self.pipe.feed, self.pipe.coordinator
+        seq_id = feed.open(lambda item: loop.call_soon_threadsafe(items.put_nowait, item))
         done = False
         try:
-            async for ref in refs:
-                item = await ref
-                if isinstance(item, dict):
+            try:
+                started = await self._submit(coordinator.start.remote, feed.name, seq_id, ids,
+                                             gen.model_dump(mode="json"))
+                await asyncio.wait_for(started, self.settings.timeout_s)
+            except ray.exceptions.RayError as e:
+                raise RuntimeError(failure_reason(e)) from e
+            while not done:
+                item = await items.get()
+                if isinstance(item, Failed):
                     done = True
+                    raise RuntimeError(failure_reason(item.error)) from item.error
+                done = isinstance(item, dict)
                 yield item
-        except ray.exceptions.RayError as e:
-            raise RuntimeError(failure_reason(e)) from e
         finally:
+            feed.close(seq_id)
             if not done:  # stop decoding after the next token, or before the prefill if still queued
                 await self._submit(coordinator.cancel.remote, seq_id)
 
