@@ -22,6 +22,7 @@ from actors.pipeline import Pipeline
 
 from .bench import machine_info
 from .config import GenerationConfig, PipelineConfig
+from .kv import keep_freed_memory
 from .plan import Plan, predict
 
 
@@ -86,6 +87,7 @@ class HFBatched:
     (continuous batching, a paged cache) and `generate` on the left-padded batch."""
 
     def __init__(self, model_dir: Path):
+        keep_freed_memory()  # as our CPU stages do: neither side's prefill pays fresh pages
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.pad = AutoTokenizer.from_pretrained(model_dir).pad_token_id or 0
 
