@@ -19,7 +19,7 @@ import os
 import ray
 import torch
 
-from ppsd_ray.kv import keep_freed_memory
+from ppsd_ray.kv import keep_freed_memory, on_passing_thread
 from ppsd_ray.protocol import Samples, Work
 from ppsd_ray.stage import Stage
 from ppsd_ray.transport import StageLoop, TensorGroup, free_port
@@ -37,9 +37,11 @@ class StageActor:
             torch.set_num_threads(threads)
         if dtype == "auto":
             dtype = "bfloat16" if device == "cuda" else "float32"
-        self.stage = Stage(model_dir, start, stop, index=index, num_stages=num_stages,
-                           head=head, exit_layer=exit_layer, dtype=dtype, device=device, batched=batched,
-                           head_version=head_version, learn_positions=learn_positions)
+        # built on a passing thread: this one stays, and forwards run on another (kv.on_passing_thread)
+        self.stage = on_passing_thread(lambda: Stage(
+            model_dir, start, stop, index=index, num_stages=num_stages, head=head, exit_layer=exit_layer,
+            dtype=dtype, device=device, batched=batched, head_version=head_version,
+            learn_positions=learn_positions))
         self.loop: StageLoop | None = None
 
     @ray.method(concurrency_group="control")
@@ -61,11 +63,11 @@ class StageActor:
 
     @ray.method(concurrency_group="learn")
     def take_samples(self) -> Samples:
-        return self.stage.take_samples()
+        return on_passing_thread(self.stage.take_samples)
 
     @ray.method(concurrency_group="learn")
     def install_head(self, version: int, path: str) -> None:
-        self.stage.install_head(version, path)
+        on_passing_thread(self.stage.install_head, version, path)
 
     # transport "ray"
 

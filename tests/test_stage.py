@@ -73,3 +73,19 @@ def test_a_gap_in_positions_is_an_error(tiny_model_dir):
     stage.forward(Work("s", 0, 0, (5, 6)))
     with pytest.raises(RuntimeError, match="position 5"):
         stage.forward(Work("s", 0, 5, (7,)))
+
+
+def test_on_passing_thread_returns_raises_and_leaves_no_thread_behind():
+    """The work runs on a thread of its own that has ended when the call returns (its OpenMP pool
+    with it); the result and any exception come back to the caller."""
+    import threading
+
+    import pytest
+
+    from ppsd_ray.kv import on_passing_thread
+
+    ran = []
+    assert on_passing_thread(lambda x: ran.append(threading.current_thread()) or x + 1, 41) == 42
+    assert ran[0] is not threading.current_thread() and not ran[0].is_alive()
+    with pytest.raises(KeyError, match="gone"):
+        on_passing_thread(lambda: {}["gone"])
