@@ -79,3 +79,26 @@ def test_admission_queues_requests_beyond_max_num_seqs(ray_cluster, tiny_model_d
         watcher.join()
     assert max(held) == 2
     assert [g.token_ids for g in got] == [hf_greedy(tiny_model_dir, p, 16, stop_on_eos=False) for p in prompts]
+
+
+def test_streams_share_one_feed_and_closing_one_cancels_only_it(ray_cluster, tiny_model_dir):
+    """Three streams of one Pipeline at once, all through its one feed: the one closed after 3
+    tokens is cancelled (within a second of the others ending no stage holds it; uncancelled, its
+    500 tokens would take seconds more), the others end equal to transformers."""
+    import time
+
+    prompts = [PROMPT, [1, 40, 41, 42, 43], [9, 8, 7]]
+    gen = GenerationConfig(mode="ppsd", max_new_tokens=24, stop_on_eos=False)
+    with Pipeline(PipelineConfig(model_dir=tiny_model_dir, stages=2)) as pipe:
+        closed = pipe.stream([17, 18, 19], GenerationConfig(mode="ppsd", max_new_tokens=500, stop_on_eos=False))
+        streams = [pipe.stream(p, gen) for p in prompts]
+        first = [next(closed) for _ in range(3)]
+        closed.close()
+        outs = [list(s) for s in streams]
+        assert [o[:-1] for o in outs] == [hf_greedy(tiny_model_dir, p, 24, stop_on_eos=False) for p in prompts]
+        assert all(isinstance(o[-1], dict) for o in outs)
+        assert first == hf_greedy(tiny_model_dir, [17, 18, 19], 3, stop_on_eos=False)
+        deadline = time.monotonic() + 1.0
+        while any(ray.get([s.sequences.remote() for s in pipe.stages])) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ray.get([s.sequences.remote() for s in pipe.stages]) == [[], []]
