@@ -167,9 +167,9 @@ def _load_sweep(sweep: dict) -> list[str]:
              "and concurrency set to the number of clients (the plan's mode and K for that many; ppsd drafts "
              "only while at most draft_max_seqs sequences decode). "
              "hf-generate_batch / hf-generate: transformers' continuous batching and its padded batched `generate` "
-             "of the same prompts in one call (1 client: each prompt alone), run in the bench's own process "
-             "beside the other systems' idle pipelines, which slows them (docs/batching.md, \"Measuring it\"): "
-             "compare ratios at a level with that in mind. TTFT is measured for streaming "
+             "of the same prompts in one call (1 client: each prompt alone), each in a process of its own, started "
+             "for the sweep and idle while our systems run (docs/batching.md, \"Measuring it\"). "
+             "TTFT is measured for streaming "
              "clients only. decode: clients / the mean gap between a request's tokens (prefill excluded); "
              "predicted: the plan's decode tokens/s for that many clients (ppsd_ray/plan.py), and its error "
              "against decode.", "",
