@@ -155,7 +155,7 @@ class Pipeline:
             learning = config.learn_drafts and i == 0
             self.stages.append(StageActor.options(max_restarts=config.max_restarts, **opts).remote(
                 str(config.model_dir), start, stop, i, k, self.plan.head, self.plan.exit_layer,
-                config.dtype, None if gpus else threads, config.max_num_seqs > 1, self.head_version,
+                config.dtype, None if gpus else threads, config.batched_stages, self.head_version,
                 config.learn.buffer_positions if learning else 0))
         self.layout = ray.get([s.ready.remote() for s in self.stages], timeout=config.timeout_s * 5)
         if config.learn_drafts:  # on stage 1's node: the version files it loads are written there

@@ -50,6 +50,10 @@ PROBE_PROMPT = "Hello"  # the health probe decodes one greedy token of it
 # ---------------------------------------------------------------- settings
 
 
+SERVE_CONCURRENCY = 8  # a server expects several clients at once: planned for 1, its stages run rows
+                       # one by one (kv.one_row_tiling), 2.5x a batched tile's cost at 16 rows
+
+
 class ServeSettings(BaseModel):
     """The application's arguments: `args:` in serve_config.yaml, or `ppsd serve` options."""
     model_config = ConfigDict(extra="forbid")
@@ -77,6 +81,14 @@ class ServeSettings(BaseModel):
                                                                  "token decoded through every stage")
     health_check_timeout_s: float = Field(30.0, gt=0, description="the probe's deadline; after three failed "
                                                                   "probes in a row Serve replaces the replica")
+
+    @model_validator(mode="after")
+    def _plans_for_load(self) -> "ServeSettings":
+        """Unless told, a replica plans (mode, K, the stages' kernels) for SERVE_CONCURRENCY clients."""
+        if "concurrency" not in self.pipeline.model_fields_set:
+            self.pipeline = self.pipeline.model_copy(
+                update={"concurrency": min(SERVE_CONCURRENCY, self.pipeline.max_num_seqs)})
+        return self
 
     @model_validator(mode="after")
     def _mode_fits_stages(self) -> "ServeSettings":

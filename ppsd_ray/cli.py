@@ -125,12 +125,12 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
                         "or 'ray' (an actor call per stage per token)")
     p.add_argument("--max-num-seqs", type=int,
                    help="sequences decoded at once, batched into one forward per stage step (default 32; 1 for "
-                        "one prompt or --sequential: a stage that holds one sequence keeps the model's own "
-                        "1-row linears, about 10%% faster alone than the batch-invariant ones)")
+                        "one prompt or --sequential)")
     p.add_argument("--concurrency", type=int,
-                   help="how many sequences usually decode at once, for mode auto to plan for (default 1: one "
-                        "request's latency; for a --prompts-file run as one batch, its prompts, up to "
-                        "--max-num-seqs); a server that expects load: about its usual number of clients")
+                   help="how many sequences usually decode at once, for mode auto and the stages' kernels to "
+                        "plan for (default 1: one request's latency, each row with the 1-row kernel; for a "
+                        "--prompts-file run as one batch, its prompts, up to --max-num-seqs; serve: 8); a server: "
+                        "about its usual number of clients")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -144,9 +144,10 @@ class PipelineConfig(BaseModel):
     window: int | None = Field(None, ge=1, description="ppsd: tokens in flight; default K")
     max_num_seqs: int = Field(32, ge=1, description="sequences decoded at once, their calls batched into one "
                                                     "forward per stage step; more requests wait their turn")
-    concurrency: int = Field(1, ge=1, description="how many sequences usually decode at once, for mode auto to "
-                                                  "plan for: 1, one request's latency; more, the throughput of "
-                                                  "that many together (ppsd_ray/plan.py); at most max_num_seqs")
+    concurrency: int = Field(1, ge=1, description="how many sequences usually decode at once, for mode auto and "
+                                                  "the stages' kernels to plan for: 1, one request's latency; "
+                                                  "more, the throughput of that many together (ppsd_ray/plan.py); "
+                                                  "at most max_num_seqs")
     max_batch_tokens: int = Field(512, ge=1, description="most tokens one stage step computes (decode tokens, "
                                                          "drafts, prefill chunks of all sequences together)")
     draft_max_seqs: int | None = Field(2, ge=0, description="a ppsd request drafts only if it starts while at "
@@ -218,6 +219,13 @@ class PipelineConfig(BaseModel):
     @cached_property
     def info(self) -> ModelInfo:
         return ModelInfo.read(self.model_dir)
+
+    @property
+    def batched_stages(self) -> bool:
+        """Whether stages run their rows in tiles made for batches, or each row with the 1-row
+        kernel, fastest alone (kv.one_row_tiling): as planned for `concurrency`. Either way a
+        request's tokens are the same alone and among others."""
+        return self.max_num_seqs > 1 and self.concurrency > 1
 
     @property
     def given_exit_layer(self) -> int | None:

@@ -285,6 +285,7 @@ class Tiling:
     sizes: tuple[int, ...]  # ascending; at least the upper half of the range up to the largest
     transposed: bool = False  # measured with the weight stored transposed (see batch_layout)
     open_to: int = 0  # where the class runs on past the largest size: every count up to this one is in it
+    stacked: bool = False  # single rows (sizes (1,)) as one bmm of 1-row products (see one_row_tiling)
 
     def whole(self, m: int) -> bool:
         """Whether m rows, a batch of any calls, run as one matmul."""
@@ -334,16 +335,41 @@ def invariant_tiling(weight: torch.Tensor, limit: int = 32, open_to: int = 0) ->
     Measured on a thread of its own, with torch's thread count as the stage's forwards have it:
     once the process's main thread has run a multi-threaded matmul, its OpenMP team slows every
     later matmul on the stage loop's thread about 4x (measured: 143 against 35 us for 576x1536)."""
-    out: list[Tiling] = []
+    return on_passing_thread(_probed, _invariant_tiling, weight, limit, open_to)
 
-    def probe_run():
-        use_torch_threads()
-        out.append(_invariant_tiling(weight, limit, open_to))
 
-    probe = threading.Thread(target=probe_run)
-    probe.start()
-    probe.join()
-    return out[0]
+def _probed(measure, *args):
+    use_torch_threads()
+    return measure(*args)
+
+
+def one_row_tiling(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Tiling:
+    """The tiling of a stage that expects one sequence at a time: each row with the 1-row kernel,
+    the one transformers computes a lone token with, so a lone decode row pays no padded tile
+    (measured, AMD EPYC, 2 threads: 4 rows cost 2.5-3x one row, 576x1536 and 1536x576; a 1-row
+    stage ran one stream at 13.3 tokens/s where a padded one ran 7.5). Rows of several sequences
+    still get their results alone: as one bmm of 1-row products, where that gives each row what
+    F.linear gives it (probed here), else one F.linear per row. That costs several rows more
+    than a tile would (16 rows, 576x576: 350 us against 151), so a stage planned for load
+    (PipelineConfig.concurrency > 1) takes the measured tiles instead."""
+    return on_passing_thread(_probed, _one_row_tiling, weight, bias)
+
+
+def _one_row_tiling(weight: torch.Tensor, bias: torch.Tensor | None) -> Tiling:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, weight.shape[1], generator=g).to(weight.dtype).to(weight.device)
+    alone = torch.cat([F.linear(x[i:i + 1], weight, bias) for i in range(len(x))])
+    stacked = all(torch.equal(_stacked_rows(x[s:s + m], weight, bias), alone[s:s + m]) for s, m in ((0, 2), (2, 5)))
+    return Tiling((1,), stacked=stacked)
+
+
+def _stacked_rows(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Each row's 1-row product, all in one torch.bmm (the weight expanded, not copied)."""
+    m, w = rows.shape[0], weight.t()
+    w = w.expand(m, *w.shape)
+    if bias is None:
+        return torch.bmm(rows.unsqueeze(1), w).squeeze(1)
+    return torch.baddbmm(bias.expand(m, 1, -1), rows.unsqueeze(1), w).squeeze(1)
 
 
 def _invariant_tiling(weight: torch.Tensor, limit: int, open_to: int) -> Tiling:
@@ -406,6 +432,8 @@ def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def _tiles(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tiling: Tiling) -> list[torch.Tensor]:
+    if tiling.stacked:
+        return [_stacked_rows(rows, weight, bias)]
     out = []
     for tile in rows.split(tiling.split(rows.shape[0])):
         n = tile.shape[0]
@@ -414,23 +442,26 @@ def _tiles(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     return out
 
 
-def batch_invariant(module: nn.Module) -> nn.Module:
+def batch_invariant(module: nn.Module, one_row: bool = False) -> nn.Module:
     """Every linear layer in `module` computes through tiled_linear, with the layout and tiling
-    measured for its weight's shape (batch_layout; a layer with its own forward around the
-    product, families.LMHead, names it `matmul`). A layer done before keeps its tiling: an exit
+    measured for its weight's shape (batch_layout; with `one_row`, one_row_tiling; a layer with
+    its own forward around the product, families.LMHead, names it `matmul`). A layer done before keeps its tiling: an exit
     head installed later shares stage 1's LM head, and measuring that again would cost a stage
     step or more. (A tied LM head stored transposed no longer shares the embedding's memory.)"""
     tilings: dict[tuple, Tiling] = {}
     for m in module.modules():
         if not (hasattr(m, "matmul") or type(m) is nn.Linear):
             continue
-        key = (tuple(m.weight.shape), m.weight.dtype, m.weight.device)
+        key = (tuple(m.weight.shape), m.weight.dtype, m.weight.device, one_row)
         if getattr(m, "_invariant_for", None) == key:  # a copy of another shape is measured anew
             continue
         m._invariant_for = key
         # an LM head's rows are a step's verified positions, a few: probing it to OPEN_ROWS costs seconds
-        tiling = tilings[key] = tilings.get(key) or batch_layout(m.weight.detach(),
-                                                                 open_to=0 if hasattr(m, "matmul") else OPEN_ROWS)
+        if one_row:  # its bias takes part in the probe: no sharing by shape
+            tiling = one_row_tiling(m.weight.detach(), None if m.bias is None else m.bias.detach())
+        else:
+            tiling = tilings[key] = tilings.get(key) or batch_layout(m.weight.detach(),
+                                                                     open_to=0 if hasattr(m, "matmul") else OPEN_ROWS)
         if tiling.transposed:
             m.weight.data = stored_transposed(m.weight.data)
         if hasattr(m, "matmul"):

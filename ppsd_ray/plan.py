@@ -63,13 +63,18 @@ class Plan(BaseModel):
     token_s: float | None = None          # seconds per token
     contention: float | None = None       # CPU stages on one box: the slowdown applied to the steps
     concurrency: int = 1                  # sequences decoding at once the plan is for
-    batched_tokens_per_s: float | None = None  # predicted for batched stages (max_num_seqs > 1):
+    batched_tokens_per_s: float | None = None  # predicted for batched stages (config.batched_stages):
                                                # tokens/s of `concurrency` sequences together
     considered: list[str] = []            # mode auto: every option's predicted tokens/s
 
     @property
     def predicted(self) -> bool:
         return self.token_s is not None
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Predicted decode tokens/s of the sequences planned for: batched, or one alone."""
+        return self.batched_tokens_per_s if self.batched_tokens_per_s is not None else 1 / self.token_s
 
     def describe(self) -> str:
         """One line for stderr and logs."""
@@ -141,10 +146,8 @@ def choose(config: PipelineConfig) -> Plan:
     options += [_plan(config, m, k, predict=True) for k in counts if k > 1
                 for m in ([Mode.ppsd] if drafts else [Mode.ppsd, Mode.pp])]
 
-    def tokens_per_s(p: Plan) -> float:
-        return p.batched_tokens_per_s if p.batched_tokens_per_s is not None else 1 / p.token_s
-    best = max(options, key=tokens_per_s)
-    considered = [f"{p.mode.value} K={p.stages} t={p.threads} {tokens_per_s(p):.1f}" for p in options]
+    best = max(options, key=lambda p: p.tokens_per_s)
+    considered = [f"{p.mode.value} K={p.stages} t={p.threads} {p.tokens_per_s:.1f}" for p in options]
     return best.model_copy(update={"considered": considered})
 
 
@@ -198,12 +201,12 @@ def _plan(config: PipelineConfig, mode: Mode, k: int, predict: bool = False, thr
 
 def _batched(config: PipelineConfig, plan: Plan, key: str | None) -> Plan:
     """`plan` with its tokens/s at config.concurrency sequences at once on batched stages
-    (max_num_seqs > 1: a lone row pays a padded tile, kv.Tiling; max_num_seqs 1: as it is).
+    (config.batched_stages; otherwise, planned for one sequence, as it is).
     Each stage runs a batch of its share of the sequences per step (all of them on one stage;
     in ppsd, while it drafts, one call of each sequence), at the cost calibrated for that many
     calls, with the same slowdown of stages on one box as alone. eesd: not predicted."""
     c = config.concurrency
-    if config.max_num_seqs == 1 or plan.mode == Mode.eesd:
+    if not config.batched_stages or plan.mode == Mode.eesd:
         return plan
     cal = calibration(config.model_dir, plan.device, plan.threads, plan.dtype, {key} if key else set(),
                       batched=True)

@@ -18,10 +18,12 @@ A stage step runs the ready calls of several sequences as one forward
 (`forward_batch`): their tokens are packed into one row, each call with its own
 positions and its own sequence's KV cache (ppsd_ray.kv). One call alone takes the
 same path, so a sequence's tokens do not depend on what else is in the batch.
-That takes linears whose rows do not depend on the batch (kv.batch_invariant),
-which costs a lone decode token a padded matmul (2 or 4 rows, not the 1-row
-kernel); a stage built with `batched=False` only ever holds one sequence and keeps
-the model's own linears, as transformers computes them.
+That takes linears whose rows do not depend on the batch (kv.batch_invariant):
+a batched stage runs rows in tiles of measured row counts, which costs a lone
+decode token a padded matmul (2 or 4 rows, not the 1-row kernel); a stage built
+with `batched=False` expects one sequence at a time and runs every row with the
+1-row kernel, as transformers computes a lone token (rows of several sequences
+in one bmm of 1-row products: slower than a tile, still each row's result alone).
 
 KV caches (kv.KVManager) are per sequence id and always hold exactly the positions
 before the call's `pos`: a call at `pos` first drops entries >= pos. That drop is the
@@ -110,9 +112,9 @@ class Stage:
         return head
 
     def _prepare(self, part: torch.nn.Module) -> None:
-        """Batch-invariant linears (unless one sequence only), packed attention for a model's layers."""
-        if self.batched:
-            batch_invariant(part)
+        """Batch-invariant linears (in tiles, or row by row for one sequence at a time), packed
+        attention for a model's layers."""
+        batch_invariant(part, one_row=not self.batched)
         if hasattr(part, "config") and hasattr(part, "layers"):
             use_packed_attention(part)
 

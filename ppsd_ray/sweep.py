@@ -25,7 +25,7 @@ from actors.pipeline import Pipeline
 from .bench import machine_info
 from .config import GenerationConfig, PipelineConfig
 from .kv import keep_freed_memory
-from .plan import Plan, predict
+from .plan import predict
 
 
 @dataclass
@@ -154,25 +154,30 @@ def _hf_serve(conn, model_dir: str, method: str) -> None:
 
 def run_sweep(model_dir: Path, levels: list[int], prompts: list[list[int]], max_new_tokens: int,
               exit_layer: int, head: str = "auto", progress: bool = True) -> dict:
-    """Systems: ppsd-K2 (drafting at every load), pp-K2, ar (batched pipelines), default (what
-    PipelineConfig's defaults and mode auto give when told the concurrency: the plan's mode
-    and K for that many clients, drafting only while at most draft_max_seqs decode; built anew
-    per level), and transformers' hf-generate_batch and hf-generate (the padded batch; 1
+    """Systems: ppsd-K2 (drafting at every load), pp-K2, ar (pipelines planned for the most
+    clients: stages batched at every level), default (what PipelineConfig's defaults and mode
+    auto give when told the concurrency: the plan's mode, K and kernels for that many clients,
+    drafting only while at most draft_max_seqs decode; built anew per level), and transformers' hf-generate_batch and hf-generate (the padded batch; 1
     client: each prompt alone). `prompts`: the distinct prompts; a level of c clients sends
     prompts[i % len(prompts)] for i < c. Each of our systems has its predicted tokens/s beside."""
     started = not ray.is_initialized()
     if started:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     top = max(levels)
+    loaded = dict(cpus_per_stage=0.01, max_num_seqs=top, concurrency=top)  # stages batched at every level
     k2 = Pipeline(PipelineConfig(model_dir=model_dir, stages=2, exit_layer=exit_layer, head=head,
-                                 cpus_per_stage=0.01, max_num_seqs=top, draft_max_seqs=None))
-    k1 = Pipeline(PipelineConfig(model_dir=model_dir, stages=1, cpus_per_stage=0.01, max_num_seqs=top))
+                                 draft_max_seqs=None, **loaded))
+    k1 = Pipeline(PipelineConfig(model_dir=model_dir, stages=1, **loaded))
     default = Pipeline(PipelineConfig(model_dir=model_dir, cpus_per_stage=0.01, max_num_seqs=top))
     systems = {"ppsd-K2": (k2, "ppsd"), "pp-K2": (k2, "pp"), "ar": (k1, "ar"), "default": (default, "auto")}
 
-    def predicted(name: str, clients: int) -> Plan:
+    def predicted(name: str, clients: int) -> float | None:
+        """Our batched systems at this many clients (1: not predicted, as the plan predicts a
+        pipeline planned for one sequence; the default: its own plan)."""
         pipe, mode = systems[name]
-        return predict(pipe.config.model_copy(update={"concurrency": clients}), mode)
+        if name == "default":
+            return pipe.plan.tokens_per_s
+        return predict(pipe.config.model_copy(update={"concurrency": clients}), mode).tokens_per_s if clients > 1 else None
     hf = {name: HFProcess(model_dir, name.removeprefix("hf-")) for name in ("hf-generate_batch", "hf-generate")}
     results: list[LevelResult] = []
     alone: dict[str, list[list[int]]] = {}
@@ -228,8 +233,7 @@ def run_sweep(model_dir: Path, levels: list[int], prompts: list[list[int]], max_
                         if clients > 1 and name in alone:
                             r.compared += 1
                             r.identical += rec["tokens"] == alone[name][i % len(prompts)]
-                    plan = pipe.plan if name == "default" else predicted(name, clients)
-                    r.predicted = plan.batched_tokens_per_s
+                    r.predicted = predicted(name, clients)
                     if name == "default":
                         r.note = f"{pipe.plan.mode.value} on {pipe.plan.stages} stage(s), {pipe.plan.threads} thread(s)"
                     drafted = sum(rec.get("stats", {}).get("drafted", 0) for rec in recs)

@@ -101,25 +101,30 @@ def test_batched_sampling_equals_sampling_alone_and_a_cancel_frees_its_slot(tiny
 
 @pytest.mark.parametrize("shape", [(192, 64), (576, 576), (1536, 576)])
 @pytest.mark.parametrize("sizes", [[1, 5, 2, 1, 1, 9, 3, 1, 1, 2, 17, 1], [1, 40, 3, 33, 1]])
-def test_tiled_linear_gives_each_call_its_result_alone(shape, sizes):
+@pytest.mark.parametrize("one_row", [False, True])
+def test_tiled_linear_gives_each_call_its_result_alone(shape, sizes, one_row):
     """Small calls share tiles of the measured row counts (a short tile padded), a call longer
     than the largest tile gets a matmul of its own, and where the class runs on (open_to) a
     batch up to that many rows is one matmul: either way each call's rows are bit for bit
-    what the call gets alone, in the layout the stage would store the weight in."""
+    what the call gets alone, in the layout the stage would store the weight in. one_row (a
+    stage planned for one sequence): a lone row is F.linear's own 1-row product, bias too."""
     import torch
 
-    from ppsd_ray.kv import batch_layout, call_rows, stored_transposed, tiled_linear
+    from ppsd_ray.kv import batch_layout, call_rows, one_row_tiling, stored_transposed, tiled_linear
 
     torch.manual_seed(0)
     weight = torch.randn(*shape)
-    tiling = batch_layout(weight, limit=16, open_to=64)
+    bias = torch.randn(shape[0]) if one_row else None
+    tiling = one_row_tiling(weight, bias) if one_row else batch_layout(weight, limit=16, open_to=64)
     weight = stored_transposed(weight) if tiling.transposed else weight
     x = torch.randn(1, sum(sizes), shape[1])
     with call_rows(sizes):
-        together = tiled_linear(x, weight, None, tiling).split(sizes, dim=1)
+        together = tiled_linear(x, weight, bias, tiling).split(sizes, dim=1)
     for call, got in zip(x.split(sizes, dim=1), together):
         with call_rows([call.shape[1]]):
-            assert torch.equal(tiled_linear(call, weight, None, tiling), got)
+            assert torch.equal(tiled_linear(call, weight, bias, tiling), got)
+            if one_row and call.shape[1] == 1:
+                assert torch.equal(got, torch.nn.functional.linear(call, weight, bias))
 
 
 def test_a_weight_is_stored_transposed_only_where_that_batches_in_fewer_tiles(monkeypatch):

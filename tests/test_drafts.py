@@ -289,8 +289,8 @@ def test_batched_token_time_fills_the_ring_with_batches():
 def test_mode_auto_under_load_plans_for_the_throughput_of_its_concurrency(tiny_model_dir, cache):
     """A calibration in which two stages are slower than one alone, but one stage's batched step
     grows steeply with its rows: one request plans ar, 16 at once plan two stages, by the
-    batched steps (theory.batched_token_s), and the plan says so. Unbatched stages
-    (max_num_seqs 1) are predicted from the unbatched steps."""
+    batched steps (theory.batched_token_s), and the plan says so. Stages planned for one
+    sequence (concurrency 1, or max_num_seqs 1) are predicted from the unbatched steps."""
     fp = model_fingerprint(tiny_model_dir)
     cores = os.cpu_count()
     for t in range(1, cores + 1):  # all cores: one stage; fewer: a stage of several (flat batches)
@@ -308,7 +308,8 @@ def test_mode_auto_under_load_plans_for_the_throughput_of_its_concurrency(tiny_m
 
     alone = plan.resolve(PipelineConfig(model_dir=tiny_model_dir), "auto")
     assert (alone.mode.value, alone.stages, alone.threads) == ("ar", 1, cores)
-    assert alone.batched_tokens_per_s == pytest.approx(1 / (8 * 1.2 + 2.2))  # a lone row in a batched stage
+    # planned for one sequence: its stages run rows with the 1-row kernel, predicted unbatched
+    assert alone.batched_tokens_per_s is None and alone.token_s == pytest.approx(8 * 1.0 + 2.0)
     loaded = plan.resolve(PipelineConfig(model_dir=tiny_model_dir, concurrency=16), "auto")
     assert loaded.stages >= 2 and loaded.mode.value == "ppsd"  # above draft_max_seqs ppsd runs as pp: a tie
     options = {c.rsplit(" ", 1)[0]: float(c.rsplit(" ", 1)[1]) for c in loaded.considered}

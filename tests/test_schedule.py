@@ -44,12 +44,20 @@ def test_every_mode_equals_transformers_greedy(tiny_model_dir, k):
                 assert stats.new_tokens == 40
 
 
-def test_a_pipeline_of_one_sequence_keeps_the_models_own_linears(tiny_model_dir):
-    """max_num_seqs 1: no batch to be invariant against, so the stages compute a lone token with
-    the 1-row kernels transformers uses (faster alone), and stay lossless."""
+def test_stages_planned_for_one_sequence_run_each_row_with_the_1_row_kernel(tiny_model_dir):
+    """concurrency 1 (batched=False): a lone token runs the 1-row kernels transformers uses (no
+    padded tile), rows of several sequences each get that same product, and decoding stays
+    lossless."""
+    from ppsd_ray.kv import call_rows
+
     decoder = local_decoder(tiny_model_dir, 2, batched=False, eos_token_ids=[2])
     linears = [m for s in decoder.pipe.stages for m in s.body.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears and not any("forward" in vars(m) for m in linears)
+    assert linears
+    for m in linears[:4]:
+        x = torch.randn(1, 6, m.in_features)
+        alone = torch.cat([torch.nn.functional.linear(x[:, i:i + 1], m.weight, m.bias) for i in range(6)], dim=1)
+        with call_rows([1] * 6):
+            assert torch.equal(m(x), alone)
     for prompt in PROMPTS:
         want = hf_greedy(tiny_model_dir, prompt, 40, stop_on_eos=False)
         for mode in MODES[2]:
