@@ -234,7 +234,8 @@ class Pipeline:
         """Generates every prompt at once: their calls share each stage's forwards. `gen`: one
         config for all, or one per prompt. Returns the results in order; `on_done(i, result)`
         is called as each finishes. A failed request raises its GenerationError once the
-        others have finished."""
+        others have finished. Fastest on a pipeline planned for that many (config.concurrency):
+        one planned for a single sequence computes a batch's rows one by one."""
         gens = gen if isinstance(gen, list) else [gen] * len(prompts)
         for ids, g in zip(prompts, gens):  # a bad prompt fails before any is started
             check_prompt(ids, self.config.info, g or GenerationConfig())
