@@ -25,7 +25,7 @@ from actors.pipeline import Pipeline
 from .bench import machine_info
 from .config import GenerationConfig, PipelineConfig
 from .kv import keep_freed_memory
-from .plan import predict
+from .plan import predict, resolve
 
 
 @dataclass
@@ -165,8 +165,9 @@ def run_sweep(model_dir: Path, levels: list[int], prompts: list[list[int]], max_
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     top = max(levels)
     loaded = dict(cpus_per_stage=0.01, max_num_seqs=top, concurrency=top)  # stages batched at every level
-    k2 = Pipeline(PipelineConfig(model_dir=model_dir, stages=2, exit_layer=exit_layer, head=head,
-                                 draft_max_seqs=None, **loaded))
+    k2_config = PipelineConfig(model_dir=model_dir, stages=2, exit_layer=exit_layer, head=head,
+                               draft_max_seqs=None, **loaded)
+    k2 = Pipeline(k2_config, plan=resolve(k2_config, "ppsd"))  # its head for drafting, whatever auto plans at load
     k1 = Pipeline(PipelineConfig(model_dir=model_dir, stages=1, **loaded))
     default = Pipeline(PipelineConfig(model_dir=model_dir, cpus_per_stage=0.01, max_num_seqs=top))
     systems = {"ppsd-K2": (k2, "ppsd"), "pp-K2": (k2, "pp"), "ar": (k1, "ar"), "default": (default, "auto")}
