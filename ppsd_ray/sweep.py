@@ -157,9 +157,10 @@ def run_sweep(model_dir: Path, levels: list[int], prompts: list[list[int]], max_
     """Systems: ppsd-K2 (drafting at every load), pp-K2, ar (pipelines planned for the most
     clients: stages batched at every level), default (what PipelineConfig's defaults and mode
     auto give when told the concurrency: the plan's mode, K and kernels for that many clients,
-    drafting only while at most draft_max_seqs decode; built anew per level), and transformers' hf-generate_batch and hf-generate (the padded batch; 1
-    client: each prompt alone). `prompts`: the distinct prompts; a level of c clients sends
-    prompts[i % len(prompts)] for i < c. Each of our systems has its predicted tokens/s beside."""
+    drafting only while at most draft_max_seqs decode; built anew per level), and transformers'
+    hf-generate_batch and hf-generate (the padded batch; 1 client: each prompt alone).
+    `prompts`: the distinct prompts; a level of c clients sends prompts[i % len(prompts)] for
+    i < c. Each of our systems has its predicted tokens/s beside."""
     started = not ray.is_initialized()
     if started:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -178,7 +179,9 @@ def run_sweep(model_dir: Path, levels: list[int], prompts: list[list[int]], max_
         pipe, mode = systems[name]
         if name == "default":
             return pipe.plan.tokens_per_s
-        return predict(pipe.config.model_copy(update={"concurrency": clients}), mode).tokens_per_s if clients > 1 else None
+        if clients == 1:
+            return None
+        return predict(pipe.config.model_copy(update={"concurrency": clients}), mode).tokens_per_s
     hf = {name: HFProcess(model_dir, name.removeprefix("hf-")) for name in ("hf-generate_batch", "hf-generate")}
     results: list[LevelResult] = []
     alone: dict[str, list[list[int]]] = {}
