@@ -90,7 +90,9 @@ class Stage:
         self._recorded: dict[str, _Recorded] = {}
         self._samples: list[tuple[torch.Tensor, torch.Tensor]] = []  # released pairs waiting for take_samples
         self._epochs: dict[str, int] = {}
-        self._drafts: dict[str, tuple[int, int]] = {}  # stage 1: (position, token) of its newest draft
+        # stage 1: (epoch, position, token) of its newest draft; a later epoch (a rollback, or a
+        # request resumed after a repair, perhaps as pp) never takes a draft of an earlier one
+        self._drafts: dict[str, tuple[int, int, int]] = {}
         self._stats: dict[str, _SeqStats] = {}
         self._lock = threading.Lock()
         self._running: list[Work] | None = None  # the calls computing now, checked between layers
@@ -220,7 +222,7 @@ class Stage:
         caches = [self._cache_at(w.seq_id, w.pos, st) for w, st in zip(works, stats)]
         if self.first:
             ids = [list(w.tokens) if w.tokens is not None else [hop.tokens[-1]] if hop is not None
-                   else [self._drafts[w.seq_id][1]] for w, hop in batch]
+                   else [self._drafts[w.seq_id][2]] for w, hop in batch]
             sizes = [len(i) for i in ids]
             x = self.body.embed_tokens(torch.tensor([sum(ids, [])], device=self.device))
         else:
@@ -284,7 +286,7 @@ class Stage:
                 dists[j] = []
             for i in range(work.chain + work.draft):
                 token, dist = propose(row, work.sampling, pos + n, work.epoch, vocab)
-                self._drafts[seq] = (pos + n, token)
+                self._drafts[seq] = (work.epoch, pos + n, token)
                 drafts[j].append(token)
                 if dists[j] is not None:
                     dists[j].append(dist)
@@ -383,7 +385,8 @@ class Stage:
 
     def _has_own_input(self, work: Work) -> bool:
         """Stage 1 needs no hop when the call brings its tokens or it drafted this position itself."""
-        return self.first and (work.tokens is not None or self._drafts.get(work.seq_id, (None,))[0] == work.pos)
+        return self.first and (work.tokens is not None
+                               or self._drafts.get(work.seq_id, (None, None))[:2] == (work.epoch, work.pos))
 
     def waits(self, work: Work) -> bool:
         """A live call that cannot run yet: stage 1's token for it still has to come round

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ppsd_ray.protocol import Work
+from ppsd_ray.protocol import Verdict, Work
 from ppsd_ray.stage import Stage
 
 
@@ -29,6 +29,20 @@ def test_stale_calls_are_skipped_without_computing(tiny_model_dir):
     assert last.forward(Work("s", 1, 3, (8,)), None) is None       # its input was skipped upstream
     report = stage.release("s", keep=3)
     assert report.calls == 1 and report.skipped == 1
+
+
+def test_a_resumed_request_never_takes_a_draft_of_an_earlier_epoch(tiny_model_dir):
+    """A request drafted (ppsd) up to a position, then a stage died and it resumed in a new
+    epoch, as pp (under load): stage 1's call there has no token of its own, it waits for the
+    one fed round. Taking its old draft instead changed served outputs (Serve, stage kills)."""
+    stage = Stage(tiny_model_dir, 0, 4, index=0, num_stages=2)
+    stage.forward(Work("s", 0, 0, (5, 6, 7)))
+    hop = stage.forward(Work("s", 0, 3, (8,), draft=True))  # stage 1's own draft for position 4
+    stage.forward(Work("s", 1, 0, (5, 6, 7)))  # resumed: the prompt again, then the committed token
+    stage.forward(Work("s", 1, 3, (8,), feed=True))
+    resumed = Work("s", 1, 4, None)
+    assert stage.waits(resumed) and stage.forward(resumed) is None  # its token is still on its way
+    assert stage.forward(resumed, Verdict("s", 1, 3, [hop.drafts[0] ^ 1], 0, 0)) is not None  # fed: it runs
 
 
 def test_a_call_rolled_back_while_running_stops_between_layers(tiny_model_dir):
