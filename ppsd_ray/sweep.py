@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig a
 from actors.pipeline import Pipeline
 
 from .bench import machine_info
+from .calibrate import forget
 from .config import GenerationConfig, PipelineConfig
 from .kv import keep_freed_memory
 from .plan import predict, resolve
@@ -164,6 +165,7 @@ def run_sweep(model_dir: Path, levels: list[int], prompts: list[list[int]], max_
     started = not ray.is_initialized()
     if started:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    forget(model_dir)  # as bench.run_bench: plans from a calibration measured now, not hours ago
     top = max(levels)
     loaded = dict(cpus_per_stage=0.01, max_num_seqs=top, concurrency=top)  # stages batched at every level
     k2_config = PipelineConfig(model_dir=model_dir, stages=2, exit_layer=exit_layer, head=head,
