@@ -447,7 +447,8 @@ def batch_invariant(module: nn.Module, one_row: bool = False) -> nn.Module:
     measured for its weight's shape (batch_layout; with `one_row`, one_row_tiling; a layer with
     its own forward around the product, families.LMHead, names it `matmul`). A layer done
     before keeps its tiling: an exit head installed later shares stage 1's LM head, and
-    measuring that again would cost a stage step or more. (A tied LM head stored transposed no longer shares the embedding's memory.)"""
+    measuring that again would cost a stage step or more. (A tied LM head stored transposed no
+    longer shares the embedding's memory.)"""
     tilings: dict[tuple, Tiling] = {}
     for m in module.modules():
         if not (hasattr(m, "matmul") or type(m) is nn.Linear):
