@@ -98,7 +98,7 @@ class Coordinator:
             get = self._ray_get
         self.generation = 0
         self._repair_lock = threading.Lock()
-        self._pids = self._stage_pids()
+        self._pids: list[int] = []
         self.admission = Admission(max_num_seqs, kv_budget_tokens)
         may_draft = (lambda: True) if draft_max_seqs is None else (lambda: self.admission.seqs <= draft_max_seqs)
         self.decoder = Decoder(self.pipe, len(stages), get=get, eos_token_ids=eos_token_ids, window=window,
@@ -108,6 +108,11 @@ class Coordinator:
         self._running: set[str] = set()
         self._cancelled: dict[str, float] = {}  # seq_id: when cancel() came
         self._feeds: dict[str, Feed] = {}
+
+    def connect(self) -> None:
+        """Called once the stages are up (the actor is made while they load, so that both
+        import at once): notes their processes and, direct, starts the stages' loops."""
+        self._pids = self._stage_pids()
         if self.transport == Transport.direct:
             self._connect_direct()
             threading.Thread(target=self._watch, daemon=True, name="ppsd-watch").start()

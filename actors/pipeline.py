@@ -157,14 +157,8 @@ class Pipeline:
                 str(config.model_dir), start, stop, i, k, self.plan.head, self.plan.exit_layer,
                 config.dtype, None if gpus else threads, config.batched_stages, self.head_version,
                 config.learn.buffer_positions if learning else 0))
-        self.layout = ray.get([s.ready.remote() for s in self.stages], timeout=config.timeout_s * 5)
-        if config.learn_drafts:  # on stage 1's node: the version files it loads are written there
-            node = ray.get(self.stages[0].node_id.remote(), timeout=config.timeout_s)
-            self.learner = HeadLearner.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
-                str(config.model_dir), self.plan.exit_layer, self.plan.head, self.head_version,
-                config.learn.model_dump(), self.stages[0])
-        # the feed, and a thread per request started with generate (the health probe has its own group)
+        # made before the stages are up, so that its process imports while they load; it has the
+        # feed, and a thread per request started with generate (the health probe has its own group)
         options = {"max_concurrency": 2 * config.max_num_seqs + 2}
         if pg is not None:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
@@ -173,7 +167,14 @@ class Pipeline:
             "nccl" if gpus else None, config.max_num_seqs, config.prefill_chunk, config.max_batch_tokens,
             int(config.kv_budget_gb * 2**30) // max(1, config.info.kv_bytes_per_token), config.draft_max_seqs,
             self.plan.mode.value)
-        ray.get(self.coordinator.__ray_ready__.remote(), timeout=config.timeout_s)
+        self.layout = ray.get([s.ready.remote() for s in self.stages], timeout=config.timeout_s * 5)
+        if config.learn_drafts:  # on stage 1's node: the version files it loads are written there
+            node = ray.get(self.stages[0].node_id.remote(), timeout=config.timeout_s)
+            self.learner = HeadLearner.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+                str(config.model_dir), self.plan.exit_layer, self.plan.head, self.head_version,
+                config.learn.model_dump(), self.stages[0])
+        ray.get(self.coordinator.connect.remote(), timeout=config.timeout_s)
         self.feed = FeedReader(self.coordinator)
 
     def stream(self, prompt_ids: list[int], gen: GenerationConfig | None = None) -> Iterator[int | dict]:

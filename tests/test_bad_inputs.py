@@ -80,6 +80,30 @@ def test_every_command_reads_prompts_files_the_same_way(tiny_model_dir, tmp_path
     assert [(p.prompt, p.category, p.line) for p in read_prompts(file)] == [("x", "all", 2), ("y", "code", 4)]
 
 
+BAD_VALUES = [  # (flags, the field the message names)
+    (["--exit-layer", 99], "exit_layer"),
+    (["--stages", 20], "stages"),
+    (["--mode", "ar", "--stages", 2], "stages"),
+    (["--max-new-tokens", 0], "max_new_tokens"),
+    (["--gamma", 0], "gamma"),
+    (["--temperature", -1], "temperature"),
+    (["--top-p", 0], "top_p"),
+    (["--top-k", -1], "top_k"),
+    (["--seed", 2**63], "seed"),
+]
+
+
+def test_bad_values_name_their_field(tiny_model_dir, tmp_path, capsys, no_ray):
+    for flags, field in BAD_VALUES:
+        err = usage_error(capsys, "generate", "hello", "--model", tiny_model_dir, *flags)
+        assert err.startswith(f"ppsd generate: error: {field}"), (flags, err)
+    err = usage_error(capsys, "generate", "hello", "--model", tmp_path / "missing")
+    assert err.startswith("ppsd generate: error: model_dir")
+    with pytest.raises(SystemExit) as e:  # argparse's own choices
+        main(["generate", "hello", "--mode", "fast"])
+    assert e.value.code == 2 and "'fast'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("prompt", ["", "   "])
 def test_empty_prompt_argument(prompt, tiny_model_dir, capsys, no_ray):
     err = usage_error(capsys, "generate", prompt, "--model", tiny_model_dir)
