@@ -85,9 +85,10 @@ class TimedPipe:
 
     def rollback(self, seq_id: str, epoch: int) -> None:
         arrives = self.now + self.timing.hop_s
-        for j, calls in enumerate(self.calls):
-            self.calls[j] = [c for c in calls if c[0] < arrives or c[2] == 0]
-            self.free[j] = max([c[1] for c in self.calls[j]], default=0.0)
+        for j, calls in enumerate(self.calls):  # each stage's calls are in order of start and of end
+            while calls and calls[-1][0] >= arrives and calls[-1][2] != 0:
+                calls.pop()
+            self.free[j] = calls[-1][1] if calls else 0.0
         self._stage1_done = self.free[0]
 
     def release(self, seq_id: str, keep: int, events: bool = False) -> list[StageReport]:
