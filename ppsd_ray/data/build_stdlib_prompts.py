@@ -15,6 +15,7 @@ in each line's "source" field as module:function).
 """
 import argparse
 import ast
+import io
 import json
 import random
 import sysconfig
@@ -58,16 +59,26 @@ def harvest(root: Path):
         try:
             source = path.read_text(encoding="utf-8")
             tree = ast.parse(source)
+            lines = io.StringIO(source, newline="").readlines()  # split as ast's own: on \n, \r, \r\n
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
         module = ".".join(rel.with_suffix("").parts)
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
                 doc = ast.get_docstring(node) or ""
-                code = ast.get_source_segment(source, node)
-                if code and 4 <= code.count("\n") <= 24 and len(code) <= 900 and len(doc) >= 40:
-                    found.append((module, node.name, textwrap.dedent(" " * node.col_offset + code), doc))
+                if len(doc) >= 40 and 4 <= node.end_lineno - node.lineno <= 24:
+                    code = segment(lines, node)
+                    if len(code) <= 900:
+                        found.append((module, node.name, textwrap.dedent(" " * node.col_offset + code), doc))
     return found
+
+
+def segment(lines: list[str], node: ast.AST) -> str:
+    """ast.get_source_segment of a node over several lines, from lines split once per file
+    (get_source_segment splits the whole file again on every call)."""
+    first, last = node.lineno - 1, node.end_lineno - 1
+    return (lines[first].encode()[node.col_offset:].decode() + "".join(lines[first + 1:last])
+            + lines[last].encode()[:node.end_col_offset].decode())
 
 
 def paragraph(doc: str, limit: int = 600) -> str:
