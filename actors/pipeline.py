@@ -21,6 +21,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
+from ppsd_ray.cluster import start_ray
 from ppsd_ray.config import GenerationConfig, Mode, PipelineConfig, check_learnable, check_prompt
 from ppsd_ray.heads import read_head_meta
 from ppsd_ray.online import starting_head
@@ -112,9 +113,7 @@ class Pipeline:
             self.plan = self.plan.model_copy(update={"head": head})
         self.stages, self.coordinator, self.learner = [], None, None
         self._pg, self._own_pg = pg, pg is None
-        self._started_ray = not ray.is_initialized()
-        if self._started_ray:
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        self._started_ray = start_ray()
         try:
             self._start(pg, first_bundle)
         except BaseException:

@@ -33,6 +33,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
 
+from ppsd_ray.cluster import start_ray
 from ppsd_ray.config import GenerationConfig, Mode, PipelineConfig, describe
 from ppsd_ray.model import encode_prompt, load_tokenizer
 from ppsd_ray.plan import resolve
@@ -324,12 +325,11 @@ def serve_forever(settings: ServeSettings, host: str = "127.0.0.1", port: int = 
     joined cluster: deletes only this application). Returns the exit code: 1 when the
     application fails to start (a replica without the API key, ...)."""
     own = address is None
-    init: dict[str, Any] = {"address": "local" if own else address, "configure_logging": False}
-    if own:  # never join a cluster some other `ray start` left on this machine by accident
-        init["include_dashboard"] = False
-        if metrics_port:
-            init["_metrics_export_port"] = metrics_port
-    ray.init(**init)
+    # a new local Ray: never join a cluster some other `ray start` left on this machine by accident
+    init: dict[str, Any] = {"address": "local" if own else address, "log_to_driver": True}
+    if own and metrics_port:
+        init["_metrics_export_port"] = metrics_port
+    start_ray(**init)
 
     def stop(signum, frame):
         raise _Stop(signum)

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM
 
 from actors.pipeline import Pipeline
 
+from .cluster import start_ray
 from .config import GenerationConfig, PipelineConfig
 from .heads import describe_head
 from .model import encode_prompt, load_tokenizer
@@ -114,9 +115,7 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[Prompt], max
     tokenizer = load_tokenizer(model_dir)
     ids = [encode_prompt(tokenizer, p.prompt) for p in prompts]
     hf = HFRunner(model_dir, exit_layers.get(2, exit_layers[min(exit_layers)]))
-    started_ray = not ray.is_initialized()
-    if started_ray:  # one Ray for all pipelines
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    started_ray = start_ray()  # one Ray for all pipelines
     def head_of(s: System) -> str:
         return s.head or heads.get(s.stages, "auto")
 

@@ -40,6 +40,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from .cluster import start_ray
 from .families import build_shard, decoder, layer_prefix, load_tensors, tensor_names
 from .heads import ExitHead, build_head
 from .model import cache_dir, encode_prompt, model_fingerprint
@@ -199,9 +200,7 @@ def build_dataset(model_dir: Path, spec: DataSpec, workers: int = 2, threads_per
     elif todo:
         import ray  # only with generation workers: `ppsd eval-acceptance --workers 0` runs without Ray
 
-        if not ray.is_initialized():
-            ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(workers, 1)}),
-                     include_dashboard=False, log_to_driver=False, configure_logging=False)
+        start_ray(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(workers, 1)}))
         Remote = ray.remote(num_cpus=threads_per_worker)(Generator)
         actors = [Remote.remote(str(model_dir), spec.exit_layers, threads_per_worker) for _ in range(workers)]
         try:

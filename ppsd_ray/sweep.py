@@ -24,6 +24,7 @@ from actors.pipeline import Pipeline
 
 from .bench import machine_info
 from .calibrate import forget
+from .cluster import start_ray
 from .config import GenerationConfig, PipelineConfig
 from .kv import keep_freed_memory
 from .plan import predict, resolve
@@ -162,9 +163,7 @@ def run_sweep(model_dir: Path, levels: list[int], prompts: list[list[int]], max_
     hf-generate_batch and hf-generate (the padded batch; 1 client: each prompt alone).
     `prompts`: the distinct prompts; a level of c clients sends prompts[i % len(prompts)] for
     i < c. Each of our systems has its predicted tokens/s beside."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    started = start_ray()
     forget(model_dir)  # as bench.run_bench: plans from a calibration measured now, not hours ago
     top = max(levels)
     loaded = dict(cpus_per_stage=0.01, max_num_seqs=top, concurrency=top)  # stages batched at every level
