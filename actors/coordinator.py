@@ -17,7 +17,7 @@ from ppsd_ray.schedule import Decoder, RequestStats
 from ppsd_ray.transport import DirectPipe, StageError
 
 from .metrics import PipelineMetrics
-from .stage import RayPipe
+from .ray_pipe import RayPipe
 
 WATCH_S = 1.0  # how often the direct transport's coordinator checks that every stage is alive
 CANCEL_MEMORY_S = 300.0  # how long a cancel waits for its request to start (it may be queued)

@@ -14,7 +14,7 @@ Decoder the same Pipe (submit, rollback, release):
   and control to every stage, and receives Verdicts and StageReports from the last
   stage on its own inbox. Per token there is no Ray call and no object ref: Ray only
   places the processes and starts the loops (actors.stage).
-- ray: one actor call per stage per call, hidden states as object refs (actors.stage.RayPipe).
+- ray: one actor call per stage per call, hidden states as object refs (actors.ray_pipe.RayPipe).
 
 A stage loop runs every ready call it holds, one per sequence, as one forward
 (Stage.forward_batch): continuous batching with no scheduler thread. Calls queue at

@@ -29,7 +29,7 @@ def reference(real_model_dir):
     return out
 
 
-@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("k", [2, 4])  # 4: two middle stages; 3 stages run on the tiny model
 def test_ppsd_on_the_default_model_is_lossless(real_model_dir, reference, tmp_path, k):
     file = tmp_path / "p.jsonl"
     file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))

@@ -144,9 +144,10 @@ def test_ppsd_and_eesd_sample_the_full_models_joint_distribution(peaked_model_di
 
 @pytest.mark.real_model
 @pytest.mark.slow
-@pytest.mark.parametrize("k,mode,temperature", [(2, "ppsd", 0.7), (3, "ppsd", 1.0), (2, "eesd", 1.0)])
+@pytest.mark.parametrize("k,mode,temperature", [(2, "ppsd", 0.7)])
 def test_real_model_samples_its_own_joint_distribution(real_model_dir, k, mode, temperature):
-    """The first two tokens after a short raw prompt: the second is verified against a draft."""
+    """The first two tokens after a short raw prompt: the second is verified against a draft.
+    The default mode and K on the real model; every way of drafting: the peaked tiny model above."""
     from ppsd_ray.model import encode_prompt, load_tokenizer
 
     prompt = encode_prompt(load_tokenizer(real_model_dir), "The capital of France is", raw=True)
