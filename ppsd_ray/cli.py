@@ -463,7 +463,14 @@ def _bench(args) -> int:
         for row in report.load_sweep_rows(result):
             print(json.dumps(row), file=sys.stderr)
     if args.report_only or args.load_sweep:
-        stored = json.loads((args.out / "bench.json").read_text())
+        stored_file = args.out / "bench.json"
+        if not stored_file.is_file():  # nothing to report the sweep beside: its own files are written
+            if args.report_only:
+                raise UsageError(f"out: {stored_file}: no such file; `ppsd bench --out {args.out}` writes it")
+            print(f"wrote {args.out / 'load_sweep.json'} and .png; {args.markdown} left as it was: "
+                  f"no {stored_file} to report beside the sweep", file=sys.stderr)
+            return 0
+        stored = json.loads(stored_file.read_text())
         _bench_report(args, stored, stored["summary"], stored["projections"], stored["command"])
         return 0
     try:

@@ -104,6 +104,13 @@ def test_bad_values_name_their_field(tiny_model_dir, tmp_path, capsys, no_ray):
     assert e.value.code == 2 and "'fast'" in capsys.readouterr().err
 
 
+def test_a_report_without_a_stored_bench(tmp_path, capsys, no_ray):
+    err = usage_error(capsys, "bench", "--report-only", "--out", tmp_path, "--markdown", tmp_path / "B.md")
+    assert err == (f"ppsd bench: error: out: {tmp_path / 'bench.json'}: no such file; "
+                   f"`ppsd bench --out {tmp_path}` writes it")
+    assert not (tmp_path / "B.md").exists()
+
+
 @pytest.mark.parametrize("prompt", ["", "   "])
 def test_empty_prompt_argument(prompt, tiny_model_dir, capsys, no_ray):
     err = usage_error(capsys, "generate", prompt, "--model", tiny_model_dir)
