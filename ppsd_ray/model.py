@@ -12,6 +12,7 @@ returns the directory.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -93,8 +94,9 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     import torch  # torch and transformers lazily: model.py is the light bottom (names, files, fingerprints)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _one_parse_per_gguf():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
     config.quantization_config = None
     del config.quantization_config
@@ -107,6 +109,27 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(staging)
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)  # a half-written directory is never taken for a model
+
+
+@contextlib.contextmanager
+def _one_parse_per_gguf():
+    """Within: each GGUF file is parsed once. transformers parses it for the tokenizer, the
+    model's config and its weights, and a parse is pure Python over every metadata entry:
+    Gemma 3 270M's 262k-token vocabulary took 18.5 s a parse, three times (Intel Xeon)."""
+    import gguf  # lazily, as in convert_gguf
+
+    parse, parsed = gguf.GGUFReader, {}
+
+    def reader(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in parsed:
+            parsed[key] = parse(path, mode)
+        return parsed[key]
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = parse
 
 
 def check_weights(model_dir: Path) -> None:
