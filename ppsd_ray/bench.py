@@ -33,7 +33,7 @@ from .cluster import start_ray
 from .config import GenerationConfig, PipelineConfig
 from .heads import describe_head
 from .model import encode_prompt, load_tokenizer
-from .calibrate import forget
+from .calibrate import drift, forget
 from .plan import predict
 from .prompts import Prompt
 from .simulate import Timing, calibrate_hop, decode_step_times, simulate
@@ -181,6 +181,7 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[Prompt], max
             p.shutdown()
         if started_ray:
             ray.shutdown()
+    box = [d.model_dump() for d in drift(model_dir)]  # with every pipeline gone: nothing else running
     sampled = {s.name for s in systems if s.temperature}
     for r in records:  # lossless check against transformers' greedy output (sampled runs: None)
         r["lossless"] = None if r["system"] in sampled else r["tokens"] == reference.get(r["prompt"], r["tokens"])
@@ -192,7 +193,7 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[Prompt], max
                                                  for (k, h, _, _), p in pipelines.items() if k},
                                        "default_plan": next((p.plan.describe() for (k, *_), p in pipelines.items()
                                                              if not k), None),
-                                       "predicted": predicted},
+                                       "predicted": predicted, "drift": box},
             "records": records, "timeline": timeline}
 
 
@@ -300,6 +301,10 @@ def summarize(result: dict, num_layers: int) -> dict:
             entry["simulator"] = {"predicted_tokens_per_s": _median(predicted), "measured_tokens_per_s": measured,
                                   "error": _median(predicted) / measured - 1}
         out["systems"][s.name] = entry
+    ar = out["systems"].get("ar", {}).get("plan")
+    for entry in out["systems"].values():  # ranking, which mode auto chooses by: drift cancels in the ratio
+        if ar and "plan" in entry:
+            entry["plan"]["error_vs_ar"] = (1 + entry["plan"]["error"]) / (1 + ar["error"]) - 1
     return out
 
 

@@ -113,6 +113,31 @@ def calibration(model_dir: Path, device: str, threads: int, dtype: str, draft_ke
     return cal
 
 
+class Drift(BaseModel):
+    """A whole-model decode step (every layer and the LM head, one token) at one thread count: as
+    the calibration a run planned from timed it, and timed again at the run's end. A CPU's speed
+    drifts within minutes (Intel Xeon, 2026-12-07: 43 to 58 ms in four interleaved runs), so a
+    prediction's error is read beside how far the box itself moved."""
+    device: str
+    threads: int
+    dtype: str
+    start_ms: float
+    end_ms: float
+
+
+def drift(model_dir: Path) -> list[Drift]:
+    """For each of this model's cached calibrations (those the run's plans used, after `forget`
+    at its start), its whole-model step against the same step timed now."""
+    out, num_layers = [], frozen_parts(model_dir)[2].num_hidden_layers
+    for path in sorted((cache_dir() / "calibration").glob(f"{model_fingerprint(model_dir)}-*.json")):
+        cal = Calibration.model_validate_json(path.read_text())
+        now = measure(Path(model_dir), cal.device, cal.threads, cal.dtype, set())
+        out.append(Drift(device=cal.device, threads=cal.threads, dtype=cal.dtype,
+                         start_ms=1e3 * (cal.layer_s * num_layers + cal.lm_head_s),
+                         end_ms=1e3 * (now.layer_s * num_layers + now.lm_head_s)))
+    return out
+
+
 def contention(model_dir: Path, threads: int, dtype: str, peers: int) -> float:
     """A layer step's time in one of peers + 1 stages sharing this CPU, over its time in the
     whole model alone: what stages on one box cost each other (shared memory bandwidth and

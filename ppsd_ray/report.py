@@ -15,6 +15,19 @@ def _lossless(x):
     return "sampled" if x is None else "yes" if x else "**no**"
 
 
+def drift_note(setup: dict) -> str:
+    """How far the box's own speed moved while the run ran (calibrate.drift), for reading a
+    prediction's error: the plans predicted from the start."""
+    box = setup.get("drift")
+    if not box:
+        return "- Box speed during the run: not measured."
+    steps = "; ".join(f"{d['threads']} thread(s): {d['start_ms']:.1f} ms at the start, {d['end_ms']:.1f} at the end "
+                      f"({100 * (d['end_ms'] / d['start_ms'] - 1):+.0f}%)" for d in box)
+    return ("- Box speed during the run (a whole-model decode step, timed alone as the calibration times it): "
+            f"{steps}. The plan's predictions are from the start; an error near the box's own change is drift, "
+            "not the model of the pipeline.")
+
+
 def write_markdown(path: Path, result: dict, summary: dict, projections: list[dict], command: str,
                    images: dict[str, str], reliability: dict[str, dict] | None = None) -> None:
     """reliability: the last results of the commands run beside the bench, by name (kills, load,
@@ -43,11 +56,14 @@ def write_markdown(path: Path, result: dict, summary: dict, projections: list[di
         "understates them. The GPU projection below uses per-device figures.",
         "- plan predicts: the decode tokens/s ppsd_ray/plan.py predicts for the system from a calibration "
         "measured at the start of this run (what `--mode auto` chooses by), and its error against the measured "
-        "decode rate (tokens after the first over the time after the prefill, median); its predicted stage "
+        "decode rate (tokens after the first over the time after the prefill, median); then, against ar, the "
+        "error of the prediction's ratio to ar's prediction against the measured ratio: the ranking `--mode auto` "
+        "chooses by, which the box's own drift (below) moves alike for every system. Its predicted stage "
         "steps are beside the measured ones below. eesd is not predicted: its verification runs gamma + 1 rows, "
         "which the plan does not model, and mode auto never picks it.",
         "- ideal: the PPSD formula K / (a + (1 - a) K) at the measured acceptance a (eesd rows: the EESD formula "
         "with gamma and e = E / L); efficiency = measured speedup over pp on the same K stages / ideal.",
+        drift_note(setup),
         "",
         "## All prompts",
         "",
@@ -57,7 +73,10 @@ def write_markdown(path: Path, result: dict, summary: dict, projections: list[di
     ]
     for name, e in systems.items():
         a, plan = e["all"], e.get("plan")
-        predicted = f"{plan['predicted_tokens_per_s']:.1f} ({100 * plan['error']:+.0f}%)" if plan else "-"
+        predicted = f"{plan['predicted_tokens_per_s']:.1f} ({100 * plan['error']:+.0f}%" if plan else "-"
+        if plan:
+            relative = plan.get("error_vs_ar")
+            predicted += f"; {100 * relative:+.0f}% against ar)" if relative is not None and name != "ar" else ")"
         lines.append(f"| {name} | {a['tokens_per_s']:.1f} | {_f(a['speedup_vs_hf'])}x | {_f(a['speedup_vs_ar'])}x | "
                      f"{_f(a.get('per_device'), '{:.2f}x')} | {predicted} | "
                      f"{_f(a.get('acceptance'))} | {_f(a.get('speedup_vs_pp'))} | {_f(a.get('ideal'))} | "
@@ -174,7 +193,7 @@ def _load_sweep(sweep: dict) -> list[str]:
              "TTFT is measured for streaming "
              "clients only. decode: clients / the mean gap between a request's tokens (prefill excluded); "
              "predicted: the plan's decode tokens/s for that many clients (ppsd_ray/plan.py), and its error "
-             "against decode.", "",
+             "against decode.", "", drift_note(k), "",
              "| system | clients | tokens/s (all) | decode | predicted (error) | TTFT p50 / p99 s | inter-token p50 ms "
              "| identical to alone | errors | acceptance | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in load_sweep_rows(sweep):

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig a
 from actors.pipeline import Pipeline
 
 from .bench import machine_info
-from .calibrate import forget
+from .calibrate import drift, forget
 from .cluster import start_ray
 from .config import GenerationConfig, PipelineConfig
 from .kv import keep_freed_memory
@@ -254,6 +254,8 @@ def run_sweep(model_dir: Path, levels: list[int], prompts: list[list[int]], max_
             run.close()
         if started:
             ray.shutdown()
+    box = [d.model_dump() for d in drift(model_dir)]
     return {"setup": machine_info() | {"model_dir": str(model_dir), "max_new_tokens": max_new_tokens,
-                                       "prompts": len(prompts), "levels": sorted(levels), "exit_layer": exit_layer},
+                                       "prompts": len(prompts), "levels": sorted(levels), "exit_layer": exit_layer,
+                                       "drift": box},
             "results": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in results]}

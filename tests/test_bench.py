@@ -22,6 +22,15 @@ def test_bench_writes_json_markdown_and_plots(tiny_model_dir, tmp_path):
     (out / "soak.json").write_text(json.dumps({
         "setup": setup, "minutes": 20.0, "clients": 8, "requests": 900, "error_count": 0,
         "latency_s": {"p50": 2.0, "p99": 9.0}, "leaked": False, "rss_mib_total": {"start": 2000, "end": 2030}}))
+    # the last load sweep, with the box's own speed change over it
+    level = {"clients": 4, "tokens": 256, "wall_s": 8.0, "ttft_s": [0.5, 0.5, 0.6, 0.7], "itl_s": [0.1] * 252,
+             "identical": 4, "compared": 4, "errors": [], "acceptance": None, "note": "", "tokens_per_s": 32.0}
+    (out / "load_sweep.json").write_text(json.dumps({
+        "setup": setup | {"prompts": 4, "max_new_tokens": 64, "levels": [4], "exit_layer": 15,
+                          "drift": [{"device": "cpu", "threads": 2, "dtype": "float32", "start_ms": 40.0,
+                                     "end_ms": 50.0}]},
+        "results": [level | {"system": "ar", "predicted": 44.0},
+                    level | {"system": "hf-generate", "predicted": None, "compared": 0}]}))
     gpu.write_text(json.dumps({"shapes": {"llama2-7b": {"full_layers": 32, "per_layer_ms": 0.5, "fixed_ms": 1.0,
                                                         "lm_head_ms": 0.2}}}))
     run = subprocess.run([sys.executable, "-m", "ppsd_ray.cli", "bench", "--model", str(tiny_model_dir),
@@ -48,17 +57,25 @@ def test_bench_writes_json_markdown_and_plots(tiny_model_dir, tmp_path):
     unpredicted = {"hf", "hf-ee", "eesd-K2-g2"}  # transformers; eesd, which the plan does not model
     assert all(summary[n]["plan"]["predicted_tokens_per_s"] > 0 for n in summary if n not in unpredicted)
     assert all("plan" not in summary[n] for n in unpredicted)
+    plan, ar = summary["ppsd-K2"]["plan"], summary["ar"]["plan"]  # and its error relative to ar's
+    assert abs((1 + plan["error_vs_ar"]) * (1 + ar["error"]) - (1 + plan["error"])) < 1e-9
     assert summary["ppsd-K2"]["all"]["per_device"] > 0 and summary["ar"]["all"]["per_device"] is None
     assert result["setup"]["default_plan"].startswith(("ar on 1 stage", "ppsd on", "pp on"))
+    # the box's own speed change over the run, for each thread count a plan used, beside the predictions
+    assert {d["threads"] for d in result["setup"]["drift"]} >= {1} and all(
+        d["start_ms"] > 0 and d["end_ms"] > 0 for d in result["setup"]["drift"])
     assert [p["shape"] for p in result["projections"]][0] == "llama2-7b"
     assert {p["transport"] for p in result["projections"]} == {"direct", "ray"}
     text = md.read_text()
+    assert f"{plan['predicted_tokens_per_s']:.1f} ({100 * plan['error']:+.0f}%; " in text
     steps = summary["ppsd-K2"]["breakdown_ms_per_token"]["stage_step"]
     assert len(steps) == 2 and all(x > 0 for x in steps)
     assert "| stage step |" in text and f"{steps[0]:.1f} / {steps[1]:.1f}" in text
     assert "| 32 | 32 | 0 | 250 / 1500 | 21.0 | 0.70 | 100 | 14.0 |" in text
     assert "| 20.0 | 900 | 0 | 2000 / 9000 | no | 2000 | 2030 | +1.5% |" in text
-    for needle in ["| ppsd-K2 |", "| default |", "plan predicts", "Simulator check", "Projected multi-GPU", "speedup_vs_acceptance.png", "timeline.png"]:
+    assert "| ar | 4 | 32.0 | 40.0 | 44.0 (+10%) | 0.60 / 0.70 | 100 | 4/4 | 0 | – |  |" in text
+    assert "2 thread(s): 40.0 ms at the start, 50.0 at the end (+25%)" in text
+    for needle in ["| ppsd-K2 |", "| default |", "plan predicts", "Box speed during the run", "Simulator check", "Projected multi-GPU", "speedup_vs_acceptance.png", "timeline.png"]:
         assert needle in text
     assert (out / "speedup_vs_acceptance.png").stat().st_size > 10_000
     assert (out / "timeline.png").stat().st_size > 10_000
