@@ -2,15 +2,15 @@
 
 `calibration` times, on the device, dtype and thread count the stages will use,
 one decode step (a single new token over a KV cache of CONTEXT positions) of one
-decoder layer, of the full LM head (final norm, LM head, argmax), and of each
-exit head kind's draft (with its draft vocabulary size). 10-40 s per thread count
+decoder layer and of the LM head with verification, each through a real Stage
+(ppsd_ray.stage), and of each exit head kind's draft (with its draft vocabulary size). 10-40 s per thread count
 on the real model (building the timed modules and, on a CPU, the stages-together
 slowdown included), a second or two on the tiny test model. The result is cached as JSON
 under cache_dir()/calibration/, one file per (model fingerprint, device, threads,
 dtype); a later call measures only what the file lacks.
 
-For planning under load (plan.py, a config's `concurrency`), `batched` times a real
-Stage's step (ppsd_ray.stage: its batch-invariant tiles, packed attention, hops) over
+For planning under load (plan.py, a config's `concurrency`), `batched` times the same
+Stage's step with the kernels of stages planned for load (batch-invariant tiles) over
 b decode calls of b sequences at once, for each b in ROWS, and the LM head over b rows.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from .protocol import Hop, Work
 from .stage import Stage
 
 CONTEXT = 64          # cached positions a timed decode step attends over
-VERSION = 3           # in the cache file's name: 2 timed every layer, 3 stages with weights stored transposed (kv.batch_layout)
+VERSION = 4           # in the cache file's name: 2 timed every layer, 3 stages with weights stored transposed (kv.batch_layout), 4 the layer and LM head through real stages
 BUDGET_S = 0.5        # per timed item: repeat for about this long, MIN_RUNS to MAX_RUNS times
 MIN_RUNS, MAX_RUNS = 5, 30
 ROWS = (1, 2, 4, 8, 16, 32)  # decode calls per stage step timed for planning under load
@@ -202,13 +202,17 @@ def _layer_stack(model_dir: Path, device: str, dtype: str, num_layers: int | Non
 def measure(model_dir: Path, device: str, threads: int, dtype: str, draft_keys: set[str],
             known: Calibration | None = None, runs: int | None = None) -> Calibration:
     """Times what `known` lacks (each item the median of `runs` runs; default: about
-    BUDGET_S of runs). Weights other than the LM head's are random: the same cost.
+    BUDGET_S of runs).
 
-    Layers are timed as a chain of one-layer models, as many as the model has (each call's
-    mask and rotary set-up included): decoding reads every layer's weights once per token,
-    so whether they stay in the CPU's caches is as it is in decoding (an Intel Xeon with a
-    480 MB L3 held 4 layers of SmolLM2-135M there, 30% faster, but not the model). Heads
-    are timed each right after such a chain (untimed), so that they start cold too."""
+    The layer and the LM head are timed through real stages, as a pipeline planned for one
+    sequence runs them (`stage_steps`, one decode call, each row with the 1-row kernel): a
+    proxy of one-layer models (a mask and rotary set-up per layer) timed 10-35% slower than
+    the stage on an Intel Xeon, by amounts that moved from run to run. Every layer of
+    the model is in the step: decoding reads every layer's weights once per token, so
+    whether they stay in the CPU's caches is as in decoding (an Intel Xeon with a 480 MB L3
+    held 4 layers of SmolLM2-135M there, 30% faster, but not the model). Exit heads' drafts
+    are timed each right after a chain of every layer (untimed, random weights), so that
+    they start cold too."""
     with _threads(threads):
         norm, lm_head, config = frozen_parts(model_dir)
         norm, lm_head = norm.to(device, getattr(torch, dtype)), lm_head.to(device, getattr(torch, dtype))
@@ -229,13 +233,12 @@ def measure(model_dir: Path, device: str, threads: int, dtype: str, draft_keys: 
             if cache is not None and cache.get_seq_length() > CONTEXT:
                 cache.crop(CONTEXT)
 
-        layers = _layer_stack(model_dir, device, dtype)
-
         if known is None:
+            step = stage_steps(model_dir, device, threads, dtype, (1,), batched=False, runs=runs)[1]
             known = Calibration(model_fingerprint=model_fingerprint(model_dir), device=device, threads=threads,
-                                dtype=dtype, layer_s=_median_s(layers, device, runs) / config.num_hidden_layers,
-                                lm_head_s=_median_s(lambda: lm_head(norm(x)).argmax(-1), device, runs, layers))
+                                dtype=dtype, layer_s=step.layer_s, lm_head_s=step.lm_head_s)
         draft_s = dict(known.draft_s)
+        layers = _layer_stack(model_dir, device, dtype) if draft_keys - draft_s.keys() else None
         for key in sorted(draft_keys - draft_s.keys()):
             kind, _, size = key.partition("@")
             head, cache = head_at_context(kind, int(size) if size else None)
@@ -247,24 +250,32 @@ def measure(model_dir: Path, device: str, threads: int, dtype: str, draft_keys: 
     return known.model_copy(update={"draft_s": draft_s})
 
 
-@torch.inference_mode()
 def batched_steps(model_dir: Path, device: str, threads: int, dtype: str, runs: int | None = None) -> dict[int, BatchStep]:
-    """For each b in ROWS, the step of b decode calls (b sequences at CONTEXT cached positions)
+    """Stage steps of b decode calls at once for each b in ROWS, on stages planned for load."""
+    return stage_steps(model_dir, device, threads, dtype, ROWS, batched=True, runs=runs)
+
+
+@torch.inference_mode()
+def stage_steps(model_dir: Path, device: str, threads: int, dtype: str, rows: tuple[int, ...], batched: bool,
+                runs: int | None = None) -> dict[int, BatchStep]:
+    """For each b in rows, the step of b decode calls (b sequences at CONTEXT cached positions)
     through a real middle Stage of all the layers, per layer; and the last stage's LM head and
     verification over b rows: its step through one layer less the layer, timed right after
-    a middle step, so that it starts as cold as in decoding."""
+    a middle step, so that it starts as cold as in decoding. `batched`: the stages' kernels
+    (Stage's, tiles for batches or each row alone)."""
     num_layers = frozen_parts(model_dir)[2].num_hidden_layers
     with _threads(threads):
-        middle = Stage(model_dir, 0, num_layers, index=1, num_stages=3, dtype=dtype, device=device)
-        last = Stage(model_dir, num_layers - 1, num_layers, index=1, num_stages=2, dtype=dtype, device=device)
+        middle = Stage(model_dir, 0, num_layers, index=1, num_stages=3, dtype=dtype, device=device, batched=batched)
+        last = Stage(model_dir, num_layers - 1, num_layers, index=1, num_stages=2, dtype=dtype, device=device,
+                     batched=batched)
         hidden, torch_dtype = middle.config.hidden_size, getattr(torch, dtype)
         for stage in (middle, last):
-            for i in range(max(ROWS)):
+            for i in range(max(rows)):
                 work = Work(f"s{i}", 0, 0, None, verify=0, prompt=True)
                 prompt = torch.randn(1, CONTEXT, hidden, device=device, dtype=torch_dtype)
                 stage.forward_batch([(work, Hop(work, prompt, []))])
         out = {}
-        for b in ROWS:
+        for b in rows:
             calls = []
             for i in range(b):
                 work = Work(f"s{i}", 0, CONTEXT, None)  # each step first drops what the one before cached

@@ -350,6 +350,23 @@ def test_calibrate_command_measures_and_reports_the_choice(tiny_model_dir, cache
     assert calibrate.cache_file(model_fingerprint(tiny_model_dir), "cpu", 1, "float32").is_file()
 
 
+def test_calibration_times_the_stages_a_single_stream_pipeline_runs(tiny_model_dir, cache, monkeypatch):
+    """The layer and LM head steps come from real Stages with the 1-row kernels (batched=False),
+    one decode call at CONTEXT, not from a stand-in model (which timed 10-35% off the stage)."""
+    seen = []
+    forward_batch = Stage.forward_batch
+
+    def spy(self, calls):
+        if all(not w.prompt for w, _ in calls):
+            seen.append((self.batched, self.stop - self.start, len(calls), calls[0][0].pos))
+        return forward_batch(self, calls)
+    monkeypatch.setattr(Stage, "forward_batch", spy)
+    cal = calibrate.measure(tiny_model_dir, "cpu", 1, "float32", set(), runs=3)
+    layers = PipelineConfig(model_dir=tiny_model_dir).info.num_layers
+    assert cal.layer_s > 0 and cal.lm_head_s > 0
+    assert {(False, layers, 1, calibrate.CONTEXT), (False, 1, 1, calibrate.CONTEXT)} == set(seen)
+
+
 def test_mode_auto_picks_the_fastest_predicted_plan_and_obeys_given_stages(tiny_model_dir, cache):
     """auto weighs ar on one stage (every thread, half, one) against ppsd and pp on K stages,
     each predicted from the calibration (multi-stage CPU plans slowed by the measured
