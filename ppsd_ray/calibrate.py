@@ -53,6 +53,10 @@ class Calibration(BaseModel):
     contention: dict[int, float] = {}
     batched: dict[int, "BatchStep"] = {}  # a stage step of b decode calls at once, by b
 
+    def whole_step_s(self, num_layers: int) -> float:
+        """One decode step of the whole model on one stage: every layer and the LM head."""
+        return num_layers * self.layer_s + self.lm_head_s
+
 
 class BatchStep(BaseModel):
     """Seconds of a batched stage step of b decode calls (b sequences, one token each)."""
@@ -133,8 +137,7 @@ def drift(model_dir: Path) -> list[Drift]:
         cal = Calibration.model_validate_json(path.read_text())
         now = measure(Path(model_dir), cal.device, cal.threads, cal.dtype, set())
         out.append(Drift(device=cal.device, threads=cal.threads, dtype=cal.dtype,
-                         start_ms=1e3 * (cal.layer_s * num_layers + cal.lm_head_s),
-                         end_ms=1e3 * (now.layer_s * num_layers + now.lm_head_s)))
+                         start_ms=1e3 * cal.whole_step_s(num_layers), end_ms=1e3 * now.whole_step_s(num_layers)))
     return out
 
 

@@ -162,7 +162,7 @@ def _plan(config: PipelineConfig, mode: Mode, k: int, predict: bool = False, thr
         if not predict:
             return plan
         cal = calibration(config.model_dir, device, threads, dtype, set())
-        step = layers * cal.layer_s + cal.lm_head_s
+        step = cal.whole_step_s(layers)
         return _batched(config, plan.model_copy(update={"stage_s": [step], "token_s": step}), None)
     drafts = mode in (Mode.ppsd, Mode.eesd)
     if drafts and "auto" in (config.exit_layer, config.head):
