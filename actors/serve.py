@@ -52,7 +52,7 @@ PROBE_PROMPT = "Hello"  # the health probe decodes one greedy token of it
 
 
 SERVE_CONCURRENCY = 8  # a server expects several clients at once: planned for 1, its stages run rows
-                       # one by one (kv.one_row_tiling), 2.5x a batched tile's cost at 16 rows
+                       # one by one (kv.one_row_tiling), 2.5x the batched kernel's cost at 16 rows
 
 
 class ServeSettings(BaseModel):

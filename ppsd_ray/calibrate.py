@@ -33,7 +33,7 @@ from .protocol import Hop, Work
 from .stage import Stage
 
 CONTEXT = 64          # cached positions a timed decode step attends over
-VERSION = 4           # in the cache file's name: 2 timed every layer, 3 stages with weights stored transposed (kv.batch_layout), 4 the layer and LM head through real stages
+VERSION = 5           # in the cache file's name: 2 timed every layer, 3 stages with weights stored transposed (kv.batch_layout), 4 the layer and LM head through real stages, 5 oneDNN packed linears (kv.PackedLinear)
 BUDGET_S = 0.5        # per timed item: repeat for about this long, MIN_RUNS to MAX_RUNS times
 MIN_RUNS, MAX_RUNS = 5, 30
 ROWS = (1, 2, 4, 8, 16, 32)  # decode calls per stage step timed for planning under load

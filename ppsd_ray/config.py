@@ -222,9 +222,10 @@ class PipelineConfig(BaseModel):
 
     @property
     def batched_stages(self) -> bool:
-        """Whether stages run their rows in tiles made for batches, or each row with the 1-row
-        kernel, fastest alone (kv.one_row_tiling): as planned for `concurrency`. Either way a
-        request's tokens are the same alone and among others."""
+        """Whether stages run their rows with the kernels made for batches (oneDNN's packed one
+        or tiles, kv.batch_invariant), or each row with the 1-row kernel, fastest alone
+        (kv.one_row_tiling): as planned for `concurrency`. Either way a request's tokens are
+        the same alone and among others."""
         return self.max_num_seqs > 1 and self.concurrency > 1
 
     @property

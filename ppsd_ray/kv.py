@@ -18,13 +18,15 @@ mask, so every layer keeps its full KV and a rollback past the window finds it.
 
 Why every forward, alone too, goes through this path: a request's tokens must not
 depend on what else is in the batch. Attention runs per sequence on that sequence's
-own shapes, and every linear layer runs in tiles whose row counts the kernels treat
-alike (`batch_invariant`): CPU matmul kernels change their reduction order with the
-number of rows and with how the rows split between threads, so the row counts that keep
-one order are measured when the stage starts (`invariant_tiling`), and a short tile is
-padded to the next of them (a lone row to 4 rows on AMD EPYC, to 2 on Intel Xeon). Where
-a weight stored transposed batches in fewer tiles (Intel Xeon: 2 to 32 rows in one), the
-stage stores it so (`batch_layout`).
+own shapes, and every linear layer runs with a kernel whose reduction order does not
+follow the row count (`batch_invariant`). MKL's matmuls change their order with the
+number of rows and with how the rows split between threads; oneDNN's linear on a packed
+weight kept one order for every row count from 1 to 512 on an Intel Xeon, so a stage
+takes it where a probe at start says so (`packed_linear`): one product for the whole
+batch, a lone row unpadded. Elsewhere the row counts that keep one order are measured
+(`invariant_tiling`) and a batch runs in tiles of them, a short tile padded to the next
+(a lone row to 4 rows on AMD EPYC), in the weight's layout that needs fewer tiles
+(`batch_layout`).
 """
 from __future__ import annotations
 
@@ -394,6 +396,70 @@ def _invariant_tiling(weight: torch.Tensor, limit: int, open_to: int) -> Tiling:
     return Tiling(tuple(sizes) or (1,))
 
 
+# the longest inner dimension oneDNN's packed linear reduced in one order at every row count
+# (Intel Xeon, torch 2.13's oneDNN 3.12; 1536 did not)
+MAX_PACKED_K = 1024
+
+
+class PackedLinear:
+    """F.linear through oneDNN, the weight reordered once into oneDNN's blocked layout and its
+    inner dimension cut into parts of at most MAX_PACKED_K whose products are summed in order.
+    Where `packed_linear` probed it, each row's result is the one it gets alone at every row
+    count up to `rows` (more rows run in pieces of `rows`): no tiles, no padding, and a batch of
+    any calls, prompt chunks too, is one product. Measured on an Intel Xeon (2 threads, weights
+    cycled from memory, us a matmul, 1 / 16 / 32 rows): 576x576 105 / 146 / 188 against the
+    transposed tiles' 87 (a lone row padded to 2) / 110 / 125, 1536x576 211 / 283 / 384 against
+    227 / 324 / 429, the LM head 4.6 / 7.3 / 10.0 ms against 6.4 / 10.1 / 13.4. It keeps the
+    module's weight as it is (draft vocabularies and exit heads read it), so a packed stage
+    holds its linear weights twice."""
+
+    def __init__(self, weight: torch.Tensor, rows: int):
+        pieces = weight.tensor_split(-(-weight.shape[1] // MAX_PACKED_K), dim=1)
+        self.cuts = [p.shape[1] for p in pieces]
+        self.parts = [torch.ops.mkldnn._reorder_linear_weight(p.contiguous(), None) for p in pieces]
+        self.rows = rows
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        out = (self.product(rows, bias) if len(rows) <= self.rows
+               else torch.cat([self.product(piece, bias) for piece in rows.split(self.rows)]))
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def product(self, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = None
+        for piece, part in zip(rows.split(self.cuts, dim=1), self.parts):
+            y = torch.ops.mkldnn._linear_pointwise(piece.contiguous(), part, bias if out is None else None,
+                                                   "none", [], "")
+            out = y if out is None else out.add_(y)
+        return out
+
+
+def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, limit: int = 32,
+                  open_to: int = 0) -> PackedLinear | None:
+    """The weight's PackedLinear where every row count from 1 to 2 * limit, and every 16th to
+    open_to, gives each row its result alone (at two offsets, every row compared), else None:
+    not a CPU tensor, no oneDNN kernel for it, or a kernel whose reduction order follows the
+    row count (then the stage tiles, batch_layout). Probed as invariant_tiling is, on a thread
+    of its own with torch's thread count."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    return on_passing_thread(_probed, _packed_linear, weight, bias, limit, open_to)
+
+
+def _packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, limit: int, open_to: int) -> PackedLinear | None:
+    rows = max(2 * limit, open_to)
+    try:
+        kernel = PackedLinear(weight, rows)
+    except RuntimeError:  # oneDNN has no kernel for this dtype here
+        return None
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows + 3, weight.shape[1], generator=g).to(weight.dtype)
+    alone = torch.cat([kernel.product(x[i:i + 1], bias) for i in range(len(x))])
+    counts = sorted({*range(1, 2 * limit + 1), *range(2 * limit + 16, open_to + 1, 16), rows})
+    same = all(torch.equal(kernel.product(x[s:s + m], bias), alone[s:s + m]) for m in counts for s in (0, 3))
+    return kernel if same else None
+
+
 _calls = threading.local()
 
 
@@ -443,30 +509,44 @@ def _tiles(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
 
 
 def batch_invariant(module: nn.Module, one_row: bool = False) -> nn.Module:
-    """Every linear layer in `module` computes through tiled_linear, with the layout and tiling
-    measured for its weight's shape (batch_layout; with `one_row`, one_row_tiling; a layer with
-    its own forward around the product, families.LMHead, names it `matmul`). A layer done
-    before keeps its tiling: an exit head installed later shares stage 1's LM head, and
-    measuring that again would cost a stage step or more. (A tied LM head stored transposed no
-    longer shares the embedding's memory.)"""
+    """Every linear layer in `module` computes so that each row's result is the one it gets alone:
+    through oneDNN's packed kernel where its probe holds for the weight's shape (packed_linear),
+    else through tiled_linear with the layout and tiling measured for the shape (batch_layout;
+    with `one_row`, one_row_tiling). A layer with its own forward around the product,
+    families.LMHead, names it `matmul`. A layer done before keeps its kernel: an exit head
+    installed later shares stage 1's LM head, and measuring that again would cost a stage step
+    or more. (A tied LM head stored transposed no longer shares the embedding's memory.)"""
     tilings: dict[tuple, Tiling] = {}
+    packs: dict[tuple, int] = {}  # per shape: the rows the packed kernel holds for, 0 where it does not
     for m in module.modules():
         if not (hasattr(m, "matmul") or type(m) is nn.Linear):
             continue
-        key = (tuple(m.weight.shape), m.weight.dtype, m.weight.device, one_row)
+        key = (tuple(m.weight.shape), m.weight.dtype, m.weight.device, m.bias is not None, one_row)
         if getattr(m, "_invariant_for", None) == key:  # a copy of another shape is measured anew
             continue
         m._invariant_for = key
+        weight, bias = m.weight.detach(), None if m.bias is None else m.bias.detach()
         # an LM head's rows are a step's verified positions, a few: probing it to OPEN_ROWS costs seconds
-        if one_row:  # its bias takes part in the probe: no sharing by shape
-            tiling = one_row_tiling(m.weight.detach(), None if m.bias is None else m.bias.detach())
+        open_to = 0 if hasattr(m, "matmul") else OPEN_ROWS
+        kernel = None
+        if not one_row:  # a lone row costs more packed than with the 1-row kernel (105 against 59 us, 576x576)
+            if key not in packs:
+                kernel = packed_linear(weight, bias, open_to=open_to)
+                packs[key] = kernel.rows if kernel else 0
+            elif packs[key]:
+                kernel = PackedLinear(weight, packs[key])
+        if kernel is not None:
+            product = lambda x, b, kernel=kernel: kernel(x, b)
         else:
-            tiling = tilings[key] = tilings.get(key) or batch_layout(m.weight.detach(),
-                                                                     open_to=0 if hasattr(m, "matmul") else OPEN_ROWS)
-        if tiling.transposed:
-            m.weight.data = stored_transposed(m.weight.data)
+            if one_row:  # its bias takes part in the probe: no sharing by shape
+                tiling = one_row_tiling(weight, bias)
+            else:
+                tiling = tilings[key] = tilings.get(key) or batch_layout(weight, open_to=open_to)
+            if tiling.transposed:
+                m.weight.data = stored_transposed(m.weight.data)
+            product = lambda x, b, tiling=tiling, m=m: tiled_linear(x, m.weight, b, tiling)
         if hasattr(m, "matmul"):
-            m.matmul = lambda x, w, b, tiling=tiling: tiled_linear(x, w, b, tiling)
+            m.matmul = lambda x, w, b, product=product: product(x, b)
         else:
-            m.forward = lambda x, m=m, tiling=tiling: tiled_linear(x, m.weight, m.bias, tiling)
+            m.forward = lambda x, m=m, product=product: product(x, m.bias)
     return module

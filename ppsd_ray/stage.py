@@ -19,8 +19,9 @@ A stage step runs the ready calls of several sequences as one forward
 positions and its own sequence's KV cache (ppsd_ray.kv). One call alone takes the
 same path, so a sequence's tokens do not depend on what else is in the batch.
 That takes linears whose rows do not depend on the batch (kv.batch_invariant):
-a batched stage runs rows in tiles of measured row counts, which costs a lone
-decode token a padded matmul (2 or 4 rows, not the 1-row kernel); a stage built
+a batched stage runs all rows as one oneDNN product where that kernel keeps one
+reduction order (probed at start), else in tiles of measured row counts; either
+costs a lone decode token more than the 1-row kernel (1.5x a step); a stage built
 with `batched=False` expects one sequence at a time and runs every row with the
 1-row kernel, as transformers computes a lone token (rows of several sequences
 in one bmm of 1-row products: slower than a tile, still each row's result alone).
@@ -114,7 +115,7 @@ class Stage:
         return head
 
     def _prepare(self, part: torch.nn.Module) -> None:
-        """Batch-invariant linears (in tiles, or row by row for one sequence at a time), packed
+        """Batch-invariant linears (packed or in tiles, or row by row for one sequence at a time), packed
         attention for a model's layers."""
         batch_invariant(part, one_row=not self.batched)
         if hasattr(part, "config") and hasattr(part, "layers"):

@@ -136,6 +136,7 @@ def test_a_weight_is_stored_transposed_only_where_that_batches_in_fewer_tiles(mo
         return kv.Tiling(tuple(range(2, limit + 1)) if not weight.is_contiguous() else (2, 3))
 
     monkeypatch.setattr(kv, "invariant_tiling", classes)
+    monkeypatch.setattr(kv, "packed_linear", lambda *a, **k: None)  # a CPU where oneDNN's order follows the rows
     linear = torch.nn.Linear(8, 4, bias=False)
     before = linear.weight.detach().clone()
     kv.batch_invariant(linear)
@@ -146,6 +147,49 @@ def test_a_weight_is_stored_transposed_only_where_that_batches_in_fewer_tiles(mo
     monkeypatch.setattr(kv, "invariant_tiling", lambda weight, limit=32, open_to=0: kv.Tiling(tuple(range(4, limit + 1))))
     linear = kv.batch_invariant(torch.nn.Linear(8, 4, bias=False))
     assert linear.weight.is_contiguous()
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_stages_linears_give_each_call_its_result_alone(monkeypatch, packed):
+    """batch_invariant's kernel, oneDNN's packed one where its probe holds on this CPU or the
+    measured tiles (forced with packed=False): calls of 1 to 40 rows, and a prompt-sized one,
+    together in one batch give each call's rows bit for bit what the call gets alone."""
+    import torch
+
+    from ppsd_ray import kv
+
+    if not packed:
+        monkeypatch.setattr(kv, "packed_linear", lambda *a, **k: None)
+    torch.manual_seed(0)
+    sizes = [1, 5, 2, 1, 9, 40, 1, 3, 130, 1]
+    for shape in [(192, 64), (96, 1536)]:
+        linear = kv.batch_invariant(torch.nn.Linear(shape[1], shape[0]))
+        x = torch.randn(1, sum(sizes), shape[1])
+        with torch.inference_mode(), kv.call_rows(sizes):
+            together = linear(x).split(sizes, dim=1)
+        for call, got in zip(x.split(sizes, dim=1), together):
+            with torch.inference_mode(), kv.call_rows([call.shape[1]]):
+                assert torch.equal(linear(call), got)
+            assert torch.allclose(got, torch.nn.functional.linear(call, linear.weight, linear.bias), atol=1e-5)
+
+
+def test_packed_linear_is_the_linear_cut_along_its_inner_dimension_and_its_probe_refuses_a_row_dependent_order(
+        monkeypatch):
+    import torch
+
+    from ppsd_ray import kv
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(48, 1536), torch.randn(48)
+    kernel = kv.PackedLinear(weight, rows=8)
+    assert kernel.cuts == [768, 768]  # at most MAX_PACKED_K each
+    x = torch.randn(2, 11, 1536)  # more rows than `rows`: in pieces
+    assert torch.allclose(kernel(x, bias), torch.nn.functional.linear(x, weight, bias), atol=1e-4)
+
+    product = kv.PackedLinear.product  # a kernel whose low bits follow the row count, as MKL's do
+    monkeypatch.setattr(kv.PackedLinear, "product",
+                        lambda self, rows, b: product(self, rows, b) * (1 + 1e-7 * (len(rows) > 3)))
+    assert kv.packed_linear(weight, bias, limit=4) is None
 
 
 def test_tiling_pads_to_a_measured_count_and_splits_into_near_equal_tiles():
