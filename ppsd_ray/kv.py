@@ -267,13 +267,27 @@ def keep_freed_memory() -> None:
     spend as long in page faults as in arithmetic (measured, Intel Xeon: silu over 539 x 1536
     took 3.5 ms in a step, 0.3 ms on warm memory; 8 prompts' prefill 568 -> 463 ms; transformers'
     own forward gains as much). For a CPU stage's process; elsewhere than glibc, nothing."""
+    if (libc := _glibc()) is not None:
+        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+        libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest
+        libc.mallopt(m_trim_threshold, 1 << 30)
+
+
+def release_freed_memory() -> None:
+    """Gives what every thread's heap holds freed back to the system (glibc's malloc_trim), once
+    a stage's kernels are probed: with keep_freed_memory the probes' passing memory would stay
+    held for good, in the heaps of the threads that probed (measured, Intel Xeon, a 15-layer
+    stage with packed kernels built in a stage's process: 1540 MB anonymous memory, 866 MB
+    after the trim; Ray's memory monitor killed stages of a load sweep for it)."""
+    if (libc := _glibc()) is not None:
+        libc.malloc_trim(0)
+
+
+def _glibc():
     try:
-        libc = ctypes.CDLL("libc.so.6")
+        return ctypes.CDLL("libc.so.6")
     except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
-    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest
-    libc.mallopt(m_trim_threshold, 1 << 30)
+        return None
 
 
 OPEN_ROWS = 512  # the most rows a batch runs in one matmul, where measured alike (the default max_batch_tokens)
@@ -409,9 +423,7 @@ class PackedLinear:
     any calls, prompt chunks too, is one product. Measured on an Intel Xeon (2 threads, weights
     cycled from memory, us a matmul, 1 / 16 / 32 rows): 576x576 105 / 146 / 188 against the
     transposed tiles' 87 (a lone row padded to 2) / 110 / 125, 1536x576 211 / 283 / 384 against
-    227 / 324 / 429, the LM head 4.6 / 7.3 / 10.0 ms against 6.4 / 10.1 / 13.4. It keeps the
-    module's weight as it is (draft vocabularies and exit heads read it), so a packed stage
-    holds its linear weights twice."""
+    227 / 324 / 429, the LM head 4.6 / 7.3 / 10.0 ms against 6.4 / 10.1 / 13.4."""
 
     def __init__(self, weight: torch.Tensor, rows: int):
         pieces = weight.tensor_split(-(-weight.shape[1] // MAX_PACKED_K), dim=1)
@@ -513,9 +525,10 @@ def batch_invariant(module: nn.Module, one_row: bool = False) -> nn.Module:
     through oneDNN's packed kernel where its probe holds for the weight's shape (packed_linear),
     else through tiled_linear with the layout and tiling measured for the shape (batch_layout;
     with `one_row`, one_row_tiling). A layer with its own forward around the product,
-    families.LMHead, names it `matmul`. A layer done before keeps its kernel: an exit head
-    installed later shares stage 1's LM head, and measuring that again would cost a stage step
-    or more. (A tied LM head stored transposed no longer shares the embedding's memory.)"""
+    families.LMHead, names it `matmul`. A packed layer keeps its weight as loaded (mapped from
+    the model's file, not in anonymous memory: measured, dropping it freed none). A layer done
+    before keeps its kernel: an exit head installed later shares stage 1's LM head, and
+    measuring that again would cost a stage step or more. (A tied LM head stored transposed no longer shares the embedding's memory.)"""
     tilings: dict[tuple, Tiling] = {}
     packs: dict[tuple, int] = {}  # per shape: the rows the packed kernel holds for, 0 where it does not
     for m in module.modules():

@@ -55,7 +55,8 @@ import torch
 
 from .families import build_shard
 from .heads import ExitHead, load_exit_head
-from .kv import KVManager, PackedBatch, SeqKV, batch_invariant, call_rows, use_packed_attention, use_torch_threads
+from .kv import (KVManager, PackedBatch, SeqKV, batch_invariant, call_rows, release_freed_memory,
+                 use_packed_attention, use_torch_threads)
 from .protocol import Hop, Samples, StageReport, Verdict, Work
 from .sampling import propose, verify
 
@@ -118,6 +119,7 @@ class Stage:
         """Batch-invariant linears (packed or in tiles, or row by row for one sequence at a time), packed
         attention for a model's layers."""
         batch_invariant(part, one_row=not self.batched)
+        release_freed_memory()
         if hasattr(part, "config") and hasattr(part, "layers"):
             use_packed_attention(part)
 
