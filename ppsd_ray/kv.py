@@ -528,7 +528,8 @@ def batch_invariant(module: nn.Module, one_row: bool = False) -> nn.Module:
     families.LMHead, names it `matmul`. A packed layer keeps its weight as loaded (mapped from
     the model's file, not in anonymous memory: measured, dropping it freed none). A layer done
     before keeps its kernel: an exit head installed later shares stage 1's LM head, and
-    measuring that again would cost a stage step or more. (A tied LM head stored transposed no longer shares the embedding's memory.)"""
+    measuring that again would cost a stage step or more. (A tied LM head stored transposed no
+    longer shares the embedding's memory.)"""
     tilings: dict[tuple, Tiling] = {}
     packs: dict[tuple, int] = {}  # per shape: the rows the packed kernel holds for, 0 where it does not
     for m in module.modules():
@@ -549,7 +550,7 @@ def batch_invariant(module: nn.Module, one_row: bool = False) -> nn.Module:
             elif packs[key]:
                 kernel = PackedLinear(weight, packs[key])
         if kernel is not None:
-            product = lambda x, b, kernel=kernel: kernel(x, b)
+            product = kernel
         else:
             if one_row:  # its bias takes part in the probe: no sharing by shape
                 tiling = one_row_tiling(weight, bias)
