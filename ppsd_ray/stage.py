@@ -22,10 +22,10 @@ That takes linears whose rows do not depend on the batch (kv.batch_invariant):
 a batched stage runs all rows as one oneDNN product where that kernel keeps one
 reduction order (probed at start), else in tiles of measured row counts; either
 costs a lone decode token more than the 1-row kernel (packed: 1.5x a step on an
-Intel Xeon); a stage built
-with `batched=False` expects one sequence at a time and runs every row with the
-1-row kernel, as transformers computes a lone token (rows of several sequences
-in one bmm of 1-row products: slower than a tile, still each row's result alone).
+Intel Xeon); a stage built with `batched=False` expects one sequence at a time
+and runs every row with the 1-row kernel, as transformers computes a lone token
+(rows of several sequences in one bmm of 1-row products: slower than a tile,
+still each row's result alone).
 
 KV caches (kv.KVManager) are per sequence id and always hold exactly the positions
 before the call's `pos`: a call at `pos` first drops entries >= pos. That drop is the
