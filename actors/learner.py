@@ -1,6 +1,6 @@
 """HeadLearner: ppsd_ray.online.OnlineLearner in a process of its own, beside stage 1.
 
-It pulls what stage 1 recorded (`take_samples`: committed positions' exit hidden
+It pulls what stage 1 recorded (`take_samples`: committed sequences' exit hidden
 states and next tokens, never prompt text), runs training rounds on its own thread at
 the lowest CPU priority with `threads` torch threads and no Ray CPU reservation, and
 installs each better version on stage 1 (`install_head`: a head file in the version
@@ -77,7 +77,8 @@ class HeadLearner:
         learner = self.learner
         if samples.head_version != learner.version and learner.version:  # stage 1 restarted with its first head
             ray.get(self.stage.install_head.remote(learner.version, str(learner.path())))
-        learner.add(samples.hidden, samples.targets)
+        for hidden, targets in zip(samples.hidden, samples.targets):
+            learner.add(hidden, targets)
         result = learner.round()
         if result is None:
             return False

@@ -22,8 +22,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from ppsd_ray.cluster import start_ray
-from ppsd_ray.config import GenerationConfig, Mode, PipelineConfig, check_learnable, check_prompt
-from ppsd_ray.heads import read_head_meta
+from ppsd_ray.config import GenerationConfig, Mode, PipelineConfig, check_prompt
 from ppsd_ray.online import starting_head
 from ppsd_ray.plan import Plan, resolve
 
@@ -84,13 +83,12 @@ class FeedReader:
 
 
 def check_learning(config: PipelineConfig, plan: Plan) -> None:
-    """With learn_drafts, a ValueError naming it unless the plan drafts with a head it can train."""
+    """With learn_drafts, a ValueError naming it unless the plan drafts."""
     if not config.learn_drafts:
         return
     if plan.mode not in (Mode.ppsd, Mode.eesd):
         raise ValueError(f"learn_drafts: the pipeline runs {plan.mode.value}, which drafts nothing to learn from "
                          "(use mode ppsd or eesd)")
-    check_learnable("lm" if plan.head == "lm" else read_head_meta(plan.head)["head_type"], plan.head)
 
 
 class Pipeline:

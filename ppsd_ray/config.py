@@ -87,11 +87,11 @@ class LearnConfig(BaseModel):
     """Online learning of the exit head from the server's own traffic (ppsd_ray/online.py)."""
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    buffer_positions: int = Field(65536, ge=1, description="verified positions kept for training: (exit hidden "
-                                                           "state fp16, next token) pairs, the newest replacing "
-                                                           "the oldest")
-    holdout_fraction: float = Field(0.1, gt=0, le=0.5, description="share of the positions held back to score "
-                                                                   "heads on (every 1/fraction-th position)")
+    buffer_positions: int = Field(65536, ge=1, description="positions of committed sequences kept for training "
+                                                           "(exit hidden states fp16 and next tokens), the newest "
+                                                           "sequences replacing the oldest")
+    holdout_fraction: float = Field(0.1, gt=0, le=0.5, description="share of the sequences held back to score "
+                                                                   "heads on (every 1/fraction-th sequence)")
     min_holdout: int = Field(256, ge=1, description="held-back positions needed before a head is scored")
     margin: float = Field(0.01, ge=0, le=1, description="greedy acceptance on the held-back positions a candidate "
                                                         "must gain over the serving head to replace it")
@@ -106,7 +106,7 @@ class LearnConfig(BaseModel):
 
     @property
     def holdout_every(self) -> int:
-        """Every this many-th position goes to the held-back ring."""
+        """Every this many-th sequence goes to the held-back ring."""
         return max(2, round(1 / self.holdout_fraction))
 
     @property
@@ -209,8 +209,6 @@ class PipelineConfig(BaseModel):
                     check_head_meta(meta, self.model_dir, e, self.head)
                 except HeadMismatch as err:
                     raise ValueError(str(err)) from None
-                if self.learn_drafts:
-                    check_learnable(meta["head_type"], self.head)
         elif self.learn_drafts:
             raise _field_error("learn_drafts", "needs a pipeline of at least 2 stages: drafts come from stage 1's "
                                                "exit head")
@@ -238,15 +236,6 @@ class PipelineConfig(BaseModel):
         return round(self.info.num_layers / self.stages)
 
 
-LEARNABLE_HEADS = ("lm", "linear")  # what online learning trains: heads of one position each
-
-
-def check_learnable(head_type: str, head: str) -> None:
-    """ValueError naming learn_drafts for a head online learning cannot train."""
-    if head_type not in LEARNABLE_HEADS:
-        raise _field_error("learn_drafts", f"head {head} is a '{head_type}' head; online learning trains 'lm' and "
-                                           "'linear' heads (a 'layer' head attends over past positions, the buffer "
-                                           "holds single positions): pass --head lm or a linear head file")
 
 
 def check_exit_layer(e: int, stages: int, layers: int) -> None:

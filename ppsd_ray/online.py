@@ -1,20 +1,20 @@
 """Drafts that learn online from a server's own traffic (docs/heads.md, "Learning online").
 
-Stage 1 records the exit layer's hidden state at every position the model wrote and,
-when a sequence is released, hands the committed ones over as (hidden state, next
-token) pairs (ppsd_ray.stage: `take_samples`). Prompt text is never kept: only
-hidden states (fp16) and the tokens the model itself committed.
+Stage 1 records the exit layer's hidden state at every position and, when a sequence
+is released, hands over its committed positions with the token the model wrote next
+as each one's target (ppsd_ray.stage: `take_samples`). Prompt text is never kept:
+only hidden states (fp16) and the tokens the model itself committed; a head that
+attends over past positions ('layer') gets the prompt's hidden states as its context.
 
-`OnlineLearner` keeps those pairs in a bounded `TrafficBuffer` (every
-1/holdout_fraction-th pair goes to a held-back ring of the most recent ones) and
+`OnlineLearner` keeps those sequences in a bounded `TrafficBuffer` (every
+1/holdout_fraction-th sequence goes to a held-back ring of the most recent ones) and
 holds the serving head's weights and a candidate copy. A `round` trains the
-candidate with distill.train_head (cross-entropy on the committed token: distill's
-top-k loss with that token as the teacher's only one), then scores both heads by
-greedy agreement (the draft == the committed token) on the held-back pairs. A
-candidate that beats the serving head by `margin` becomes the next version, saved in
-the `HeadStore`; any other is reset to the serving head, so a worse head is never
-installed. Linear heads only: an 'lm' head starts as a linear head at identity (the
-same function), a 'layer' head is refused.
+candidate with distill.train_head (cross-entropy on the committed token), then
+scores both heads by greedy agreement (the draft == the committed token) on the
+held-back positions. A candidate that beats the serving head by `margin` becomes the
+next version, saved in the `HeadStore`; any other is reset to the serving head, so a
+worse head is never installed. An 'lm' head starts as a linear head at identity (the
+same function); 'linear' and 'layer' heads go on from their weights.
 
 Versions never change what the pipeline outputs: verification is exact, and each
 sequence drafts with the version it started with to the end (ppsd_ray.stage).
@@ -25,82 +25,113 @@ import copy
 import json
 import shutil
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from .config import LearnConfig, check_learnable
-from .distill import TrainSpec, new_head, topk_loss, train_head
+from .config import LearnConfig
+from .distill import TrainSpec, head_features, new_head, train_head
 from .heads import ExitHead, load_exit_head, read_head_meta, save_head
 from .model import model_fingerprint
 
 
 class Ring:
-    """The newest `capacity` (hidden state fp16 [H], target id) pairs."""
+    """The newest sequences, at most `capacity` positions in all: each its exit hidden states
+    fp16 [n, H] and targets [n] (-1: none). len() counts the targets."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self.hidden: torch.Tensor | None = None  # allocated at the first pairs: H is theirs
-        self.targets = torch.zeros(capacity, dtype=torch.long)
-        self.size = self._next = 0
+        self.seqs: deque[tuple[torch.Tensor, torch.Tensor]] = deque()
+        self.rows = self.size = 0
+        self._pairs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return self.size
 
     def add(self, hidden: torch.Tensor, targets: torch.Tensor) -> None:
-        hidden, targets = hidden[-self.capacity:], targets[-self.capacity:]
-        if self.hidden is None:
-            self.hidden = torch.zeros(self.capacity, hidden.shape[1], dtype=torch.float16)
-        at = (self._next + torch.arange(len(targets))) % self.capacity
-        self.hidden[at] = hidden.to(torch.float16)
-        self.targets[at] = targets.long()
-        self._next = (self._next + len(targets)) % self.capacity
-        self.size = min(self.capacity, self.size + len(targets))
-
-    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """n pairs drawn uniformly (with replacement): hidden fp32 [n, H], targets [n]."""
-        at = torch.randint(self.size, (n,), generator=generator)
-        return self.hidden[at].float(), self.targets[at]
+        hidden, targets = hidden[:self.capacity].to(torch.float16), targets[:self.capacity].long()
+        self.seqs.append((hidden, targets))
+        self.rows, self.size = self.rows + len(targets), self.size + int((targets >= 0).sum())
+        while self.rows > self.capacity:
+            _, old = self.seqs.popleft()
+            self.rows, self.size = self.rows - len(old), self.size - int((old >= 0).sum())
+        self._pairs = None
 
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.hidden[:self.size].float(), self.targets[:self.size]
+        """Every position with a target: hidden fp32 [n, H], targets [n]."""
+        if self._pairs is None:
+            hidden = torch.cat([h[t >= 0] for h, t in self.seqs])
+            targets = torch.cat([t[t >= 0] for _, t in self.seqs])
+            self._pairs = hidden.float(), targets
+        return self._pairs
 
 
 class TrafficBuffer:
-    """Pairs from the traffic: by a running count, every `holdout_every`-th to the held-back
+    """Sequences from the traffic: by a running count, every `holdout_every`-th to the held-back
     ring, the others to the training ring."""
 
     def __init__(self, config: LearnConfig):
         self.every = config.holdout_every
         self.train, self.holdout = Ring(config.buffer_positions), Ring(config.holdout_positions)
-        self.seen = 0
+        self.seen = self._sequences = 0
 
     def add(self, hidden: torch.Tensor, targets: torch.Tensor) -> None:
-        held = (self.seen + torch.arange(len(targets))) % self.every == self.every - 1
-        self.holdout.add(hidden[held], targets[held])
-        self.train.add(hidden[~held], targets[~held])
-        self.seen += len(targets)
+        self._sequences += 1
+        (self.holdout if self._sequences % self.every == 0 else self.train).add(hidden, targets)
+        self.seen += int((targets >= 0).sum())
+
+
+def _sequence_batch(seqs: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Right-padded: hidden fp32 [B, T, H], attention mask [B, T], targets [B, T] (-1: none)."""
+    t = max(len(y) for _, y in seqs)
+    x = torch.zeros(len(seqs), t, seqs[0][0].shape[1])
+    att = torch.zeros(len(seqs), t, dtype=torch.long)
+    y = torch.full((len(seqs), t), -1, dtype=torch.long)
+    for i, (h, targets) in enumerate(seqs):
+        x[i, :len(targets)], att[i, :len(targets)], y[i, :len(targets)] = h.float(), 1, targets
+    return x, att, y
 
 
 class BufferData:
-    """One round's training data for distill.train_head: `steps` batches drawn from the
-    training ring; the loss is cross-entropy on the committed token (distill's top-k loss
-    with it as the teacher's one token of probability 1)."""
+    """One round's training data for distill.train_head: `steps` batches of about `batch`
+    positions drawn from the training ring (single positions; whole sequences for a head that
+    attends), the loss cross-entropy on the committed token."""
 
     def __init__(self, ring: Ring, batch: int, steps: int, seed: int):
         self.ring, self.batch, self.seed = ring, batch, seed
         self.per_epoch, self.tokens, self.size = steps, batch * steps, len(ring)
 
     def loss(self, head: ExitHead, epoch: int, k: int):
-        x, y = self.ring.sample(self.batch, torch.Generator().manual_seed(self.seed * 1_000_003 + k))
-        return topk_loss(head, x, y[:, None], torch.ones(len(y), 1), bf16=False), len(y)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
+        if head.needs_cache:
+            seqs, n = [], 0
+            while n < self.batch:
+                h, t = self.ring.seqs[int(torch.randint(len(self.ring.seqs), (1,), generator=g))]
+                seqs.append((h, t))
+                n += int((t >= 0).sum())
+            x, att, y = _sequence_batch(seqs)
+        else:
+            hidden, targets = self.ring.pairs()
+            at = torch.randint(len(targets), (self.batch,), generator=g)
+            x, att, y = hidden[at, None], torch.ones(self.batch, 1, dtype=torch.long), targets[at, None]
+        feats = head_features(head, x, att)[y >= 0]
+        return F.cross_entropy(head.logits(feats).float(), y[y >= 0]), len(feats)
 
 
 @torch.no_grad()
-def agreement(head: ExitHead, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) -> float:
+def agreement(head: ExitHead, ring: Ring, chunk: int = 4096) -> float:
     """How often the head's greedy draft (within its draft vocabulary) is the target."""
     head.eval()
+    if head.needs_cache:  # each sequence in one forward, its own causal attention
+        hits = 0
+        for h, t in ring.seqs:
+            feats = head_features(head, h[None].float(), torch.ones(1, len(t), dtype=torch.long))[0]
+            hits += int((head.draft_tokens(feats[t >= 0]) == t[t >= 0]).sum())
+        return hits / max(1, len(ring))
+    hidden, targets = ring.pairs()
     hits = sum(int((head.draft_tokens(head.features(hidden[i:i + chunk])) == targets[i:i + chunk]).sum())
                for i in range(0, len(targets), chunk))
     return hits / max(1, len(targets))
@@ -199,7 +230,6 @@ class OnlineLearner:
         self.model_dir, self.config, self.version = Path(model_dir), config, version
         serving = new_head("linear", self.model_dir, exit_layer)  # at identity: the 'lm' head's function
         if head != "lm":
-            check_learnable(read_head_meta(head)["head_type"], head)
             serving = load_exit_head(head, exit_layer, serving.norm, serving.lm_head, model_dir=self.model_dir)
         self.serving = serving.eval()
         frozen = {id(m): m for m in (serving.lm_head, serving.draft_lm_head)}  # shared, never copied
@@ -210,6 +240,7 @@ class OnlineLearner:
         self._trained = 0  # positions trained on so far (a position trained twice counts twice)
 
     def add(self, hidden: torch.Tensor, targets: torch.Tensor) -> None:
+        """One committed sequence: hidden states [n, H] and targets [n] (-1: none)."""
         self.buffer.add(hidden, targets)
 
     def ready(self) -> bool:
@@ -225,24 +256,24 @@ class OnlineLearner:
             return None
         cfg = self.config
         self.rounds, self._trained = self.rounds + 1, self._trained + cfg.steps_per_round * cfg.batch_positions
-        spec = TrainSpec(head_type="linear", epochs=1, lr=cfg.lr, warmup=0, ckpt_every=cfg.steps_per_round,
-                         seed=self.rounds, bf16=False)
+        spec = TrainSpec(head_type=self.serving.kind, epochs=1, lr=cfg.lr, warmup=0,
+                         ckpt_every=cfg.steps_per_round, seed=self.rounds, bf16=False)
         data = BufferData(self.buffer.train, cfg.batch_positions, cfg.steps_per_round, self.rounds)
         train_head(self.candidate, data, spec, progress=False, log=lambda *_: None)
-        hidden, targets = self.buffer.holdout.pairs()
-        cand, serv = agreement(self.candidate, hidden, targets), agreement(self.serving, hidden, targets)
+        held = self.buffer.holdout
+        cand, serv = agreement(self.candidate, held), agreement(self.serving, held)
         installed = None
         if cand >= serv + cfg.margin:
             installed = self.store.add(self.candidate, {
                 "model_fingerprint": model_fingerprint(self.model_dir), "parent_version": self.version,
                 "holdout_greedy_acceptance": round(cand, 4), "parent_holdout_greedy_acceptance": round(serv, 4),
-                "holdout_positions": len(targets), "positions_seen": self.buffer.seen,
+                "holdout_positions": len(held), "positions_seen": self.buffer.seen,
                 "training_tokens": data.tokens, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             self.serving.load_state_dict(self.candidate.trainable_state(), strict=False)
             self.version = installed
         else:  # a worse head is never installed: start again from the serving one
             self.candidate.load_state_dict(self.serving.trainable_state(), strict=False)
-        return RoundResult(cfg.steps_per_round, cand, serv, len(targets), installed)
+        return RoundResult(cfg.steps_per_round, cand, serv, len(held), installed)
 
     def path(self) -> Path | None:
         """The serving version's head file (None: version 0, the head the pipeline was given)."""

@@ -32,7 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from .calibrate import BatchStep, Calibration, calibration, draft_key
-from .config import LEARNABLE_HEADS, Mode, PipelineConfig, check_exit_layer
+from .config import Mode, PipelineConfig, check_exit_layer
 from .families import read_config_json
 from .heads import HeadMismatch, check_head_meta, read_head_meta, shipped_heads
 from .model import model_fingerprint
@@ -166,8 +166,7 @@ def _plan(config: PipelineConfig, mode: Mode, k: int, predict: bool = False, thr
         return _batched(config, plan.model_copy(update={"stage_s": [step], "token_s": step}), None)
     drafts = mode in (Mode.ppsd, Mode.eesd)
     if drafts and "auto" in (config.exit_layer, config.head):
-        best = fastest(config.model_dir, k, config.given_exit_layer, config.head, device, threads, dtype,
-                       learnable=config.learn_drafts)
+        best = fastest(config.model_dir, k, config.given_exit_layer, config.head, device, threads, dtype)
         e, head, key = best.exit_layer, best.head, best.draft_key
         check_exit_layer(e, k, layers)  # a head file given with exit_layer 'auto' brings its own
         if head != "lm":
@@ -298,9 +297,8 @@ def stage_times(cal: Calibration, num_layers: int, stages: int, exit_layer: int,
 
 
 def candidates(model_dir: Path, num_layers: int, stages: int, exit_layer: int | None,
-               head: str, learnable: bool = False) -> list[Candidate]:
-    """'auto' head: the shipped heads for this model and 'lm' (`learnable`: only the kinds
-    online learning trains); otherwise just that head. A trained head is a candidate at its
+               head: str) -> list[Candidate]:
+    """'auto' head: the shipped heads for this model and 'lm'; otherwise just that head. A trained head is a candidate at its
     own exit layer only; 'lm' at every valid one. A head file given explicitly is taken as it
     is: `resolve` then checks it, naming the field."""
     valid = range(1, num_layers - stages + 2)
@@ -318,8 +316,6 @@ def candidates(model_dir: Path, num_layers: int, stages: int, exit_layer: int | 
                 raise
             continue  # not a head file: never shipped as one
         e = meta.get("exit_layer")
-        if head == "auto" and learnable and meta.get("head_type") not in LEARNABLE_HEADS:
-            continue
         if head != "auto" or (meta.get("model_fingerprint") == fp and e in valid and e in exits):
             out.append(Candidate(exit_layer=e, head=str(path), acceptance=meta.get("val_greedy_acceptance") or 0.0,
                                  draft_key=draft_key(meta["head_type"], meta.get("draft_vocab_size"))))
@@ -327,11 +323,11 @@ def candidates(model_dir: Path, num_layers: int, stages: int, exit_layer: int | 
 
 
 def fastest(model_dir: Path, stages: int, exit_layer: int | None, head: str, device: str, threads: int,
-            dtype: str, learnable: bool = False) -> Choice:
+            dtype: str) -> Choice:
     """The candidate with the shortest predicted time per token (ties: the first, lm before trained heads)."""
     model_dir = Path(model_dir)
     num_layers = read_config_json(model_dir)["num_hidden_layers"]
-    cands = candidates(model_dir, num_layers, stages, exit_layer, head, learnable)
+    cands = candidates(model_dir, num_layers, stages, exit_layer, head)
     cal = calibration(model_dir, device, threads, dtype, {c.draft_key for c in cands})
     best = None
     for c in cands:

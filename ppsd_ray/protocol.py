@@ -101,9 +101,10 @@ class StageReport:
 
 @dataclass
 class Samples:
-    """What stage 1 hands an online learner: the exit layer's hidden state [n, H] (fp16) at
-    verified positions the model wrote and the token that followed each [n], and the exit
-    head version stage 1 now drafts new sequences with."""
-    hidden: torch.Tensor
-    targets: torch.Tensor
+    """What stage 1 hands an online learner: per committed sequence, the exit layer's hidden
+    states [n, H] (fp16) and each position's target [n], the token the model wrote next (-1
+    where it did not: the prompt's positions but the last); and the exit head version stage 1
+    now drafts new sequences with."""
+    hidden: list[torch.Tensor]
+    targets: list[torch.Tensor]
     head_version: int

@@ -39,10 +39,11 @@ Online learning (ppsd_ray/online.py): stage 1 holds its exit heads by version. A
 sequence drafts with the version current at its first call to the end, so its seeded
 sampled output never depends on when a new version is installed (`install_head`);
 a version no sequence uses any more is dropped. With `learn_positions`, stage 1
-also keeps per sequence the exit hidden state and input token of every position
-after the prompt, cut back like its cache; at release the positions before `keep`
-are the committed ones, and they wait as (hidden, next token) pairs for
-`take_samples`.
+also keeps per sequence the exit hidden state and input token of every position,
+cut back like its cache; at release the positions before `keep` are the committed
+ones, and the sequence waits for `take_samples` as hidden states with the next
+token as target where the model wrote it (a head that attends keeps the prompt's
+hidden states as its context, any other only the last one; never a prompt token).
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ class Stage:
         self.kv = KVManager(stop - start, head_layers=1 if self.exit_head and self.exit_head.needs_cache else 0)
         self.learn_positions = learn_positions if self.exit_head is not None else 0
         self._recorded: dict[str, _Recorded] = {}
-        self._samples: list[tuple[torch.Tensor, torch.Tensor]] = []  # released pairs waiting for take_samples
+        self._samples: list[tuple[torch.Tensor, torch.Tensor]] = []  # released sequences waiting for take_samples
         self._epochs: dict[str, int] = {}
         # stage 1: (epoch, position, token) of its newest draft; a later epoch (a rollback, or a
         # request resumed after a repair, perhaps as pp) never takes a draft of an earlier one
@@ -145,13 +146,10 @@ class Stage:
             del self._heads[version]
 
     def take_samples(self) -> Samples:
-        """The committed (exit hidden state, next token) pairs released since the last call."""
+        """The committed sequences released since the last call."""
         with self._lock:
             taken, self._samples = self._samples, []
-        hidden = torch.cat([h for h, _ in taken]) if taken else torch.zeros(0, self.config.hidden_size,
-                                                                           dtype=torch.float16)
-        targets = torch.cat([t for _, t in taken]) if taken else torch.zeros(0, dtype=torch.long)
-        return Samples(hidden, targets, self.head_version)
+        return Samples([h for h, _ in taken], [t for _, t in taken], self.head_version)
 
     def _build(self, model_dir: Path, dtype):
         """Transformers' own model class for this stage's layers (ppsd_ray/families.py);
@@ -308,21 +306,19 @@ class Stage:
 
     def _record(self, works, ids, parts, drafts) -> None:
         """Online learning: each call's exit hidden states and input tokens (eesd: its chained
-        drafts too), cut back to the call's position like the cache. Of a prompt only its last
-        position is kept: it predicts the first token the model wrote."""
+        drafts too), by position from 0, cut back to the call's position like the cache."""
         for work, tokens, part, drafted in zip(works, ids, parts, drafts):
-            hidden = part[0].to("cpu", torch.float16)
-            if work.prompt:
-                self._recorded[work.seq_id] = _Recorded(work.pos + len(tokens) - 1, [hidden[-1]], [])
-                continue
             rec = self._recorded.get(work.seq_id)
-            kept = work.pos - rec.start if rec is not None else 0
-            if kept <= 0 or kept > len(rec.hidden):  # nothing recorded to continue (a stage restarted)
+            if work.pos == 0:
+                rec = self._recorded[work.seq_id] = _Recorded([], [])
+            if rec is None or work.pos > len(rec.hidden):  # nothing recorded to continue (a stage restarted)
                 self._recorded.pop(work.seq_id, None)
                 continue
-            del rec.hidden[kept:], rec.targets[kept - 1:]
-            rec.hidden.extend(hidden.unbind(0))
-            rec.targets.extend([*tokens, *drafted[:work.chain]])
+            if work.prompt:
+                rec.prompt_len = work.pos + len(tokens)
+            del rec.hidden[work.pos:], rec.tokens[work.pos:]
+            rec.hidden.extend(part[0].to("cpu", torch.float16).unbind(0))
+            rec.tokens.extend([*tokens, *drafted[:work.chain]])
 
     def _layers(self, x: torch.Tensor, starts: list[int], sizes: list[int], caches: list[SeqKV]) -> torch.Tensor:
         with call_rows(sizes):
@@ -359,20 +355,25 @@ class Stage:
             stats.report.head_version = self._pinned.pop(seq_id, None)
             self._drop_unused_heads()
             if recorded is not None:
-                self._keep_samples(recorded, keep)
+                self._keep_samples(recorded, keep, self.exit_head.needs_cache)
         report = stats.report
         report.stale_s += sum(stats.spent[keep:])
         if not events:
             report.events = []
         return report
 
-    def _keep_samples(self, recorded: "_Recorded", keep: int) -> None:
-        """The positions before `keep` are committed: position p's hidden state and the token at
-        p + 1. The oldest pairs go when more than learn_positions wait."""
-        n = min(keep - 1 - recorded.start, len(recorded.targets))
-        if n <= 0:
+    def _keep_samples(self, recorded: "_Recorded", keep: int, attends: bool) -> None:
+        """The positions before `keep` are committed: position p's hidden state, with the token at
+        p + 1 as its target from the prompt's last position on (-1 before it). A head that attends
+        keeps every position (its context), any other from the prompt's last. The oldest sequences
+        go when more than learn_positions positions wait."""
+        n = min(keep, len(recorded.tokens)) - 1
+        first = 0 if attends else recorded.prompt_len - 1
+        if n <= recorded.prompt_len - 1:
             return
-        self._samples.append((torch.stack(recorded.hidden[:n]), torch.tensor(recorded.targets[:n])))
+        targets = torch.tensor(recorded.tokens[1:n + 1])
+        targets[:recorded.prompt_len - 1] = -1
+        self._samples.append((torch.stack(recorded.hidden[first:n]), targets[first:]))
         waiting = sum(len(t) for _, t in self._samples)
         while waiting > self.learn_positions:
             waiting -= len(self._samples.pop(0)[1])
@@ -412,11 +413,10 @@ class Stage:
 
 @dataclass
 class _Recorded:
-    """Online learning: a sequence's exit hidden states from position `start` on, and the
-    input token of each position after it (targets[i]: the token at start + i + 1)."""
-    start: int
+    """Online learning: a sequence's exit hidden state and input token at each position."""
     hidden: list[torch.Tensor]
-    targets: list[int]
+    tokens: list[int]
+    prompt_len: int = 0
 
 
 class _Stale(Exception):

@@ -17,8 +17,9 @@ from ppsd_ray.distill import new_head
 from ppsd_ray.heads import HeadMismatch, check_head_meta, read_head_meta, save_head
 from ppsd_ray.model import model_fingerprint
 from ppsd_ray.online import HeadStore, OnlineLearner, TrafficBuffer, agreement, starting_head
-from ppsd_ray.plan import candidates, resolve
+from ppsd_ray.plan import resolve
 from ppsd_ray.schedule import Decoder, RequestStats
+from ppsd_ray.stage import Stage
 from ppsd_ray.transport import LocalPipe
 from test_schedule import local_stages
 
@@ -36,9 +37,22 @@ def random_linear_head(model_dir, path, seed=1, scale=0.5):
     return path
 
 
-def learning_stages(model_dir, learn_positions=4096):
+def layer_head(model_dir, path):
+    """A 'layer' head for the tiny model (layer EXIT's copy, its weights shaken so that it drafts
+    wrong now and then), saved as a head file."""
+    head = new_head("layer", model_dir, EXIT)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for weight in head.body.parameters():
+            weight.add_(torch.randn_like(weight) * weight.std().nan_to_num(0.1))
+    save_head(head, path, {"model_fingerprint": model_fingerprint(model_dir)})
+    return path
+
+
+def learning_stages(model_dir, learn_positions=4096, head="lm"):
     stages = local_stages(model_dir, 2, EXIT)
-    stages[0].learn_positions = learn_positions
+    stages[0] = Stage(model_dir, stages[0].start, stages[0].stop, index=0, num_stages=2, exit_layer=EXIT, head=head,
+                      learn_positions=learn_positions)
     return stages
 
 
@@ -108,24 +122,29 @@ def test_sequences_running_together_each_keep_their_version(tiny_model_dir, tmp_
 # ---------------------------------------------------------------- what stage 1 records
 
 
-@pytest.mark.parametrize("mode", ["ppsd", "eesd", "pp"])
-def test_stage_one_hands_over_the_committed_positions_after_the_prompt(tiny_model_dir, mode):
-    """The targets are the generated tokens but the last (the prompt's tokens never: only its last
-    position's hidden state, which predicts the first generated token), each with the exit
-    layer's hidden state of the position before it, through rollbacks and prompt chunks."""
-    stages = learning_stages(tiny_model_dir)
+@pytest.mark.parametrize("mode,head", [("ppsd", "lm"), ("eesd", "lm"), ("pp", "lm"), ("ppsd", "layer"),
+                                       ("eesd", "layer")])
+def test_stage_one_hands_over_the_committed_positions(tiny_model_dir, tmp_path, mode, head):
+    """The targets are the generated tokens but the last, each with the exit layer's hidden state
+    of the position before it, through rollbacks and prompt chunks. The prompt's tokens never;
+    of its hidden states only the last one's (it predicts the first generated token), or, for a
+    head that attends, all of them as its context, with no target (-1) but at the last."""
+    spec = "lm" if head == "lm" else str(layer_head(tiny_model_dir, tmp_path / "layer.safetensors"))
+    stages = learning_stages(tiny_model_dir, head=spec)
     decoder = Decoder(LocalPipe(stages), 2, prefill_chunk=3)
     out, stats = decode(decoder, "r", mode=mode, max_new_tokens=24, gamma=3)
     assert stats.rollbacks > 0 or mode == "pp"
     samples = stages[0].take_samples()
-    assert samples.targets.tolist() == out[:-1] and samples.head_version == 0
+    assert len(samples.hidden) == 1 and samples.head_version == 0
+    first = 0 if head == "layer" else len(PROMPT) - 1
+    assert samples.targets[0].tolist() == [-1] * (len(PROMPT) - 1 - first) + out[:-1]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     with torch.no_grad():
         states = model(torch.tensor([PROMPT + out]), output_hidden_states=True).hidden_states[EXIT]
-    want = states[0, len(PROMPT) - 1: len(PROMPT) - 1 + len(out) - 1]
-    assert samples.hidden.dtype == torch.float16
-    torch.testing.assert_close(samples.hidden.float(), want, atol=2e-3, rtol=2e-3)
-    assert stages[0].take_samples().targets.numel() == 0  # taken once
+    want = states[0, first: len(PROMPT) - 1 + len(out) - 1]
+    assert samples.hidden[0].dtype == torch.float16
+    torch.testing.assert_close(samples.hidden[0].float(), want, atol=2e-3, rtol=2e-3)
+    assert stages[0].take_samples().targets == []  # taken once
     assert stages[0].sequences() == []
 
 
@@ -134,7 +153,7 @@ def test_stage_one_keeps_at_most_learn_positions(tiny_model_dir):
     decoder = Decoder(LocalPipe(stages), 2)
     for seq in ("p", "q", "r"):
         decode(decoder, seq, mode="ppsd", max_new_tokens=12)
-    assert stages[0].take_samples().targets.numel() == 22  # the newest two requests' 11 each
+    assert [t.numel() for t in stages[0].take_samples().targets] == [11, 11]  # the newest two requests
 
 
 # ---------------------------------------------------------------- (b) the learner
@@ -150,29 +169,38 @@ def teacher_pairs(model_dir, n, seed=0):
         return hidden.half(), teacher.draft_tokens(teacher.features(hidden.half().float()))
 
 
+def add_sequences(learner, hidden, targets, size=10):
+    """Pairs given to the learner as sequences of `size` positions each."""
+    for i in range(0, len(targets), size):
+        learner.add(hidden[i:i + size], targets[i:i + size])
+
+
 def learn_config(tmp_path, **kw):
     return LearnConfig(**{"buffer_positions": 4096, "holdout_fraction": 0.1, "min_holdout": 200,
                           "batch_positions": 128, "steps_per_round": 40, "lr": 1e-2, "store": tmp_path / "store",
                           **kw})
 
 
-def test_the_buffer_holds_back_every_nth_pair_and_keeps_the_newest():
-    buffer = TrafficBuffer(LearnConfig(buffer_positions=20, holdout_fraction=0.25, min_holdout=2,
+def test_the_buffer_holds_back_every_nth_sequence_and_keeps_the_newest():
+    buffer = TrafficBuffer(LearnConfig(buffer_positions=20, holdout_fraction=0.25, min_holdout=4,
                                        batch_positions=4))
-    targets = torch.arange(100)
-    buffer.add(torch.zeros(100, 8, dtype=torch.float16), targets)
-    assert sorted(buffer.holdout.pairs()[1].tolist()) == list(range(63, 100, 4))[-5:]
-    assert sorted(buffer.train.pairs()[1].tolist()) == [t for t in range(100) if t % 4 != 3][-20:]
-    assert buffer.seen == 100
+    for i in range(25):  # sequences of 4 positions, the first without a target (a prompt's)
+        buffer.add(torch.full((4, 8), i, dtype=torch.float16), torch.tensor([-1, i, i, i]))
+    assert [int(t[1]) for _, t in buffer.holdout.seqs] == [23]  # every 4th; 5 positions fit
+    assert [int(t[1]) for _, t in buffer.train.seqs] == [18, 20, 21, 22, 24]  # 20 positions
+    hidden, targets = buffer.train.pairs()
+    assert len(buffer.train) == 15 and targets.tolist() == [t for t in (18, 20, 21, 22, 24) for _ in range(3)]
+    assert torch.equal(hidden[:, 0], targets.float())
+    assert buffer.seen == 75
 
 
 def test_the_learner_installs_a_better_head_and_never_a_worse_one(tiny_model_dir, tmp_path):
     config = learn_config(tmp_path, passes=1)  # a round of 40 x 128 positions trains each of 3000 once
     learner = OnlineLearner(tiny_model_dir, EXIT, "lm", 0, config)
     hidden, targets = teacher_pairs(tiny_model_dir, 3000)
-    learner.add(hidden[:100], targets[:100])
+    add_sequences(learner, hidden[:100], targets[:100])
     assert learner.round() is None  # too few held back to score anything
-    learner.add(hidden[100:], targets[100:])
+    add_sequences(learner, hidden[100:], targets[100:])
     result = learner.round()
     assert learner.round() is None  # every position trained on `passes` times: nothing new to learn from
     assert result.installed == 1 and learner.version == 1
@@ -185,8 +213,8 @@ def test_the_learner_installs_a_better_head_and_never_a_worse_one(tiny_model_dir
 
     # a poisoned buffer: the training pairs' targets are wrong, the held-back ones right
     wrong = (targets + 1) % 256
-    poisoned = torch.where(torch.arange(3000) % 10 == 9, targets, wrong)
-    learner.add(hidden, poisoned)
+    poisoned = torch.where(torch.arange(3000) // 10 % 10 == 9, targets, wrong)  # every 10th sequence held back
+    add_sequences(learner, hidden, poisoned)
     before = {k: v.clone() for k, v in learner.serving.trainable_state().items()}
     result = learner.round()
     assert result.installed is None and result.candidate_acceptance < result.serving_acceptance
@@ -196,7 +224,7 @@ def test_the_learner_installs_a_better_head_and_never_a_worse_one(tiny_model_dir
 
     # a margin no head can reach
     strict = OnlineLearner(tiny_model_dir, EXIT, "lm", 0, learn_config(tmp_path / "b", margin=1.0))
-    strict.add(hidden, targets)
+    add_sequences(strict, hidden, targets)
     assert strict.round().installed is None and not (tmp_path / "b" / "store").exists()
 
 
@@ -204,16 +232,16 @@ def test_versions_persist_and_list_export_restore(tiny_model_dir, tmp_path, caps
     config = learn_config(tmp_path)
     hidden, targets = teacher_pairs(tiny_model_dir, 3000)
     learner = OnlineLearner(tiny_model_dir, EXIT, "lm", 0, config)
-    learner.add(hidden, targets)
+    add_sequences(learner, hidden, targets)
     assert learner.round().installed == 1
     # a learner started from the store goes on from version 1, as a server restarted with --learn-drafts
     spec, version = starting_head(config, tiny_model_dir, EXIT, "lm")
     assert version == 1
     again = OnlineLearner(tiny_model_dir, EXIT, spec, version, config)
-    held = learner.buffer.holdout.pairs()
-    assert agreement(again.serving, *held) == agreement(learner.serving, *held)
+    held = learner.buffer.holdout
+    assert agreement(again.serving, held) == agreement(learner.serving, held)
     for seed in range(1, 6):  # a round needs new traffic
-        again.add(*teacher_pairs(tiny_model_dir, 1000, seed=seed))
+        add_sequences(again, *teacher_pairs(tiny_model_dir, 1000, seed=seed))
         if (result := again.round()) and result.installed:
             break
     store = HeadStore(config.store, tiny_model_dir, EXIT)
@@ -233,6 +261,26 @@ def test_versions_persist_and_list_export_restore(tiny_model_dir, tmp_path, caps
     assert "version: no version 9" in capsys.readouterr().err
     # an exported version is an ordinary head file
     PipelineConfig(model_dir=tiny_model_dir, stages=2, exit_layer=EXIT, head=str(tmp_path / "h.safetensors"))
+
+
+def test_a_layer_head_learns_from_whole_sequences(tiny_model_dir, tmp_path):
+    """A 'layer' head attends over the positions before: it trains and is scored on whole
+    sequences (the prompt's positions its context, without targets), and a better one is
+    installed as a version that loads as a 'layer' head."""
+    config = learn_config(tmp_path, passes=2, steps_per_round=60, batch_positions=64)
+    learner = OnlineLearner(tiny_model_dir, EXIT, str(layer_head(tiny_model_dir, tmp_path / "l.safetensors")), 0,
+                            config)
+    hidden, targets = teacher_pairs(tiny_model_dir, 3000)
+    for i in range(0, 3000, 20):  # 20 positions a sequence, the first 5 a prompt's
+        learner.add(hidden[i:i + 20], torch.cat([torch.full((5,), -1), targets[i + 5:i + 20]]))
+    assert learner.buffer.seen == 150 * 15
+    result = learner.round()
+    assert result.installed == 1 and result.holdout_positions == 15 * 15
+    assert result.candidate_acceptance >= result.serving_acceptance + config.margin
+    path = HeadStore(config.store, tiny_model_dir, EXIT).path(1)
+    assert read_head_meta(path)["head_type"] == "layer"
+    again = OnlineLearner(tiny_model_dir, EXIT, str(path), 1, config)
+    assert agreement(again.serving, learner.buffer.holdout) == result.candidate_acceptance
 
 
 # ---------------------------------------------------------------- (c) one model's head on another
@@ -259,13 +307,6 @@ def test_a_head_learned_for_one_model_is_refused_on_another(tiny_model_dir, tmp_
 def test_learning_settings_are_checked_naming_the_field(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="learn_drafts: needs a pipeline of at least 2 stages"):
         PipelineConfig(model_dir=tiny_model_dir, stages=1, learn_drafts=True)
-    layer = new_head("layer", tiny_model_dir, EXIT)
-    save_head(layer, tmp_path / "layer.safetensors", {"model_fingerprint": model_fingerprint(tiny_model_dir)})
-    with pytest.raises(ValueError, match="learn_drafts: head .* is a 'layer' head"):
-        PipelineConfig(model_dir=tiny_model_dir, stages=2, exit_layer=EXIT, learn_drafts=True,
-                       head=str(tmp_path / "layer.safetensors"))
-    with pytest.raises(ValueError, match="learn_drafts: .* 'layer' head"):
-        OnlineLearner(tiny_model_dir, EXIT, str(tmp_path / "layer.safetensors"), 0, learn_config(tmp_path))
     with pytest.raises(ValueError, match="batch_positions"):
         LearnConfig(buffer_positions=10, batch_positions=20)
     with pytest.raises(ValueError, match="holdout_fraction"):
@@ -283,8 +324,10 @@ def test_learning_settings_are_checked_naming_the_field(tiny_model_dir, tmp_path
 def test_a_pipeline_that_learns_on_ray_installs_versions_and_changes_no_token(ray_cluster, tiny_model_dir, tmp_path):
     """Stage 1's committed positions reach the learner actor; with margin 0 its first round
     installs a version, which drafts the next request; every answer is transformers' own."""
-    learn = learn_config(tmp_path, buffer_positions=512, holdout_fraction=0.25, min_holdout=8, batch_positions=16,
-                         steps_per_round=5, margin=0.0, passes=1)  # one round of 80 covers the 45 positions
+    # one round of 80 covers the 45 positions; so small a step that the candidate scores as the
+    # serving head, and margin 0 installs it
+    learn = learn_config(tmp_path, buffer_positions=512, holdout_fraction=0.5, min_holdout=8, batch_positions=16,
+                         steps_per_round=5, margin=0.0, passes=1, lr=1e-7)
     config = PipelineConfig(model_dir=tiny_model_dir, stages=2, exit_layer=EXIT, learn_drafts=True, learn=learn)
     prompts = [PROMPT, [1, 40, 41, 42], [9, 8, 7]]
     wants = [hf_greedy(tiny_model_dir, p, 16, stop_on_eos=False) for p in prompts]
@@ -304,12 +347,9 @@ def test_a_pipeline_that_learns_on_ray_installs_versions_and_changes_no_token(ra
 
 
 @pytest.mark.real_model
-def test_auto_with_learning_plans_a_head_it_can_train(real_model_dir):
-    """SmolLM2's shipped heads are 'layer' heads, which learning cannot train: with learn_drafts,
-    'auto' plans among the learnable ones (and a mode that drafts) instead of refusing."""
-    kinds = {c.draft_key.partition("@")[0] for c in candidates(real_model_dir, 30, 2, None, "auto")}
-    assert "layer" in kinds
-    learnable = candidates(real_model_dir, 30, 2, None, "auto", learnable=True)
-    assert learnable and {c.draft_key.partition("@")[0] for c in learnable} <= {"lm", "linear"}
+def test_auto_with_learning_starts_from_the_best_shipped_head(real_model_dir):
+    """With learn_drafts, 'auto' plans a mode that drafts, with the head it would draft with
+    anyway: for SmolLM2-135M a shipped 'layer' head, which learning goes on training."""
     plan = resolve(PipelineConfig(model_dir=real_model_dir, learn_drafts=True))
-    assert plan.mode == Mode.ppsd and plan.stages >= 2 and plan.head == "lm"
+    assert plan.mode == Mode.ppsd and plan.stages >= 2
+    assert read_head_meta(plan.head)["head_type"] == "layer"
