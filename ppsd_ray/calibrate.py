@@ -16,6 +16,7 @@ b decode calls of b sequences at once, for each b in ROWS, and the LM head over 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -131,7 +132,18 @@ class Drift(BaseModel):
 
 def drift(model_dir: Path) -> list[Drift]:
     """For each of this model's cached calibrations (those the run's plans used, after `forget`
-    at its start), its whole-model step against the same step timed now."""
+    at its start), its whole-model step against the same step timed now, in a fresh process
+    (`python -m ppsd_ray.calibrate drift`): the box's speed, not the caller's. (A bench process
+    that had run for 25 minutes once timed a 2-thread step at 735 ms in itself; a fresh process
+    right after, at 55.)"""
+    cmd = [sys.executable, "-m", "ppsd_ray.calibrate", "drift", str(model_dir)]
+    out = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {out.returncode}: {out.stderr.strip()[-500:]}")
+    return [Drift.model_validate(d) for d in json.loads(out.stdout.strip().splitlines()[-1])]
+
+
+def _drift(model_dir: Path) -> list[Drift]:
     out, num_layers = [], frozen_parts(model_dir)[2].num_hidden_layers
     for path in sorted((cache_dir() / "calibration").glob(f"{model_fingerprint(model_dir)}-*.json")):
         cal = Calibration.model_validate_json(path.read_text())
@@ -326,3 +338,5 @@ def _threads(n: int):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["busy"]:  # a peer of contention()
     _busy(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
+elif __name__ == "__main__" and sys.argv[1:2] == ["drift"]:  # drift()'s fresh process
+    print(json.dumps([d.model_dump() for d in _drift(Path(sys.argv[2]))]))
