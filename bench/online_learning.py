@@ -33,7 +33,8 @@ def main() -> None:
     from ppsd_ray.config import GenerationConfig, LearnConfig, PipelineConfig
     from ppsd_ray.model import encode_prompt, load_tokenizer
     from ppsd_ray.plan import resolve
-    from ppsd_ray.prompts import read_prompts
+    from ppsd_ray.data.build_prompts import held_out_traffic
+    from ppsd_ray.prompts import Prompt, read_prompts
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
@@ -42,13 +43,20 @@ def main() -> None:
     p.add_argument("--new", type=int, default=24, help="new requests of the same kind, after learning")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--wait-s", type=float, default=240.0, help="how long after the traffic the learner may train")
+    p.add_argument("--traffic", choices=("held-out", "train"), default="held-out",
+                   help="held-out: code and maths prompts from the templates the shipped heads never saw; "
+                        "train: heads_train.jsonl's code and maths prompts, which they trained on")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "online.json")
     args = p.parse_args()
 
     data = REPO / "ppsd_ray" / "data"
     kind = ("code", "math")
-    traffic = [q for q in read_prompts(data / "heads_train.jsonl") if q.category in kind][:args.requests]
-    new = [q for q in read_prompts(data / "heads_val.jsonl") if q.category in kind][:args.new]
+    val = read_prompts(data / "heads_val.jsonl")
+    if args.traffic == "held-out":
+        traffic = [Prompt(**row) for row in held_out_traffic(args.requests, {q.prompt for q in val})]
+    else:
+        traffic = [q for q in read_prompts(data / "heads_train.jsonl") if q.category in kind][:args.requests]
+    new = [q for q in val if q.category in kind][:args.new]
     base = PipelineConfig(model_dir=args.model, stages=2, max_num_seqs=args.clients, concurrency=args.clients,
                           cpus_per_stage=0.01)
     tokenizer = load_tokenizer(base.model_dir)
@@ -79,6 +87,7 @@ def main() -> None:
     out = {"setup": machine_info() | {"command": "python bench/online_learning.py " + " ".join(sys.argv[1:]),
                                       "model_dir": str(base.model_dir), "requests": len(traffic),
                                       "clients": args.clients, "new_requests": len(new),
+                                      "traffic": args.traffic,
                                       "max_new_tokens": args.max_new_tokens, "plan": plan.describe()}}
     fixed = base.model_copy(update={"exit_layer": plan.exit_layer, "head": plan.head})
     with Pipeline(fixed) as pipe:
@@ -99,6 +108,8 @@ def main() -> None:
                              "sampled": sum(a.token_ids == b.token_ids for a, b, g in zip(plain, learned, gens)
                                             if g.temperature > 0),
                              "of_each": len(traffic) // 2},
+            "traffic_head_versions": {str(v): sum(r.stats["head_version"] == v for r in learned)
+                                      for v in sorted({r.stats["head_version"] for r in learned})},
             "learner": [{"after_traffic_s": round(t, 1), "version": s.version, "positions_seen": s.positions_seen,
                          "rounds": s.rounds, "installed": s.installed, "priority": s.priority, "error": s.error,
                          "holdout": None if s.last_round is None else {

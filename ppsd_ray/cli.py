@@ -526,6 +526,9 @@ def _bench_report(args, result: dict, summary: dict, projections: list[dict], co
     # the last results of bench/kill_stages.py and ppsd_ray.loadtest (load, soak), if any
     reliability = {name: json.loads((args.out / f"{name}.json").read_text())
                    for name in ("load_sweep", "kills", "load", "soak") if (args.out / f"{name}.json").exists()}
+    online = [json.loads(f.read_text()) for f in sorted(args.out.glob("online*.json"))]  # one per kind of traffic
+    if online:
+        reliability["online"] = online
     if "load_sweep" in reliability:
         images["Throughput and time to first token against concurrent clients"] = str(rel / "load_sweep.png")
     report.write_markdown(args.markdown, result, summary, projections, command, images, reliability)

@@ -130,7 +130,8 @@ def write_markdown(path: Path, result: dict, summary: dict, projections: list[di
                          f"{p['ar_ms_per_token']:.1f} | {p['ppsd_ms_per_token']:.1f} | {p['speedup']:.2f}x | "
                          f"{p['ideal']:.2f}x |")
     reliability = reliability or {}
-    for name, section in (("load_sweep", _load_sweep), ("kills", _kills), ("load", _load), ("soak", _soak)):
+    for name, section in (("load_sweep", _load_sweep), ("online", _online), ("kills", _kills), ("load", _load),
+                          ("soak", _soak)):
         if name in reliability:
             lines += section(reliability[name])
     for title, img in images.items():
@@ -173,6 +174,35 @@ def _load(load: dict) -> list[str]:
             f"{load['tokens_per_s']:.1f} | {_f(load['client_tokens_per_s'].get('p50'), '{:.2f}')} | "
             f"{_f(alone['ttft_s'].get('p50') and 1e3 * alone['ttft_s']['p50'], '{:.0f}')} | "
             f"{_f(alone['tokens_per_s'].get('p50'), '{:.1f}')} |"]
+
+
+def _online(runs: list[dict]) -> list[str]:
+    """bench/online_learning.py's runs: one row per kind of traffic."""
+    k = runs[0]["setup"]
+    lines = ["", "## Drafts learning from traffic", "",
+             f"`python bench/online_learning.py` ({k['cpu']}, {k['cores']} cores): a 2-stage pipeline ({k['plan']}) "
+             f"serves {k['requests']} requests of code and maths, {k['clients']} at a time, every other one sampled "
+             f"(temperature 0.7), {k['max_new_tokens']} new tokens; first without learning, then with `learn_drafts` "
+             "(defaults). Then new greedy requests of the same kind (heads_val.jsonl's code and maths, which no "
+             "traffic prompt repeats), one at a time: their acceptance with the head the learner had installed "
+             "by 240 s after the traffic, against the head it started from. held-out traffic: prompts from the "
+             "templates the shipped heads never saw; training traffic: heads_train.jsonl's, which they trained "
+             "on. docs/heads.md, \"Learning online\".", "",
+             "| traffic | date | tokens/s without / with learning | answers identical (greedy, sampled) | "
+             "versions installed | held-back: serving / last candidate | new requests' acceptance: before / after "
+             "(version) |", "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        off, on = run["without_learning"], run["with_learning"]
+        last = on["learner"][-1]
+        same = on["same_answers"]
+        held = last["holdout"] or {}
+        lines.append(
+            f"| {run['setup'].get('traffic', 'train')} | {run['setup']['date']} | {off['tokens_per_s']:.1f} / "
+            f"{on['tokens_per_s']:.1f} ({on['tokens_per_s'] / off['tokens_per_s']:.2f}x) | {same['greedy']} / "
+            f"{same['of_each']}, {same['sampled']} / {same['of_each']} | {last['installed'] or 'none'} | "
+            f"{_f(held.get('serving'))} / {_f(held.get('candidate'))} | {off['new_requests']['acceptance']:.3f} / "
+            f"{on['new_requests']['acceptance']:.3f} ({', '.join(map(str, on['new_requests']['head_versions']))}) |")
+    return lines
 
 
 def _load_sweep(sweep: dict) -> list[str]:

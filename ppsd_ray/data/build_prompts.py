@@ -181,6 +181,25 @@ def math_prompts(split):
     return fill(MATH_TEMPLATES[split], grid(problem=problems))
 
 
+def held_out_traffic(n: int, exclude: set[str], seed: int = 7) -> list[dict]:
+    """n code and maths prompts from the held-out (val) templates and fillers, none in `exclude`
+    (the validation set): each held-out code prompt twice, then maths word problems with numbers
+    drawn afresh, all distinct. Traffic the shipped heads never trained on (bench/online_learning.py)."""
+    rng = random.Random(seed)
+    code = [p for p in sorted(set(code_prompts("val"))) if p not in exclude]
+    rows = [{"prompt": p, "category": "code"} for p in code for _ in range(2)][:n]
+    seen = set(exclude)
+    while len(rows) < n:
+        text, slots = rng.choice(MATH_PROBLEMS["val"])
+        prompt = rng.choice(MATH_TEMPLATES["val"]).format(
+            problem=text.format(**{slot: rng.choice(values) for slot, values in slots.items()}))
+        if prompt not in seen:
+            seen.add(prompt)
+            rows.append({"prompt": prompt, "category": "math"})
+    rng.shuffle(rows)
+    return rows
+
+
 # --- chat ---------------------------------------------------------------------------
 
 CHAT_TEMPLATES = {
