@@ -128,19 +128,48 @@ class Drift(BaseModel):
     dtype: str
     start_ms: float
     end_ms: float
+    quiet_wait_s: float = 0.0  # how long the end's timing waited for the CPUs to go quiet
+
+
+QUIET_BUSY = 0.15   # the CPUs count as quiet when busy less than this share of a second
+QUIET_MAX_S = 120.0
+
+
+def wait_for_quiet_cpus(busy_below: float = QUIET_BUSY, max_s: float = QUIET_MAX_S) -> float:
+    """Waits until the whole box's CPUs were busy less than `busy_below` of one second (from
+    /proc/stat; elsewhere it does not wait), at most `max_s`; returns the seconds waited. A run's
+    Ray processes go on exiting after it shuts them down: timed at once, a 2-thread step took
+    1789 ms against 43 ms a minute later (Intel Xeon, 2 cores, 2026-12-07), since one busy process
+    beside two OpenMP threads on two cores stalls every step at its barriers."""
+    stat = Path("/proc/stat")
+    if not stat.is_file():
+        return 0.0
+
+    def ticks() -> tuple[int, int]:
+        fields = [int(x) for x in stat.read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # all, idle + iowait
+
+    start = time.perf_counter()
+    while time.perf_counter() - start < max_s:
+        total, idle = ticks()
+        time.sleep(1.0)
+        total2, idle2 = ticks()
+        if total2 > total and 1 - (idle2 - idle) / (total2 - total) < busy_below:
+            break
+    return time.perf_counter() - start
 
 
 def drift(model_dir: Path) -> list[Drift]:
     """For each of this model's cached calibrations (those the run's plans used, after `forget`
-    at its start), its whole-model step against the same step timed now, in a fresh process
-    (`python -m ppsd_ray.calibrate drift`): the box's speed, not the caller's. (A bench process
-    that had run for 25 minutes once timed a 2-thread step at 735 ms in itself; a fresh process
-    right after, at 55.)"""
+    at its start), its whole-model step against the same step timed now, once the CPUs are quiet,
+    in a fresh process (`python -m ppsd_ray.calibrate drift`): the box's speed, not the caller's."""
+    waited = wait_for_quiet_cpus()
     cmd = [sys.executable, "-m", "ppsd_ray.calibrate", "drift", str(model_dir)]
     out = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if out.returncode:
         raise RuntimeError(f"{' '.join(cmd)} exited with {out.returncode}: {out.stderr.strip()[-500:]}")
-    return [Drift.model_validate(d) for d in json.loads(out.stdout.strip().splitlines()[-1])]
+    return [Drift.model_validate(d | {"quiet_wait_s": round(waited, 1)})
+            for d in json.loads(out.stdout.strip().splitlines()[-1])]
 
 
 def _drift(model_dir: Path) -> list[Drift]:

@@ -23,9 +23,12 @@ def drift_note(setup: dict) -> str:
         return "- Box speed during the run: not measured."
     steps = "; ".join(f"{d['threads']} thread(s): {d['start_ms']:.1f} ms at the start, {d['end_ms']:.1f} at the end "
                       f"({100 * (d['end_ms'] / d['start_ms'] - 1):+.0f}%)" for d in box)
+    waited = box[0].get("quiet_wait_s")
+    when = ("" if waited is None else
+            f" (the end's timing waited {waited:.0f} s for the CPUs to go quiet after the run's processes)")
     return ("- Box speed during the run (a whole-model decode step, timed alone as the calibration times it): "
-            f"{steps}. The plan's predictions are from the start; an error near the box's own change is drift, "
-            "not the model of the pipeline.")
+            f"{steps}{when}. The plan's predictions are from the start; an error near the box's own change is "
+            "drift, not the model of the pipeline.")
 
 
 def write_markdown(path: Path, result: dict, summary: dict, projections: list[dict], command: str,

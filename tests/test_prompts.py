@@ -59,6 +59,20 @@ def test_no_overlap_between_sets():
     assert not bench & val
 
 
+def test_held_out_traffic_is_code_and_maths_no_head_set_or_bench_holds():
+    """The online-learning bench's traffic: prompts no shipped head trained on, none of the
+    validation prompts it is scored on; each code prompt twice, the maths ones distinct."""
+    from ppsd_ray.data.build_prompts import held_out_traffic
+    train, val, bench = ({row["prompt"] for row in load(name)} for name in FILES)
+    rows = held_out_traffic(200, val)
+    assert rows == held_out_traffic(200, val) and len(rows) == 200
+    assert {r["category"] for r in rows} == {"code", "math"}
+    texts = Counter(r["prompt"] for r in rows)
+    assert not set(texts) & (train | val | bench)
+    assert {n for t, n in texts.items() if t in {r["prompt"] for r in rows if r["category"] == "code"}} == {2}
+    assert {n for t, n in texts.items() if t in {r["prompt"] for r in rows if r["category"] == "math"}} == {1}
+
+
 def test_builder_reproduces_committed_files(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "ppsd_ray.data.build_prompts", "--out", str(tmp_path)],
