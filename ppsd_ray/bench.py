@@ -33,7 +33,7 @@ from .cluster import start_ray
 from .config import GenerationConfig, PipelineConfig
 from .heads import describe_head
 from .model import encode_prompt, load_tokenizer
-from .calibrate import drift, forget
+from .calibrate import BoxProbe, forget
 from .plan import predict
 from .prompts import Prompt
 from .simulate import Timing, calibrate_hop, decode_step_times, simulate
@@ -133,14 +133,16 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[Prompt], max
 
     pipelines = {}  # one per (K, head, transport, threads); modes share it
     predicted = {}  # system -> the plan's predicted decode tokens/s and stage steps
+    plans = []  # those predicted from, whose calibrations the box's speed is read against
     forget(model_dir)  # predictions from a calibration measured now: a CPU's speed drifts within hours
     for s in systems:
         if s.kind == "pipeline":
             config = config_of(*key(s))
             plan = predict(config, s.mode)
             if s.mode != "eesd":  # the plan models ppsd, pp and ar (mode auto never picks eesd)
-                predicted[s.name] = {"tokens_per_s": 1 / plan.token_s,
+                predicted[s.name] = {"tokens_per_s": 1 / plan.token_s, "threads": plan.threads,
                                      "stage_step_ms": [1e3 * x for x in plan.stage_s]}
+                plans.append(plan)
             if key(s) not in pipelines:
                 pipelines[key(s)] = Pipeline(config, plan=plan if s.mode == "auto" else None)
 
@@ -157,18 +159,20 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[Prompt], max
     try:
         for s in systems:  # warm-up: first calls pay for lazy initialisation
             run_one(s, ids[0], 8)
+        probe = BoxProbe(model_dir, plans) if plans else None
         reference = {}
         records = []
         bar = tqdm(total=reps * len(prompts) * len(systems), desc="bench", disable=not progress)
         for rep in range(reps):
             for i, (prompt, prompt_ids) in enumerate(zip(prompts, ids)):
                 shift = (rep + i) % len(systems)
+                box_ms = probe.time() if probe else {}
                 for system in systems[shift:] + systems[:shift]:
                     tokens, stats = run_one(system, prompt_ids, max_new_tokens, seed=rep * len(prompts) + i)
                     if system.name == "hf":
                         reference.setdefault(i, tokens)
                     records.append({"system": system.name, "prompt": i, "category": prompt.category,
-                                    "rep": rep, "tokens": tokens, "stats": stats})
+                                    "rep": rep, "tokens": tokens, "stats": stats, "box_ms": box_ms})
                     bar.update()
         bar.close()
         timeline = None
@@ -181,7 +185,6 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[Prompt], max
             p.shutdown()
         if started_ray:
             ray.shutdown()
-    box = [d.model_dump() for d in drift(model_dir)]  # with every pipeline gone: nothing else running
     sampled = {s.name for s in systems if s.temperature}
     for r in records:  # lossless check against transformers' greedy output (sampled runs: None)
         r["lossless"] = None if r["system"] in sampled else r["tokens"] == reference.get(r["prompt"], r["tokens"])
@@ -193,7 +196,7 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[Prompt], max
                                                  for (k, h, _, _), p in pipelines.items() if k},
                                        "default_plan": next((p.plan.describe() for (k, *_), p in pipelines.items()
                                                              if not k), None),
-                                       "predicted": predicted, "drift": box},
+                                       "predicted": predicted, "box": probe.record() if probe else {}},
             "records": records, "timeline": timeline}
 
 
@@ -270,11 +273,20 @@ def summarize(result: dict, num_layers: int) -> dict:
         rs = rows(s.name)
         planned = result["setup"].get("predicted", {}).get(s.name)
         if planned:  # the plan predicts decoding: measured without the prefill
-            decode = _median([(r["stats"]["new_tokens"] - 1) / (r["stats"]["wall_s"] - r["stats"]["prefill_s"])
-                              for r in rs])
+            decode_each = [(r["stats"]["new_tokens"] - 1) / (r["stats"]["wall_s"] - r["stats"]["prefill_s"])
+                           for r in rs]
+            decode = _median(decode_each)
             entry["plan"] = {"predicted_tokens_per_s": planned["tokens_per_s"], "decode_tokens_per_s": decode,
                              "error": planned["tokens_per_s"] / decode - 1,
                              "predicted_stage_step_ms": planned["stage_step_ms"]}
+            # each run against the prediction scaled by the box's speed timed just before its round
+            t = str(planned.get("threads"))  # JSON's keys: the thread counts as strings
+            calibrated = result["setup"].get("box", {}).get("calibrated_ms", {})
+            at_box = [(planned["tokens_per_s"] * calibrated[t] / r["box_ms"][t], d) for r, d in zip(rs, decode_each)
+                      if t in calibrated and t in r.get("box_ms", {})]
+            if at_box:
+                entry["plan"] |= {"box_tokens_per_s": _median([p for p, _ in at_box]),
+                                  "box_error": _median([p / d - 1 for p, d in at_box])}
         if s.kind == "pipeline":
             tok = [r["stats"]["new_tokens"] for r in rs]
             entry["breakdown_ms_per_token"] = {

@@ -12,17 +12,20 @@ dtype); a later call measures only what the file lacks.
 For planning under load (plan.py, a config's `concurrency`), `batched` times the same
 Stage's step with the kernels of stages planned for load (batch-invariant tiles) over
 b decode calls of b sequences at once, for each b in ROWS, and the LM head over b rows.
+
+`BoxProbe` times the whole-model step again during a benchmark, as the calibration timed it: the
+box's speed of the moment, which each prediction is read against.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
 import statistics
 import time
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from pydantic import BaseModel
@@ -56,13 +59,16 @@ class Calibration(BaseModel):
 
     def whole_step_s(self, num_layers: int) -> float:
         """One decode step of the whole model on one stage: every layer and the LM head."""
-        return num_layers * self.layer_s + self.lm_head_s
+        return BatchStep(layer_s=self.layer_s, lm_head_s=self.lm_head_s).whole_step_s(num_layers)
 
 
 class BatchStep(BaseModel):
     """Seconds of a batched stage step of b decode calls (b sequences, one token each)."""
     layer_s: float    # one decoder layer
     lm_head_s: float  # the LM head (final norm included) and verification of b rows
+
+    def whole_step_s(self, num_layers: int) -> float:
+        return num_layers * self.layer_s + self.lm_head_s
 
 
 Calibration.model_rebuild()
@@ -116,70 +122,6 @@ def calibration(model_dir: Path, device: str, threads: int, dtype: str, draft_ke
         tmp.replace(path)
     _MEMO[path] = cal
     return cal
-
-
-class Drift(BaseModel):
-    """A whole-model decode step (every layer and the LM head, one token) at one thread count: as
-    the calibration a run planned from timed it, and timed again at the run's end. A CPU's speed
-    drifts within minutes (Intel Xeon, 2026-12-07: 43 to 58 ms in four interleaved runs), so a
-    prediction's error is read beside how far the box itself moved."""
-    device: str
-    threads: int
-    dtype: str
-    start_ms: float
-    end_ms: float
-    quiet_wait_s: float = 0.0  # how long the end's timing waited for the CPUs to go quiet
-
-
-QUIET_BUSY = 0.15   # the CPUs count as quiet when busy less than this share of a second
-QUIET_MAX_S = 120.0
-
-
-def wait_for_quiet_cpus(busy_below: float = QUIET_BUSY, max_s: float = QUIET_MAX_S) -> float:
-    """Waits until the whole box's CPUs were busy less than `busy_below` of one second (from
-    /proc/stat; elsewhere it does not wait), at most `max_s`; returns the seconds waited. A run's
-    Ray processes go on exiting after it shuts them down: timed at once, a 2-thread step took
-    1789 ms against 43 ms a minute later (Intel Xeon, 2 cores, 2026-12-07), since one busy process
-    beside two OpenMP threads on two cores stalls every step at its barriers."""
-    stat = Path("/proc/stat")
-    if not stat.is_file():
-        return 0.0
-
-    def ticks() -> tuple[int, int]:
-        fields = [int(x) for x in stat.read_text().split("\n", 1)[0].split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # all, idle + iowait
-
-    start = time.perf_counter()
-    while time.perf_counter() - start < max_s:
-        total, idle = ticks()
-        time.sleep(1.0)
-        total2, idle2 = ticks()
-        if total2 > total and 1 - (idle2 - idle) / (total2 - total) < busy_below:
-            break
-    return time.perf_counter() - start
-
-
-def drift(model_dir: Path) -> list[Drift]:
-    """For each of this model's cached calibrations (those the run's plans used, after `forget`
-    at its start), its whole-model step against the same step timed now, once the CPUs are quiet,
-    in a fresh process (`python -m ppsd_ray.calibrate drift`): the box's speed, not the caller's."""
-    waited = wait_for_quiet_cpus()
-    cmd = [sys.executable, "-m", "ppsd_ray.calibrate", "drift", str(model_dir)]
-    out = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if out.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} exited with {out.returncode}: {out.stderr.strip()[-500:]}")
-    return [Drift.model_validate(d | {"quiet_wait_s": round(waited, 1)})
-            for d in json.loads(out.stdout.strip().splitlines()[-1])]
-
-
-def _drift(model_dir: Path) -> list[Drift]:
-    out, num_layers = [], frozen_parts(model_dir)[2].num_hidden_layers
-    for path in sorted((cache_dir() / "calibration").glob(f"{model_fingerprint(model_dir)}-*.json")):
-        cal = Calibration.model_validate_json(path.read_text())
-        now = measure(Path(model_dir), cal.device, cal.threads, cal.dtype, set())
-        out.append(Drift(device=cal.device, threads=cal.threads, dtype=cal.dtype,
-                         start_ms=1e3 * cal.whole_step_s(num_layers), end_ms=1e3 * now.whole_step_s(num_layers)))
-    return out
 
 
 def contention(model_dir: Path, threads: int, dtype: str, peers: int) -> float:
@@ -299,35 +241,83 @@ def batched_steps(model_dir: Path, device: str, threads: int, dtype: str, runs: 
     return stage_steps(model_dir, device, threads, dtype, ROWS, batched=True, runs=runs)
 
 
-@torch.inference_mode()
 def stage_steps(model_dir: Path, device: str, threads: int, dtype: str, rows: tuple[int, ...], batched: bool,
                 runs: int | None = None) -> dict[int, BatchStep]:
-    """For each b in rows, the step of b decode calls (b sequences at CONTEXT cached positions)
-    through a real middle Stage of all the layers, per layer; and the last stage's LM head and
-    verification over b rows: its step through one layer less the layer, timed right after
-    a middle step, so that it starts as cold as in decoding. `batched`: the stages' kernels
-    (Stage's, tiles for batches or each row alone)."""
-    num_layers = frozen_parts(model_dir)[2].num_hidden_layers
-    with _threads(threads):
-        middle = Stage(model_dir, 0, num_layers, index=1, num_stages=3, dtype=dtype, device=device, batched=batched)
-        last = Stage(model_dir, num_layers - 1, num_layers, index=1, num_stages=2, dtype=dtype, device=device,
-                     batched=batched)
-        hidden, torch_dtype = middle.config.hidden_size, getattr(torch, dtype)
-        for stage in (middle, last):
-            for i in range(max(rows)):
-                work = Work(f"s{i}", 0, 0, None, verify=0, prompt=True)
-                prompt = torch.randn(1, CONTEXT, hidden, device=device, dtype=torch_dtype)
-                stage.forward_batch([(work, Hop(work, prompt, []))])
+    """For each b in rows, the step of b decode calls at once (StageTimer)."""
+    return StageTimer(model_dir, device, threads, dtype, max(rows), batched).steps(rows, runs)
+
+
+class StageTimer:
+    """Times stage steps of b decode calls (b sequences at CONTEXT cached positions) through a real
+    middle Stage of all the layers, per layer; and the last stage's LM head and verification over
+    b rows: its step through one layer less the layer, timed right after a middle step, so that it
+    starts as cold as in decoding. `batched`: the stages' kernels (Stage's, tiles for batches or each
+    row alone). The stages are built once, so a run can time the same step again and again."""
+
+    @torch.inference_mode()
+    def __init__(self, model_dir: Path, device: str, threads: int, dtype: str, max_rows: int, batched: bool):
+        self.device, self.threads = device, threads
+        self.num_layers = num_layers = frozen_parts(model_dir)[2].num_hidden_layers
+        with _threads(threads):
+            self.middle = Stage(model_dir, 0, num_layers, index=1, num_stages=3, dtype=dtype, device=device,
+                                batched=batched)
+            self.last = Stage(model_dir, num_layers - 1, num_layers, index=1, num_stages=2, dtype=dtype,
+                              device=device, batched=batched)
+            hidden, torch_dtype = self.middle.config.hidden_size, getattr(torch, dtype)
+            for stage in (self.middle, self.last):
+                for i in range(max_rows):
+                    work = Work(f"s{i}", 0, 0, None, verify=0, prompt=True)
+                    prompt = torch.randn(1, CONTEXT, hidden, device=device, dtype=torch_dtype)
+                    stage.forward_batch([(work, Hop(work, prompt, []))])
+        self._hidden, self._dtype = hidden, torch_dtype
+
+    @torch.inference_mode()
+    def steps(self, rows: tuple[int, ...], runs: int | None = None) -> dict[int, BatchStep]:
         out = {}
-        for b in rows:
-            calls = []
-            for i in range(b):
-                work = Work(f"s{i}", 0, CONTEXT, None)  # each step first drops what the one before cached
-                calls.append((work, Hop(work, torch.randn(1, 1, hidden, device=device, dtype=torch_dtype), [])))
-            layer_s = _median_s(lambda: middle.forward_batch(calls), device, runs) / num_layers
-            last_s = _median_s(lambda: last.forward_batch(calls), device, runs, lambda: middle.forward_batch(calls))
-            out[b] = BatchStep(layer_s=layer_s, lm_head_s=max(0.0, last_s - layer_s))
-    return out
+        with _threads(self.threads):
+            for b in rows:
+                calls = []
+                for i in range(b):
+                    work = Work(f"s{i}", 0, CONTEXT, None)  # each step first drops what the one before cached
+                    calls.append((work, Hop(work, torch.randn(1, 1, self._hidden, device=self.device,
+                                                              dtype=self._dtype), [])))
+                layer_s = _median_s(lambda: self.middle.forward_batch(calls), self.device, runs) / self.num_layers
+                last_s = _median_s(lambda: self.last.forward_batch(calls), self.device, runs,
+                                   lambda: self.middle.forward_batch(calls))
+                out[b] = BatchStep(layer_s=layer_s, lm_head_s=max(0.0, last_s - layer_s))
+        return out
+
+
+class BoxProbe:
+    """The box's speed now: a whole-model decode step (every layer and the LM head, one token) at
+    each plan's thread count, timed exactly as the calibration the plans came from timed it, so a
+    run can time it before each round and read each prediction at the box's speed of the moment. A
+    CPU's speed drifts within minutes (Intel Xeon, 2 cores, 2026-12-07: a 1-thread step 60 to 82 ms
+    within ten minutes), more than a prediction may be off. `plans`: ppsd_ray.plan.Plan objects,
+    all on one device and dtype."""
+
+    def __init__(self, model_dir: Path, plans: Iterable):
+        plans = list(plans)
+        device, dtype = plans[0].device, plans[0].dtype
+        if any((p.device, p.dtype) != (device, dtype) for p in plans):
+            raise ValueError("BoxProbe: plans on one device and dtype")
+        threads = sorted({p.threads for p in plans})
+        num_layers = frozen_parts(model_dir)[2].num_hidden_layers
+        # what the plans predicted from
+        self.calibrated_ms = {t: 1e3 * calibration(model_dir, device, t, dtype, set()).whole_step_s(num_layers)
+                              for t in threads}
+        self.timers = {t: StageTimer(Path(model_dir), device, t, dtype, 1, batched=False) for t in threads}
+        self.probes_ms: list[dict[str, float]] = []
+
+    def time(self) -> dict[str, float]:
+        """Each thread count's whole-model step now, in ms, by thread count as JSON keys it (str)."""
+        now = {str(t): 1e3 * timer.steps((1,))[1].whole_step_s(timer.num_layers) for t, timer in self.timers.items()}
+        self.probes_ms.append(now)
+        return now
+
+    def record(self) -> dict:
+        """For a run's JSON: what the plans predicted from, and every timing since."""
+        return {"calibrated_ms": {str(t): ms for t, ms in self.calibrated_ms.items()}, "probes_ms": self.probes_ms}
 
 
 def _median_s(fn, device: str, runs: int | None = None, before=None) -> float:
@@ -367,5 +357,3 @@ def _threads(n: int):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["busy"]:  # a peer of contention()
     _busy(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
-elif __name__ == "__main__" and sys.argv[1:2] == ["drift"]:  # drift()'s fresh process
-    print(json.dumps([d.model_dump() for d in _drift(Path(sys.argv[2]))]))

@@ -15,20 +15,21 @@ def _lossless(x):
     return "sampled" if x is None else "yes" if x else "**no**"
 
 
-def drift_note(setup: dict) -> str:
-    """How far the box's own speed moved while the run ran (calibrate.drift), for reading a
-    prediction's error: the plans predicted from the start."""
-    box = setup.get("drift")
-    if not box:
+def box_note(setup: dict) -> str:
+    """How fast the box itself ran while the run ran (calibrate.BoxProbe): the whole-model step the
+    plans were calibrated with, and the same step timed before each round."""
+    box = setup.get("box")
+    if not box or not box.get("probes_ms"):
         return "- Box speed during the run: not measured."
-    steps = "; ".join(f"{d['threads']} thread(s): {d['start_ms']:.1f} ms at the start, {d['end_ms']:.1f} at the end "
-                      f"({100 * (d['end_ms'] / d['start_ms'] - 1):+.0f}%)" for d in box)
-    waited = box[0].get("quiet_wait_s")
-    when = ("" if waited is None else
-            f" (the end's timing waited {waited:.0f} s for the CPUs to go quiet after the run's processes)")
-    return ("- Box speed during the run (a whole-model decode step, timed alone as the calibration times it): "
-            f"{steps}{when}. The plan's predictions are from the start; an error near the box's own change is "
-            "drift, not the model of the pipeline.")
+    parts = []
+    for t, start in box["calibrated_ms"].items():
+        probes = sorted(p[t] for p in box["probes_ms"] if t in p)
+        parts.append(f"{t} thread(s): {start:.1f} ms calibrated; {len(probes)} timings during the run, median "
+                     f"{statistics.median(probes):.1f} ({probes[0]:.1f}-{probes[-1]:.1f}, "
+                     f"{100 * (statistics.median(probes) / start - 1):+.0f}%)")
+    return ("- Box speed during the run (a whole-model decode step, timed in the run's own process as the "
+            "calibration times it, before each round: in the bench each prompt's turn through every system, in "
+            f"the load sweep each level): {'; '.join(parts)}.")
 
 
 def write_markdown(path: Path, result: dict, summary: dict, projections: list[dict], command: str,
@@ -61,18 +62,21 @@ def write_markdown(path: Path, result: dict, summary: dict, projections: list[di
         "measured at the start of this run (what `--mode auto` chooses by), and its error against the measured "
         "decode rate (tokens after the first over the time after the prefill, median); then, against ar, the "
         "error of the prediction's ratio to ar's prediction against the measured ratio: the ranking `--mode auto` "
-        "chooses by, which the box's own drift (below) moves alike for every system. Its predicted stage "
+        "chooses by, which the box's own drift (below) moves alike for every system. At the box's speed: the "
+        "prediction scaled by the calibrated whole-model step over the one timed before the run's round (below), "
+        "what the model of the pipeline says at the speed the box had then; its error, each run against its "
+        "own, median. Its predicted stage "
         "steps are beside the measured ones below. eesd is not predicted: its verification runs gamma + 1 rows, "
         "which the plan does not model, and mode auto never picks it.",
         "- ideal: the PPSD formula K / (a + (1 - a) K) at the measured acceptance a (eesd rows: the EESD formula "
         "with gamma and e = E / L); efficiency = measured speedup over pp on the same K stages / ideal.",
-        drift_note(setup),
+        box_note(setup),
         "",
         "## All prompts",
         "",
-        "| system | tokens/s | vs transformers | vs our ar | per device | plan predicts (error) | acceptance | "
-        "vs pp (same K) | ideal | efficiency | identical to greedy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| system | tokens/s | vs transformers | vs our ar | per device | plan predicts (error) | "
+        "at the box's speed (error) | acceptance | vs pp (same K) | ideal | efficiency | identical to greedy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, e in systems.items():
         a, plan = e["all"], e.get("plan")
@@ -80,8 +84,10 @@ def write_markdown(path: Path, result: dict, summary: dict, projections: list[di
         if plan:
             relative = plan.get("error_vs_ar")
             predicted += f"; {100 * relative:+.0f}% against ar)" if relative is not None and name != "ar" else ")"
+        at_box = (f"{plan['box_tokens_per_s']:.1f} ({100 * plan['box_error']:+.0f}%)"
+                  if plan and "box_error" in plan else "-")
         lines.append(f"| {name} | {a['tokens_per_s']:.1f} | {_f(a['speedup_vs_hf'])}x | {_f(a['speedup_vs_ar'])}x | "
-                     f"{_f(a.get('per_device'), '{:.2f}x')} | {predicted} | "
+                     f"{_f(a.get('per_device'), '{:.2f}x')} | {predicted} | {at_box} | "
                      f"{_f(a.get('acceptance'))} | {_f(a.get('speedup_vs_pp'))} | {_f(a.get('ideal'))} | "
                      f"{_f(a.get('efficiency'))} | {_lossless(e['lossless'])} |")
     lines += ["", "## Per category: tokens/s (speedup over transformers greedy)", "",
@@ -226,7 +232,7 @@ def _load_sweep(sweep: dict) -> list[str]:
              "TTFT is measured for streaming "
              "clients only. decode: clients / the mean gap between a request's tokens (prefill excluded); "
              "predicted: the plan's decode tokens/s for that many clients (ppsd_ray/plan.py), and its error "
-             "against decode.", "", drift_note(k), "",
+             "against decode.", "", box_note(k), "",
              "| system | clients | tokens/s (all) | decode | predicted (error) | TTFT p50 / p99 s | inter-token p50 ms "
              "| identical to alone | errors | acceptance | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in load_sweep_rows(sweep):

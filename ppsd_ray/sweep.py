@@ -24,7 +24,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, ContinuousBatchin
 from actors.pipeline import Pipeline
 
 from .bench import machine_info
-from .calibrate import drift, forget
+from .calibrate import BoxProbe, forget
 from .cluster import start_ray
 from .config import GenerationConfig, PipelineConfig
 from .kv import keep_freed_memory
@@ -203,7 +203,9 @@ def run_sweep(model_dir: Path, levels: list[int], prompts: list[list[int]], max_
                 run(prompts[:2], 4)
             except RuntimeError:
                 pass  # recorded at each level
+        probe = BoxProbe(model_dir, [k2.plan, k1.plan, default.plan])
         for li, clients in enumerate(sorted(levels)):
+            probe.time()
             batch = [prompts[i % len(prompts)] for i in range(clients)]
             default.shutdown()  # the default for this many clients
             default = Pipeline(PipelineConfig(model_dir=model_dir, cpus_per_stage=0.01, max_num_seqs=top,
@@ -261,8 +263,7 @@ def run_sweep(model_dir: Path, levels: list[int], prompts: list[list[int]], max_
             run.close()
         if started:
             ray.shutdown()
-    box = [d.model_dump() for d in drift(model_dir)]
     return {"setup": machine_info() | {"model_dir": str(model_dir), "max_new_tokens": max_new_tokens,
                                        "prompts": len(prompts), "levels": sorted(levels), "exit_layer": exit_layer,
-                                       "drift": box},
+                                       "box": probe.record()},
             "results": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in results]}

@@ -27,8 +27,7 @@ def test_bench_writes_json_markdown_and_plots(tiny_model_dir, tmp_path):
              "identical": 4, "compared": 4, "errors": [], "acceptance": None, "note": "", "tokens_per_s": 32.0}
     (out / "load_sweep.json").write_text(json.dumps({
         "setup": setup | {"prompts": 4, "max_new_tokens": 64, "levels": [4], "exit_layer": 15,
-                          "drift": [{"device": "cpu", "threads": 2, "dtype": "float32", "start_ms": 40.0,
-                                     "end_ms": 50.0}]},
+                          "box": {"calibrated_ms": {"2": 40.0}, "probes_ms": [{"2": 50.0}, {"2": 44.0}]}},
         "results": [level | {"system": "ar", "predicted": 44.0},
                     level | {"system": "hf-generate", "predicted": None, "compared": 0}]}))
     gpu.write_text(json.dumps({"shapes": {"llama2-7b": {"full_layers": 32, "per_layer_ms": 0.5, "fixed_ms": 1.0,
@@ -61,9 +60,14 @@ def test_bench_writes_json_markdown_and_plots(tiny_model_dir, tmp_path):
     assert abs((1 + plan["error_vs_ar"]) * (1 + ar["error"]) - (1 + plan["error"])) < 1e-9
     assert summary["ppsd-K2"]["all"]["per_device"] > 0 and summary["ar"]["all"]["per_device"] is None
     assert result["setup"]["default_plan"].startswith(("ar on 1 stage", "ppsd on", "pp on"))
-    # the box's own speed change over the run, for each thread count a plan used, beside the predictions
-    assert {d["threads"] for d in result["setup"]["drift"]} >= {1} and all(
-        d["start_ms"] > 0 and d["end_ms"] > 0 for d in result["setup"]["drift"])
+    # the box's own speed, timed before each round for each thread count a plan used; each prediction
+    # is also read at the speed of its run's round
+    box = result["setup"]["box"]
+    assert set(box["calibrated_ms"]) >= {"1"} and len(box["probes_ms"]) == 2 * 2
+    assert all(r["box_ms"] == box["probes_ms"][r["rep"] * 2 + r["prompt"]] for r in result["records"])
+    ar_run = next(r for r in result["records"] if r["system"] == "ar-1core")
+    assert set(ar_run["box_ms"]) == set(box["calibrated_ms"]) and all(v > 0 for v in ar_run["box_ms"].values())
+    assert all("box_error" in summary[n]["plan"] for n in summary if n not in unpredicted)
     assert [p["shape"] for p in result["projections"]][0] == "llama2-7b"
     assert {p["transport"] for p in result["projections"]} == {"direct", "ray"}
     text = md.read_text()
@@ -74,7 +78,9 @@ def test_bench_writes_json_markdown_and_plots(tiny_model_dir, tmp_path):
     assert "| 32 | 32 | 0 | 250 / 1500 | 21.0 | 0.70 | 100 | 14.0 |" in text
     assert "| 20.0 | 900 | 0 | 2000 / 9000 | no | 2000 | 2030 | +1.5% |" in text
     assert "| ar | 4 | 32.0 | 40.0 | 44.0 (+10%) | 0.60 / 0.70 | 100 | 4/4 | 0 | – |  |" in text
-    assert "2 thread(s): 40.0 ms at the start, 50.0 at the end (+25%)" in text
+    assert "2 thread(s): 40.0 ms calibrated; 2 timings during the run, median 47.0 (44.0-50.0, +18%)" in text
+    at_box = summary["ppsd-K2"]["plan"]
+    assert f"| {at_box['box_tokens_per_s']:.1f} ({100 * at_box['box_error']:+.0f}%) |" in text
     for needle in ["| ppsd-K2 |", "| default |", "plan predicts", "Box speed during the run", "Simulator check", "Projected multi-GPU", "speedup_vs_acceptance.png", "timeline.png"]:
         assert needle in text
     assert (out / "speedup_vs_acceptance.png").stat().st_size > 10_000
