@@ -55,7 +55,16 @@ class FeedReader:
         self._open: dict[str, Callable[[object], None]] = {}
         self._lock = threading.Lock()
         refs = coordinator.feed.remote(self.name)
-        threading.Thread(target=self._read, args=(refs,), daemon=True, name="ppsd-feed").start()
+        self._thread = threading.Thread(target=self._read, args=(refs,), daemon=True, name="ppsd-feed")
+        self._thread.start()
+
+    def join(self, timeout_s: float) -> None:
+        """Waits for the reader to end once its coordinator is killed. A reader still running at
+        ray.shutdown() makes one more Ray call, and Ray starts a new cluster from its thread (its
+        auto-init): a bench ended after its last run with exit code 1 and no word, twice (Intel Xeon,
+        2026-12-07; Ray's log: "SIGTERM handler is not set because current thread is not the main
+        thread", then the first cluster's SIGTERM handler's sys.exit(1))."""
+        self._thread.join(timeout_s)
 
     def open(self, deliver: Callable[[object], None]) -> str:
         """A new request's seq_id, whose items go to deliver (on the reader's thread)."""
@@ -110,6 +119,7 @@ class Pipeline:
                                                     self.plan.head)
             self.plan = self.plan.model_copy(update={"head": head})
         self.stages, self.coordinator, self.learner = [], None, None
+        self.feed: FeedReader | None = None
         self._pg, self._own_pg = pg, pg is None
         self._started_ray = start_ray()
         try:
@@ -256,7 +266,9 @@ class Pipeline:
         for actor in [self.learner, self.coordinator, *self.stages]:
             if actor is not None:
                 ray.kill(actor)
-        self.stages, self.coordinator, self.learner = [], None, None
+        if self.feed is not None:
+            self.feed.join(timeout_s=10)
+        self.stages, self.coordinator, self.learner, self.feed = [], None, None, None
         if self._pg and self._own_pg:
             remove_placement_group(self._pg)
             self._pg = None
