@@ -115,7 +115,7 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[Prompt], max
     tokenizer = load_tokenizer(model_dir)
     ids = [encode_prompt(tokenizer, p.prompt) for p in prompts]
     hf = HFRunner(model_dir, exit_layers.get(2, exit_layers[min(exit_layers)]))
-    started_ray = start_ray()  # one Ray for all pipelines
+
     def head_of(s: System) -> str:
         return s.head or heads.get(s.stages, "auto")
 
@@ -135,16 +135,21 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[Prompt], max
     predicted = {}  # system -> the plan's predicted decode tokens/s and stage steps
     plans = []  # those predicted from, whose calibrations the box's speed is read against
     forget(model_dir)  # predictions from a calibration measured now: a CPU's speed drifts within hours
+    # every plan before Ray starts, as `ppsd generate` plans. Timed beside Ray's starting processes
+    # and loading stages, a 2-thread step came out 64 ms, slower than one thread's 61, and the default
+    # planned ar on one thread: 0.90x of ar on two (Intel Xeon, 2026-12-07; the run before: 49 ms)
+    planned = {s.name: predict(config_of(*key(s)), s.mode) for s in systems if s.kind == "pipeline"}
     for s in systems:
-        if s.kind == "pipeline":
-            config = config_of(*key(s))
-            plan = predict(config, s.mode)
-            if s.mode != "eesd":  # the plan models ppsd, pp and ar (mode auto never picks eesd)
-                predicted[s.name] = {"tokens_per_s": 1 / plan.token_s, "threads": plan.threads,
-                                     "stage_step_ms": [1e3 * x for x in plan.stage_s]}
-                plans.append(plan)
-            if key(s) not in pipelines:
-                pipelines[key(s)] = Pipeline(config, plan=plan if s.mode == "auto" else None)
+        plan = planned.get(s.name)
+        if plan is not None and s.mode != "eesd":  # the plan models ppsd, pp and ar (auto never picks eesd)
+            predicted[s.name] = {"tokens_per_s": 1 / plan.token_s, "threads": plan.threads,
+                                 "stage_step_ms": [1e3 * x for x in plan.stage_s]}
+            plans.append(plan)
+    started_ray = start_ray()  # one Ray for all pipelines
+    for s in systems:
+        if s.kind == "pipeline" and key(s) not in pipelines:
+            plan = planned[s.name]
+            pipelines[key(s)] = Pipeline(config_of(*key(s)), plan=plan if s.mode == "auto" else None)
 
     def run_one(system: System, prompt_ids: list[int], n: int, timeline: bool = False, seed: int = 0):
         if system.kind != "pipeline":

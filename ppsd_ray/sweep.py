@@ -170,15 +170,21 @@ def run_sweep(model_dir: Path, levels: list[int], prompts: list[list[int]], max_
     hf-generate_batch and hf-generate (the padded batch; 1 client: each prompt alone).
     `prompts`: the distinct prompts; a level of c clients sends prompts[i % len(prompts)] for
     i < c. Each of our systems has its predicted tokens/s beside."""
-    started = start_ray()
-    forget(model_dir)  # as bench.run_bench: plans from a calibration measured now, not hours ago
+    forget(model_dir)  # as bench.run_bench: plans from a calibration measured now, before Ray starts
     top = max(levels)
     loaded = dict(cpus_per_stage=0.01, max_num_seqs=top, concurrency=top)  # stages batched at every level
     k2_config = PipelineConfig(model_dir=model_dir, stages=2, exit_layer=exit_layer, head=head,
                                draft_max_seqs=None, **loaded)
-    k2 = Pipeline(k2_config, plan=resolve(k2_config, "ppsd"))  # its head for drafting, whatever auto plans at load
-    k1 = Pipeline(PipelineConfig(model_dir=model_dir, stages=1, **loaded))
-    default = Pipeline(PipelineConfig(model_dir=model_dir, cpus_per_stage=0.01, max_num_seqs=top))
+    k1_config = PipelineConfig(model_dir=model_dir, stages=1, **loaded)
+    default_config = PipelineConfig(model_dir=model_dir, cpus_per_stage=0.01, max_num_seqs=top)
+    k2_plan = resolve(k2_config, "ppsd")  # its head for drafting, whatever auto plans at load
+    k1_plan, default_plan = resolve(k1_config), resolve(default_config)
+    for clients in levels:  # each level's default plan, calibrated now
+        resolve(default_config.model_copy(update={"concurrency": clients}))
+    started = start_ray()
+    k2 = Pipeline(k2_config, plan=k2_plan)
+    k1 = Pipeline(k1_config, plan=k1_plan)
+    default = Pipeline(default_config, plan=default_plan)
     systems = {"ppsd-K2": (k2, "ppsd"), "pp-K2": (k2, "pp"), "ar": (k1, "ar"), "default": (default, "auto")}
 
     def predicted(name: str, clients: int) -> float | None:
@@ -208,8 +214,7 @@ def run_sweep(model_dir: Path, levels: list[int], prompts: list[list[int]], max_
             probe.time()
             batch = [prompts[i % len(prompts)] for i in range(clients)]
             default.shutdown()  # the default for this many clients
-            default = Pipeline(PipelineConfig(model_dir=model_dir, cpus_per_stage=0.01, max_num_seqs=top,
-                                              concurrency=clients))
+            default = Pipeline(default_config.model_copy(update={"concurrency": clients}))
             systems["default"] = (default, "auto")
             default.generate(prompts[0], GenerationConfig(max_new_tokens=4))
             for name in names[li % len(names):] + names[:li % len(names)]:
