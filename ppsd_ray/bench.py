@@ -138,6 +138,7 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[Prompt], max
     # every plan before Ray starts, as `ppsd generate` plans. Timed beside Ray's starting processes
     # and loading stages, a 2-thread step came out 64 ms, slower than one thread's 61, and the default
     # planned ar on one thread: 0.90x of ar on two (Intel Xeon, 2026-12-07; the run before: 49 ms)
+    # Planned without Ray, though, every prediction leaves out what Ray's daemons cost the stages (README).
     planned = {s.name: predict(config_of(*key(s)), s.mode) for s in systems if s.kind == "pipeline"}
     for s in systems:
         plan = planned.get(s.name)
