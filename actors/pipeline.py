@@ -23,6 +23,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 
 from ppsd_ray.cluster import start_ray
 from ppsd_ray.config import GenerationConfig, Mode, PipelineConfig, check_prompt
+from ppsd_ray.local import LocalPipeline
 from ppsd_ray.online import starting_head
 from ppsd_ray.plan import Plan, resolve
 
@@ -109,7 +110,9 @@ class Pipeline:
         plan: `ppsd_ray.plan.resolve(config)` if the caller has it already; else resolved here,
         before Ray starts (a ValueError names the field).
         With config.learn_drafts, stage 1 starts from the version store's current head, if any
-        (`pipe.plan.head` is then its file), and a HeadLearner learns beside it."""
+        (`pipe.plan.head` is then its file), and a HeadLearner learns beside it.
+        A plan with in_process (one stage on this CPU, one sequence at a time: plan.in_process)
+        runs in this process, and Ray is not started."""
         self.config = config
         self.plan = plan or resolve(config)
         check_learning(config, self.plan)
@@ -121,6 +124,10 @@ class Pipeline:
         self.stages, self.coordinator, self.learner = [], None, None
         self.feed: FeedReader | None = None
         self._pg, self._own_pg = pg, pg is None
+        self._started_ray = False
+        self.local = LocalPipeline(config, self.plan) if self.plan.in_process else None  # ppsd_ray.local
+        if self.local is not None:
+            return
         self._started_ray = start_ray()
         try:
             self._start(pg, first_bundle)
@@ -192,6 +199,8 @@ class Pipeline:
         a token."""
         gen = gen or GenerationConfig()
         check_prompt(prompt_ids, self.config.info, gen)
+        if self.local is not None:
+            return self.local.stream(list(prompt_ids), gen)
         items = queue.SimpleQueue()
         seq_id = self.feed.open(items.put)
         try:
@@ -247,6 +256,19 @@ class Pipeline:
         gens = gen if isinstance(gen, list) else [gen] * len(prompts)
         for ids, g in zip(prompts, gens):  # a bad prompt fails before any is started
             check_prompt(ids, self.config.info, g or GenerationConfig())
+        if self.local is not None:  # one at a time, on this thread (LocalPipeline)
+            results, errors = [], []
+            for i, (ids, g) in enumerate(zip(prompts, gens)):
+                try:
+                    results.append(self.generate(ids, g))
+                except GenerationError as e:
+                    errors.append(e)
+                    continue
+                if on_done is not None:
+                    on_done(i, results[-1])
+            if errors:
+                raise errors[0]
+            return results
         with ThreadPoolExecutor(max(1, len(prompts)), thread_name_prefix="ppsd-generate") as pool:
             futures = [pool.submit(self.generate, ids, g) for ids, g in zip(prompts, gens)]
             if on_done is not None:
@@ -268,7 +290,7 @@ class Pipeline:
                 ray.kill(actor)
         if self.feed is not None:
             self.feed.join(timeout_s=10)
-        self.stages, self.coordinator, self.learner, self.feed = [], None, None, None
+        self.stages, self.coordinator, self.learner, self.feed, self.local = [], None, None, None, None
         if self._pg and self._own_pg:
             remove_placement_group(self._pg)
             self._pg = None

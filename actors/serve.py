@@ -200,7 +200,8 @@ class PPSDServer:
     def __init__(self, settings: dict):
         self.settings = ServeSettings(**settings)
         app.state.api_key = self.settings.replica_key()
-        config = self.settings.pipeline
+        # its stages in actors, always: the health probe, metrics and cancels are the coordinator's
+        config = self.settings.pipeline.model_copy(update={"in_process": False})
         plan = resolve(config, self.settings.mode)  # mode None: auto, on the configured stages
         self.mode = plan.mode
         print(f"ppsd serve: plan: {plan.describe()}", file=sys.stderr, flush=True)

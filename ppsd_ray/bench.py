@@ -202,7 +202,9 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[Prompt], max
                                                  for (k, h, _, _), p in pipelines.items() if k},
                                        "default_plan": next((p.plan.describe() for (k, *_), p in pipelines.items()
                                                              if not k), None),
-                                       "predicted": predicted, "box": probe.record() if probe else {}},
+                                       "predicted": predicted, "box": probe.record() if probe else {},
+                                       "in_process": [s.name for s in systems if s.kind == "pipeline"
+                                                      and pipelines[key(s)].plan.in_process]},
             "records": records, "timeline": timeline}
 
 

@@ -18,7 +18,6 @@ box's speed of the moment, which each prediction is read against.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from pydantic import BaseModel
 
 from .distill import frozen_parts
 from .heads import build_head
+from .kv import torch_threads
 from .model import cache_dir, model_fingerprint
 from .protocol import Hop, Work
 from .stage import Stage
@@ -133,7 +133,7 @@ def contention(model_dir: Path, threads: int, dtype: str, peers: int) -> float:
     num_layers = frozen_parts(model_dir)[2].num_hidden_layers
     share = -(-num_layers // (peers + 1))
     cmd = [sys.executable, "-m", "ppsd_ray.calibrate", "busy", str(model_dir), str(threads), dtype, str(share)]
-    with _threads(threads), torch.inference_mode():
+    with torch_threads(threads), torch.inference_mode():
         alone = _median_s(_layer_stack(Path(model_dir), "cpu", dtype), "cpu", MAX_RUNS) / num_layers
         layers = _layer_stack(Path(model_dir), "cpu", dtype, share)
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL) for _ in range(peers)]
@@ -151,7 +151,7 @@ def contention(model_dir: Path, threads: int, dtype: str, peers: int) -> float:
 
 def _busy(model_dir: str, threads: int, dtype: str, num_layers: int) -> None:
     """A peer stage: decode steps of `num_layers` layers until killed."""
-    with _threads(threads), torch.inference_mode():
+    with torch_threads(threads), torch.inference_mode():
         layers = _layer_stack(Path(model_dir), "cpu", dtype, num_layers)
         layers()
         print("ready", flush=True)
@@ -199,7 +199,7 @@ def measure(model_dir: Path, device: str, threads: int, dtype: str, draft_keys: 
     held 4 layers of SmolLM2-135M there, 30% faster, but not the model). Exit heads' drafts
     are timed each right after a chain of every layer (untimed, random weights), so that
     they start cold too."""
-    with _threads(threads):
+    with torch_threads(threads):
         norm, lm_head, config = frozen_parts(model_dir)
         norm, lm_head = norm.to(device, getattr(torch, dtype)), lm_head.to(device, getattr(torch, dtype))
         x = torch.randn(1, 1, config.hidden_size, device=device, dtype=lm_head.weight.dtype)
@@ -258,7 +258,7 @@ class StageTimer:
     def __init__(self, model_dir: Path, device: str, threads: int, dtype: str, max_rows: int, batched: bool):
         self.device, self.threads = device, threads
         self.num_layers = num_layers = frozen_parts(model_dir)[2].num_hidden_layers
-        with _threads(threads):
+        with torch_threads(threads):
             self.middle = Stage(model_dir, 0, num_layers, index=1, num_stages=3, dtype=dtype, device=device,
                                 batched=batched)
             self.last = Stage(model_dir, num_layers - 1, num_layers, index=1, num_stages=2, dtype=dtype,
@@ -274,7 +274,7 @@ class StageTimer:
     @torch.inference_mode()
     def steps(self, rows: tuple[int, ...], runs: int | None = None) -> dict[int, BatchStep]:
         out = {}
-        with _threads(self.threads):
+        with torch_threads(self.threads):
             for b in rows:
                 calls = []
                 for i in range(b):
@@ -343,16 +343,6 @@ def _median_s(fn, device: str, runs: int | None = None, before=None) -> float:
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["busy"]:  # a peer of contention()

@@ -163,6 +163,10 @@ class PipelineConfig(BaseModel):
     transport: Transport = Field(Transport.direct, description="how hidden states move between stages")
     timeout_s: float = Field(120.0, gt=0, description="longest wait for any one answer from the stages")
     max_restarts: int = Field(10, ge=0, description="times each stage's process is restarted after dying")
+    in_process: bool | None = Field(None, description="run a one-stage pipeline in the caller's process: no Ray, "
+                                                      "no actor hop per token. None: whenever the plan has one "
+                                                      "stage on this CPU, one sequence at a time (max_num_seqs 1), "
+                                                      "and no cluster to join (RAY_ADDRESS unset)")
     learn_drafts: bool = Field(False, description="stage 1's exit head learns from the verified positions of the "
                                                   "pipeline's own traffic; a better head serves the requests that "
                                                   "start after it is installed (docs/heads.md)")
@@ -212,6 +216,14 @@ class PipelineConfig(BaseModel):
         elif self.learn_drafts:
             raise _field_error("learn_drafts", "needs a pipeline of at least 2 stages: drafts come from stage 1's "
                                                "exit head")
+        if self.in_process:
+            if "stages" in self.model_fields_set and self.stages > 1:
+                raise _field_error("in_process", f"runs one stage, not {self.stages}: a pipeline's stages run "
+                                                 "side by side in Ray actors")
+            if self.use_gpus:
+                raise _field_error("in_process", "runs on this process's CPU, not use_gpus")
+            if self.learn_drafts:
+                raise _field_error("in_process", "runs one stage, which drafts nothing: not with learn_drafts")
         return self
 
     @cached_property

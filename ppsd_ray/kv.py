@@ -235,6 +235,19 @@ def use_torch_threads() -> None:
         _threads.n = n
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Within: torch computes on n threads; after, on what it had, so that the caller's own work
+    (a calibration's caller, a process that runs a stage in-process beside its own torch) keeps
+    its threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def on_passing_thread(fn, *args):
     """fn(*args), run on a thread that ends when it returns: for torch work on a thread that stays
     but does not run the stage's forwards (an actor's constructor or method threads). libgomp

@@ -54,6 +54,9 @@ def write_markdown(path: Path, result: dict, summary: dict, projections: list[di
         f"- Our stages share the {setup['cores']} cores out (K=2: one torch thread each; ar: one stage on every "
         "thread; transformers: every thread). `default` is what `ppsd generate` runs with no options: "
         f"{setup.get('default_plan') or 'not run'}.",
+        f"- In the bench's own process, without Ray, as `ppsd generate` runs a plan of one stage for one sequence "
+        f"(plan.in_process): {', '.join(setup.get('in_process', [])) or 'none'}; every other system's stages run "
+        "in Ray actors, beside Ray's daemons.",
         "- Same-box figures (vs transformers, vs our ar) give each system all the cores of this one box. The "
         "per-device figure runs K stages of one core each against ar on one core (`ar-1core`): what K devices "
         "with their own memory would give, except that on one CPU box the cores share one memory bus, so it "

@@ -60,6 +60,8 @@ def test_bench_writes_json_markdown_and_plots(tiny_model_dir, tmp_path):
     assert abs((1 + plan["error_vs_ar"]) * (1 + ar["error"]) - (1 + plan["error"])) < 1e-9
     assert summary["ppsd-K2"]["all"]["per_device"] > 0 and summary["ar"]["all"]["per_device"] is None
     assert result["setup"]["default_plan"].startswith(("ar on 1 stage", "ppsd on", "pp on"))
+    # one stage for one sequence runs in the bench's own process, as `ppsd generate` runs it
+    assert {"ar", "ar-1core"} <= set(result["setup"]["in_process"]) and "pp-K2" not in result["setup"]["in_process"]
     # the box's own speed, timed before each round for each thread count a plan used; each prediction
     # is also read at the speed of its run's round
     box = result["setup"]["box"]

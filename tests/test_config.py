@@ -25,6 +25,8 @@ def test_bad_values_name_their_field(tiny_model_dir, tmp_path):
     assert message(mode="fast").startswith("mode:")
     assert message(max_new_tokens=0).startswith("max_new_tokens:")
     assert message(gamma=0).startswith("gamma:")
+    assert message(model_dir=tiny_model_dir, stages=2, in_process=True).startswith("in_process:")
+    assert message(model_dir=tiny_model_dir, use_gpus=True, in_process=True).startswith("in_process:")
 
 
 def test_layer_ranges_cover_the_model_once(tiny_model_dir):

@@ -286,7 +286,7 @@ def test_batched_token_time_fills_the_ring_with_batches():
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one stage and two stages get different thread counts")
-def test_mode_auto_under_load_plans_for_the_throughput_of_its_concurrency(tiny_model_dir, cache):
+def test_mode_auto_under_load_plans_for_the_throughput_of_its_concurrency(tiny_model_dir, cache, monkeypatch):
     """A calibration in which two stages are slower than one alone, but one stage's batched step
     grows steeply with its rows: one request plans ar, 16 at once plan two stages, by the
     batched steps (theory.batched_token_s), and the plan says so. Stages planned for one
@@ -318,6 +318,14 @@ def test_mode_auto_under_load_plans_for_the_throughput_of_its_concurrency(tiny_m
     assert "16 sequences at once" in loaded.describe()
     unbatched = plan.resolve(PipelineConfig(model_dir=tiny_model_dir, max_num_seqs=1), "auto")
     assert unbatched.batched_tokens_per_s is None and unbatched.token_s == pytest.approx(8 * 1.0 + 2.0)
+    # one stage for one sequence runs in the caller's process; many sequences, a cluster to join, or
+    # in_process False, in actors
+    assert unbatched.in_process and not alone.in_process
+    assert plan.resolve(PipelineConfig(model_dir=tiny_model_dir, stages=1, max_num_seqs=1, in_process=False),
+                        "ar").in_process is False
+    assert plan.resolve(PipelineConfig(model_dir=tiny_model_dir, in_process=True), "auto").stages == 1
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert not plan.resolve(PipelineConfig(model_dir=tiny_model_dir, max_num_seqs=1), "auto").in_process
     two = plan.predict(PipelineConfig(model_dir=tiny_model_dir, stages=2, exit_layer=4, concurrency=16), "pp")
     steps = [4 * 2.3, 4 * 2.3 + 3.0]  # 8 rows per stage: the sequences in two batches
     assert two.batched_tokens_per_s == pytest.approx(1 / batched_token_s(steps, 16))

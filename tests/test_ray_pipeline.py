@@ -5,7 +5,7 @@ import threading
 import pytest
 import ray
 
-from actors.pipeline import Pipeline
+from actors.pipeline import GenerationError, Pipeline
 from conftest import hf_greedy
 from ppsd_ray.config import GenerationConfig, PipelineConfig
 
@@ -44,6 +44,32 @@ def test_ar_pipeline_and_stream(ray_cluster, tiny_model_dir, transport):
         items = list(pipe.stream(PROMPT, GenerationConfig(mode="ar", max_new_tokens=20)))
     assert items[:-1] == want and isinstance(items[-1], dict)
     assert items[-1]["drafted"] == 0
+
+
+def test_one_stage_for_one_sequence_runs_in_this_process(tiny_model_dir, monkeypatch):
+    """No Ray: the stage and the token loop run in the caller's process, on its threads as planned,
+    with transformers' output and the same stats; a stream closed early releases its sequence."""
+    import torch
+
+    monkeypatch.setattr("actors.pipeline.start_ray", lambda: pytest.fail("started Ray"))
+    want = hf_greedy(tiny_model_dir, PROMPT, 20, stop_on_eos=False)
+    threads = torch.get_num_threads()
+    gen = GenerationConfig(mode="ar", max_new_tokens=20, stop_on_eos=False)
+    config = PipelineConfig(model_dir=tiny_model_dir, stages=1, max_num_seqs=1, threads_per_stage=1)
+    with Pipeline(config) as pipe:
+        assert pipe.plan.in_process and "in this process" in pipe.plan.describe()
+        items = list(pipe.stream(PROMPT, gen))
+        assert items[:-1] == want and items[-1]["new_tokens"] == 20 and len(items[-1]["stages"]) == 1
+        assert torch.get_num_threads() == threads  # the caller's own work keeps its threads
+        stream = pipe.stream(PROMPT, GenerationConfig(max_new_tokens=20))  # auto: the plan's mode
+        assert next(stream) == want[0]
+        stream.close()
+        assert pipe.local.stage.sequences() == []
+        done = []
+        results = pipe.generate_many([PROMPT, PROMPT[:5]], gen, on_done=lambda i, r: done.append(i))
+        assert results[0].token_ids == want and done == [0, 1]
+        with pytest.raises(GenerationError, match="ppsd needs at least 2 stages"):
+            pipe.generate(PROMPT, GenerationConfig(mode="ppsd"))
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
