@@ -4,7 +4,8 @@ Systems: transformers greedy `generate` (what a user would pick instead),
 transformers assisted generation with `assistant_early_exit=E` (its own
 early-exit self-speculation), this project's ar, pp, eesd and ppsd modes, `default`
 (what `ppsd generate` runs with no options: the plan's choice) and `ar-1core` (ar on
-one thread: one CPU "device", the base of the per-device figure). Beside each of
+one thread: one CPU "device", the base of the per-device figure) and `ar-actor` (ar's stage in
+a Ray actor, where one stage for one sequence otherwise runs in this process). Beside each of
 our systems, the tokens/s the plan (ppsd_ray/plan.py) predicts for it.
 Each prompt runs every system in turn (order rotated per prompt and repetition);
 every run is checked token for token against transformers' greedy output.
@@ -55,6 +56,7 @@ class System:
     transport: str = "direct"
     temperature: float = 0.0
     threads: int | None = None  # per stage; None: the cores shared out
+    in_process: bool | None = None  # PipelineConfig.in_process ("ar-actor": False, one stage in a Ray actor)
 
     @property
     def pp_base(self) -> str:
@@ -63,7 +65,7 @@ class System:
 
 
 def parse_systems(spec: str, transport: str = "direct") -> list[System]:
-    """hf, hf-ee, default, ar-1core, ar, or MODE-K<k>[-g<gamma>][@lm][/ray|/direct][-t<temperature>],
+    """hf, hf-ee, default, ar-1core, ar-actor, ar, or MODE-K<k>[-g<gamma>][@lm][/ray|/direct][-t<temperature>],
     e.g. ppsd-K2/ray-t0.7."""
     out = []
     for name in spec.split(","):
@@ -73,6 +75,8 @@ def parse_systems(spec: str, transport: str = "direct") -> list[System]:
             out.append(System(name, "pipeline", 0, "auto", transport=transport))
         elif name == "ar-1core":
             out.append(System(name, "pipeline", 1, "ar", transport=transport, threads=1))
+        elif name == "ar-actor":
+            out.append(System(name, "pipeline", 1, "ar", transport=transport, in_process=False))
         elif m := re.fullmatch(r"(ar|pp|ppsd|eesd)(?:-K(\d+))?(?:-g(\d+))?(@lm)?(?:/(ray|direct))?(?:-t([\d.]+))?",
                                name):
             mode, k, gamma = m.group(1), int(m.group(2) or 1), int(m.group(3) or 4)
@@ -85,7 +89,7 @@ def parse_systems(spec: str, transport: str = "direct") -> list[System]:
         else:
             raise ValueError(f"systems: unknown system {name!r} (e.g. hf, hf-ee, ar, pp-K2, eesd-K2-g4, ppsd-K3, "
                              "ppsd-K2@lm for the untrained head, ppsd-K2/ray for the ray transport, "
-                             "ppsd-K2-t0.7 sampled at temperature 0.7, default, ar-1core)")
+                             "ppsd-K2-t0.7 sampled at temperature 0.7, default, ar-1core, ar-actor)")
     return out
 
 
@@ -120,13 +124,13 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[Prompt], max
         return s.head or heads.get(s.stages, "auto")
 
     def key(s: System) -> tuple:
-        return s.stages, head_of(s), s.transport, s.threads
+        return s.stages, head_of(s), s.transport, s.threads, s.in_process
 
-    def config_of(k, head, transport, threads) -> PipelineConfig:
+    def config_of(k, head, transport, threads, in_process) -> PipelineConfig:
         # many pipelines at once on one machine: a small CPU reservation each, or Ray runs out;
         # one request at a time, as `ppsd generate` runs one prompt (the load sweep batches)
         common = dict(model_dir=model_dir, transport=transport, cpus_per_stage=0.01, max_num_seqs=1,
-                      threads_per_stage=threads)
+                      threads_per_stage=threads, in_process=in_process)
         if not k:  # default: everything as `ppsd generate` plans it
             return PipelineConfig(**common)
         return PipelineConfig(stages=k, exit_layer=exit_layers.get(k), head=head, **common)
@@ -199,7 +203,7 @@ def run_bench(model_dir: Path, systems: list[System], prompts: list[Prompt], max
                                        "systems": [asdict(s) for s in systems],
                                        "exit_layers": exit_layers,
                                        "heads": {f"K={k} {h}": describe_head(p.plan.head)
-                                                 for (k, h, _, _), p in pipelines.items() if k},
+                                                 for (k, h, *_), p in pipelines.items() if k},
                                        "default_plan": next((p.plan.describe() for (k, *_), p in pipelines.items()
                                                              if not k), None),
                                        "predicted": predicted, "box": probe.record() if probe else {},

@@ -34,18 +34,18 @@ def test_bench_writes_json_markdown_and_plots(tiny_model_dir, tmp_path):
                                                         "lm_head_ms": 0.2}}}))
     run = subprocess.run([sys.executable, "-m", "ppsd_ray.cli", "bench", "--model", str(tiny_model_dir),
                           "--prompts-file", str(prompts), "--max-new-tokens", "10", "--reps", "2",
-                          "--systems", "hf,hf-ee,ar,pp-K2,pp-K2/ray,eesd-K2-g2,ppsd-K2,ppsd-K2/ray,ppsd-K2-t0.7,default,ar-1core",
+                          "--systems", "hf,hf-ee,ar,pp-K2,pp-K2/ray,eesd-K2-g2,ppsd-K2,ppsd-K2/ray,ppsd-K2-t0.7,default,ar-1core,ar-actor",
                           "--out", str(out),
                           "--markdown", str(md), "--gpu-layers", str(gpu)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
-    assert len(result["records"]) == 2 * 2 * 11
+    assert len(result["records"]) == 2 * 2 * 12
     assert all(r["lossless"] for r in result["records"] if r["system"] != "ppsd-K2-t0.7")
     assert all(r["lossless"] is None for r in result["records"] if r["system"] == "ppsd-K2-t0.7")
     summary = result["summary"]["systems"]
     assert set(summary) == {"hf", "hf-ee", "ar", "pp-K2", "pp-K2/ray", "eesd-K2-g2", "ppsd-K2", "ppsd-K2/ray",
-                            "ppsd-K2-t0.7", "default", "ar-1core"}
+                            "ppsd-K2-t0.7", "default", "ar-1core", "ar-actor"}
     assert summary["ppsd-K2/ray"]["transport"] == "ray" and summary["ppsd-K2"]["transport"] == "direct"
     assert set(result["summary"]["hop_s"]) == {"K2/direct", "K2/ray"}
     assert summary["ppsd-K2-t0.7"]["all"]["acceptance"] is not None
@@ -61,7 +61,8 @@ def test_bench_writes_json_markdown_and_plots(tiny_model_dir, tmp_path):
     assert summary["ppsd-K2"]["all"]["per_device"] > 0 and summary["ar"]["all"]["per_device"] is None
     assert result["setup"]["default_plan"].startswith(("ar on 1 stage", "ppsd on", "pp on"))
     # one stage for one sequence runs in the bench's own process, as `ppsd generate` runs it
-    assert {"ar", "ar-1core"} <= set(result["setup"]["in_process"]) and "pp-K2" not in result["setup"]["in_process"]
+    assert {"ar", "ar-1core"} <= set(result["setup"]["in_process"])
+    assert not {"pp-K2", "ar-actor"} & set(result["setup"]["in_process"])
     # the box's own speed, timed before each round for each thread count a plan used; each prediction
     # is also read at the speed of its run's round
     box = result["setup"]["box"]
