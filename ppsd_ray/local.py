@@ -19,9 +19,9 @@ from .transport import LocalPipe
 
 
 class LocalPipeline:
-    """One request at a time, each on the thread that reads its stream: libgomp keeps a
-    thread pool per thread that runs torch (kv.on_passing_thread), so requests are not
-    spread over threads."""
+    """Streams may interleave; each step of one runs alone (a Stage is not for two threads at
+    once). Fastest with every request on one thread: libgomp keeps a thread pool for each
+    thread that runs torch (kv.on_passing_thread)."""
 
     def __init__(self, config: PipelineConfig, plan):
         if plan.stages != 1:
@@ -39,17 +39,16 @@ class LocalPipeline:
     def stream(self, prompt_ids: list[int], gen: GenerationConfig) -> Iterator[int | TokenLogprobs | dict]:
         """As Pipeline.stream: each token as it is verified, then the stats dict. Closing it
         early releases the sequence."""
-        with self._lock:
-            stats = RequestStats()
-            tokens = self.decoder.decode(uuid.uuid4().hex, prompt_ids, gen, stats)
-            try:
-                while True:
-                    with torch_threads(self.threads):
-                        token = next(tokens, None)
-                    if token is None:
-                        break
-                    yield token
-            finally:
-                with torch_threads(self.threads):
-                    tokens.close()  # releases the sequence, fills stats.stages
-            yield stats.to_dict()
+        stats = RequestStats()
+        tokens = self.decoder.decode(uuid.uuid4().hex, prompt_ids, gen, stats)
+        try:
+            while True:
+                with self._lock, torch_threads(self.threads):
+                    token = next(tokens, None)
+                if token is None:
+                    break
+                yield token
+        finally:
+            with self._lock, torch_threads(self.threads):
+                tokens.close()  # releases the sequence, fills stats.stages
+        yield stats.to_dict()

@@ -65,6 +65,13 @@ def test_one_stage_for_one_sequence_runs_in_this_process(tiny_model_dir, monkeyp
         assert next(stream) == want[0]
         stream.close()
         assert pipe.local.stage.sequences() == []
+        other = [1, 40, 41, 42, 43]
+        streams = [pipe.stream(PROMPT, gen), pipe.stream(other, gen)]  # two at once, on one thread
+        outs = [[], []]
+        for _ in range(21):
+            for out, s in zip(outs, streams):
+                out.append(next(s))
+        assert outs[0][:-1] == want and outs[1][:-1] == hf_greedy(tiny_model_dir, other, 20, stop_on_eos=False)
         done = []
         results = pipe.generate_many([PROMPT, PROMPT[:5]], gen, on_done=lambda i, r: done.append(i))
         assert results[0].token_ids == want and done == [0, 1]
