@@ -158,6 +158,8 @@ def choose(config: PipelineConfig) -> Plan:
 def _plan(config: PipelineConfig, mode: Mode, k: int, predict: bool = False, threads: int | None = None) -> Plan:
     """`mode` on k stages (CPU stages with `threads` each, if given); predicted figures when
     `predict` or when something was 'auto'."""
+    if k > 1 and config.in_process:
+        raise ValueError(f"in_process: runs one stage; {mode.value} on {k} stages runs in Ray actors")
     device, threads, dtype = stage_target(k, config.use_gpus, threads or config.threads_per_stage, config.dtype)
     layers = config.info.num_layers
     target = dict(mode=mode, stages=k, device=device, threads=threads, dtype=dtype)

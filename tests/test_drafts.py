@@ -324,6 +324,8 @@ def test_mode_auto_under_load_plans_for_the_throughput_of_its_concurrency(tiny_m
     assert plan.resolve(PipelineConfig(model_dir=tiny_model_dir, stages=1, max_num_seqs=1, in_process=False),
                         "ar").in_process is False
     assert plan.resolve(PipelineConfig(model_dir=tiny_model_dir, in_process=True), "auto").stages == 1
+    with pytest.raises(ValueError, match="in_process"):  # an explicit mode of 2 stages is not run in-process
+        plan.resolve(PipelineConfig(model_dir=tiny_model_dir, in_process=True), "ppsd")
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     assert not plan.resolve(PipelineConfig(model_dir=tiny_model_dir, max_num_seqs=1), "auto").in_process
     two = plan.predict(PipelineConfig(model_dir=tiny_model_dir, stages=2, exit_layer=4, concurrency=16), "pp")
