@@ -239,8 +239,11 @@ def use_torch_threads() -> None:
 def torch_threads(n: int):
     """Within: torch computes on n threads; after, on what it had, so that the caller's own work
     (a calibration's caller, a process that runs a stage in-process beside its own torch) keeps
-    its threads."""
+    its threads. Sets nothing when torch has n already: in-process decoding enters it every token."""
     before = torch.get_num_threads()
+    if n == before:
+        yield
+        return
     torch.set_num_threads(n)
     try:
         yield

@@ -24,8 +24,6 @@ class LocalPipeline:
     thread that runs torch (kv.on_passing_thread)."""
 
     def __init__(self, config: PipelineConfig, plan):
-        if plan.stages != 1:
-            raise ValueError(f"in_process: runs one stage, the plan has {plan.stages}")
         if plan.device == "cpu":
             keep_freed_memory()  # as a stage's own process does: a prefill's activations reuse memory
         self.threads = plan.threads

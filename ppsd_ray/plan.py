@@ -209,8 +209,8 @@ def in_process(config: PipelineConfig, device: str) -> bool:
     """Whether a one-stage plan runs in the caller's process (config.in_process; None: on this
     CPU, one sequence at a time, no cluster to join). One stage pipelines nothing, and an actor
     only adds Ray: measured on an Intel Xeon (2 threads, SmolLM2-135M, 64 tokens), the stage in
-    this process decoded at 1.01x of transformers' generate, 1.005x with an idle Ray cluster up,
-    and the same stage in a Ray actor at 0.84x (the bench, 2026-12-07)."""
+    this process decoded at 1.01x of transformers' generate, 1.005x with an idle Ray cluster up;
+    in one bench, the same stage in a Ray actor at 0.94x of it in this process (2026-12-08)."""
     if config.in_process is not None:
         return config.in_process
     return device == "cpu" and config.max_num_seqs == 1 and "RAY_ADDRESS" not in os.environ
